@@ -1,0 +1,729 @@
+"""Prompt data: datasets (JSONL, parquet, TFDS) -> examples -> chat prompts -> token ids -> batches.
+
+Host-side and framework-free (numpy, pyarrow, transformers tokenizers, tensorflow_datasets without
+TensorFlow). The pieces, in the order a trainer uses them:
+
+    load_examples(path) / load_tfds(...)   rows -> list[Example] via a per-dataset FieldSpec
+    build_prompt / encode_prompts          Example -> chat-templated text -> token ids
+    PromptLoader                           deterministic, resumable, per-host shuffled batches
+    pad_prompts                            token lists -> left-padded [B, L] int32 ids + mask
+
+Every malformed row raises DataError naming the file, the line (1-based, JSONL) or row index
+(0-based, parquet / TFDS) and the field; with on_error="skip" it is logged and counted instead.
+
+Typical use (one host of several; rollouts of prompt i carry group id indices[i]):
+
+    examples = load_examples("data/math/scope_train_sample.parquet")
+    token_ids, kept = encode_prompts(examples, tokenizer, max_prompt_len=2048, style="deepmath")
+    loader = PromptLoader(token_ids, batch_size=256, seed=0)      # state to checkpoint: step
+    ids, mask = pad_prompts(loader.batch_at(step), tokenizer.pad_token_id)   # [256 / hosts, L]
+    group_ids = loader.indices_at(step)                                      # [256 / hosts]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# The instruction the paper (and the DeepSeek-R1 / Qwen2.5-Math evaluations) append to each problem.
+PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+# verl's DeepMath preprocessing appends this to the question; the doubled braces are in the data
+# (an unformatted format string), so it is matched verbatim.
+_DEEPMATH_SUFFIX = "Put your final answer within \\boxed{{}}."
+
+AnswerKind = Literal["plain", "boxed_in_solution", "gsm8k_hash", "list"]
+_ANSWER_KINDS = ("plain", "boxed_in_solution", "gsm8k_hash", "list")
+
+
+class DataError(ValueError):
+    """A malformed row or an unusable data source.
+
+    Attributes: file (path or TFDS name), line (1-based JSONL line, or 0-based parquet / TFDS row
+    index; None when the error is not about one row), field (dotted field name or None).
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 field: str | None = None, row_kind: str = "line"):
+        self.file, self.line, self.field = file, line, field
+        self._parts = (message, row_kind)
+        where = []
+        if file is not None:
+            where.append(str(file))
+        if line is not None:
+            where.append(f"{row_kind} {line}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+    def __reduce__(self):  # keep file / line / field across pickling (process pools)
+        message, row_kind = self._parts
+        return _data_error, (message, self.file, self.line, self.field, row_kind)
+
+
+def _data_error(message, file, line, field, row_kind):
+    return DataError(message, file=file, line=line, field=field, row_kind=row_kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One prompt with its gold answer.
+
+    problem: the question text (for DeepMath, the user message without verl's boxed suffix).
+    answer: the gold answer; a str, or a list[str] of acceptable answers (OlympiadBench).
+    source: where it came from, "file:line", "file[row]" or "tfds:name/split[index]".
+    messages: chat messages given by the dataset itself (verl 'prompt' column), else None.
+    meta: extra fields named by the spec (ids, subject, answer_type, unit, ...).
+    """
+
+    problem: str
+    answer: str | list[str]
+    source: str
+    messages: list[dict[str, str]] | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """How to read one dataset's rows. Field names may be dotted ("reward_model.ground_truth").
+
+    problem: the field holding the question, or (problem_kind="messages") a list of
+      {"role", "content"} chat messages whose last user message is the question.
+    answer: the field holding the gold answer, read according to answer_kind:
+      "plain"              a string or a number (27.0 -> "27");
+      "boxed_in_solution"  a worked solution; the gold is the content of its last \\boxed{...};
+      "gsm8k_hash"         a worked solution ending in "#### N"; the gold is N (commas removed);
+      "list"               a non-empty list of strings, any of which is correct.
+    meta: optional fields copied into Example.meta when present.
+    """
+
+    problem: str
+    answer: str
+    answer_kind: AnswerKind = "plain"
+    problem_kind: Literal["text", "messages"] = "text"
+    meta: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.answer_kind not in _ANSWER_KINDS:
+            raise ValueError(f"answer_kind must be one of {_ANSWER_KINDS}, "
+                             f"got {self.answer_kind!r}")
+        if self.problem_kind not in ("text", "messages"):
+            raise ValueError("problem_kind must be 'text' or 'messages', "
+                             f"got {self.problem_kind!r}")
+
+
+# Field mapping of every shipped dataset (see ../shared/data/math/SOURCES.md), as data.
+SPECS: dict[str, FieldSpec] = {
+    "math500": FieldSpec("problem", "answer", meta=("unique_id", "subject", "level")),
+    "aime24": FieldSpec("problem", "answer", meta=("id",)),
+    "aime25": FieldSpec("problem", "answer"),
+    "amc23": FieldSpec("problem", "answer", meta=("id",)),
+    "minerva_math": FieldSpec("problem", "solution", "boxed_in_solution", meta=("idx", "type")),
+    "olympiadbench": FieldSpec("question", "final_answer", "list",
+                               meta=("id", "answer_type", "unit", "is_multiple_answer")),
+    "gsm8k": FieldSpec("question", "answer", "gsm8k_hash"),
+    "deepmath": FieldSpec("prompt", "reward_model.ground_truth", problem_kind="messages",
+                          meta=("extra_info.index", "data_source")),
+}
+# File stems whose dataset name differs from the stem.
+_STEM_ALIASES = {"gsm8k_test": "gsm8k", "scope_train_sample": "deepmath"}
+
+
+def spec_for(name: str | FieldSpec) -> FieldSpec:
+    """The FieldSpec for a dataset name ("math500", a file stem such as "gsm8k_test"), or `name`
+    itself when it already is a FieldSpec. Raises DataError for an unknown name."""
+    if isinstance(name, FieldSpec):
+        return name
+    key = _STEM_ALIASES.get(name.lower(), name.lower())
+    if key not in SPECS:
+        raise DataError(f"no field mapping for dataset {name!r}; pass spec= one of {sorted(SPECS)} "
+                        "or a FieldSpec(problem=..., answer=..., answer_kind=...)")
+    return SPECS[key]
+
+
+def _infer_spec(path: str) -> FieldSpec:
+    stem = os.path.basename(path).split(".")[0]
+    try:
+        return spec_for(stem)
+    except DataError as e:
+        raise DataError(f"cannot infer the field mapping from the file name: {e}",
+                        file=path) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Row -> Example
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} in text, matching nested braces; None if there is none or
+    it is unbalanced. Only gold solutions go through this (the verifier has its own extractor)."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i = start + len("\\boxed{")
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+_MISSING = object()
+
+
+def _get(row: Mapping[str, Any], dotted: str, err) -> Any:
+    value: Any = row
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            raise err("missing", dotted)
+        value = value[part]
+    if value is None:
+        raise err("is null", dotted)
+    return value
+
+
+def _nonempty_str(value: Any, field: str, err) -> str:
+    if not isinstance(value, str):
+        raise err(f"expected a string, got {type(value).__name__}", field)
+    if not value.strip():
+        raise err("is empty", field)
+    return value
+
+
+def _number_to_str(value: float | int) -> str:
+    # AMC23 stores answers as floats (27.0); the gold answer is the integer "27".
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"non-finite number {value}")
+        if value.is_integer():
+            return str(int(value))
+        return repr(value)
+    return str(value)
+
+
+def _read_answer(row: Mapping[str, Any], spec: FieldSpec, err) -> str | list[str]:
+    value = _get(row, spec.answer, err)
+    kind = spec.answer_kind
+    if kind == "list":
+        if not isinstance(value, (list, tuple)) or not value:
+            raise err(f"expected a non-empty list of strings, got {type(value).__name__}"
+                      + (" (empty)" if isinstance(value, (list, tuple)) else ""), spec.answer)
+        return [_nonempty_str(v, f"{spec.answer}[{k}]", err).strip() for k, v in enumerate(value)]
+    if kind == "plain":
+        if isinstance(value, bool):
+            raise err("expected a string or a number, got bool", spec.answer)
+        if isinstance(value, (int, float)):
+            try:
+                return _number_to_str(value)
+            except ValueError as e:
+                raise err(str(e), spec.answer) from None
+        return _nonempty_str(value, spec.answer, err).strip()
+    text = _nonempty_str(value, spec.answer, err)
+    if kind == "boxed_in_solution":
+        boxed = _last_boxed(text)
+        if boxed is None or not boxed.strip():
+            raise err("no non-empty, balanced \\boxed{...} in the solution", spec.answer)
+        return boxed.strip()
+    # gsm8k_hash: "... #### 1,450,000"; thousands separators are dropped (as GSM8K's own grader
+    # does) so that "1,450,000" is not read as a tuple by the verifier.
+    if "####" not in text:
+        raise err("no '####' answer marker", spec.answer)
+    gold = text.rsplit("####", 1)[1].strip().replace(",", "")
+    if not gold:
+        raise err("nothing after '####'", spec.answer)
+    return gold
+
+
+def _read_problem(row: Mapping[str, Any], spec: FieldSpec, err):
+    value = _get(row, spec.problem, err)
+    if spec.problem_kind == "text":
+        return _nonempty_str(value, spec.problem, err), None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise err("expected a non-empty list of chat messages", spec.problem)
+    messages = []
+    for k, m in enumerate(value):
+        if not isinstance(m, Mapping):
+            raise err(f"message {k} is {type(m).__name__}, not a dict", spec.problem)
+        role = _nonempty_str(m.get("role"), f"{spec.problem}[{k}].role", err)
+        content = _nonempty_str(m.get("content"), f"{spec.problem}[{k}].content", err)
+        messages.append({"role": role, "content": content})
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    if not users:
+        raise err("no user message", spec.problem)
+    problem = users[-1]
+    if problem.endswith(_DEEPMATH_SUFFIX):
+        problem = problem[: -len(_DEEPMATH_SUFFIX)].rstrip()
+    if not problem.strip():
+        raise err("the user message holds no question", spec.problem)
+    return problem, messages
+
+
+def row_to_example(row: Any, spec: FieldSpec, *, file: str, line: int, source: str,
+                   row_kind: str = "line") -> Example:
+    """Map one decoded row (a dict) to an Example with `spec`; DataError names file/line/field."""
+    def err(message, field):
+        return DataError(message, file=file, line=line, field=field, row_kind=row_kind)
+
+    if not isinstance(row, Mapping):
+        raise err(f"row is a {type(row).__name__}, not a JSON object", None)
+    problem, messages = _read_problem(row, spec, err)
+    answer = _read_answer(row, spec, err)
+    meta = {}
+    for name in spec.meta:  # informational and optional: copied only when present
+        value: Any = row
+        for part in name.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, Mapping) else _MISSING
+        if value is not _MISSING:
+            meta[name] = value
+    return Example(problem=problem, answer=answer, source=source, messages=messages, meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+class ExampleList(list):
+    """A list[Example] that also records the rows skipped with on_error="skip".
+
+    skipped: list[DataError], one per skipped row (empty when nothing was skipped).
+    """
+
+    def __init__(self, items=(), skipped=()):
+        super().__init__(items)
+        self.skipped: list[DataError] = list(skipped)
+
+
+def _collect(rows: Iterator[tuple[Any, str, int, str, str]], spec: FieldSpec, on_error: str,
+             what: str) -> ExampleList:
+    """rows yields (row or DataError, file, line, source, row_kind)."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    out, skipped = [], []
+    for row, file, line, source, row_kind in rows:
+        try:
+            if isinstance(row, DataError):
+                raise row
+            out.append(row_to_example(row, spec, file=file, line=line, source=source,
+                                      row_kind=row_kind))
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            skipped.append(e)
+            if len(skipped) <= 5:  # the first few in full; the count always
+                log.warning("skipping malformed row: %s", e)
+    if skipped:
+        log.warning("%s: skipped %d malformed row(s) of %d", what, len(skipped),
+                    len(out) + len(skipped))
+    return ExampleList(out, skipped)
+
+
+def _jsonl_rows(path: str):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():  # blank lines (e.g. a trailing one) carry no row
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                row = DataError(f"invalid UTF-8 / JSON: {e}", file=path, line=line_no)
+            yield row, path, line_no, f"{path}:{line_no}", "line"
+
+
+def _parquet_rows(path: str):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        raise DataError(f"cannot read parquet: {e}", file=path) from e
+    for index, row in enumerate(table.to_pylist()):
+        yield row, path, index, f"{path}[{index}]", "row"
+
+
+def load_examples(path: str | os.PathLike, spec: str | FieldSpec | None = None, *,
+                  on_error: Literal["raise", "skip"] = "raise") -> ExampleList:
+    """Read a JSONL or parquet file of problems into Examples.
+
+    spec: a FieldSpec, a dataset name from SPECS, or None to infer it from the file name
+      (math500.jsonl, gsm8k_test.jsonl, scope_train_sample.parquet -> deepmath, ...).
+    on_error: "raise" raises DataError at the first malformed row (naming file, line or row, and
+      field); "skip" drops such rows, logs them and records them in the result's .skipped.
+    Returns an ExampleList (a list[Example] in file order, with .skipped).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError("no such file", file=path)
+    spec = _infer_spec(path) if spec is None else spec_for(spec)
+    if path.endswith(".jsonl"):
+        rows = _jsonl_rows(path)
+    elif path.endswith(".parquet"):
+        rows = _parquet_rows(path)
+    else:
+        raise DataError("unsupported file type (expected .jsonl or .parquet)", file=path)
+    examples = _collect(rows, spec, on_error, path)
+    if not examples and not examples.skipped:
+        raise DataError("the file holds no rows", file=path)
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS (array_record; no TensorFlow needed)
+
+
+def _jsonl_builder_class():
+    # Defined lazily so that importing scope_jax.data does not import tensorflow_datasets.
+    global _JsonlBuilder
+    if _JsonlBuilder is not None:
+        return _JsonlBuilder
+    import tensorflow_datasets as tfds
+
+    class JsonlPrompts(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        """A lossless TFDS copy of one JSONL file: each record is (line number, raw JSON text).
+
+        The field mapping is applied when reading (load_tfds), so one builder serves every
+        dataset and a malformed row is reported with its original JSONL line.
+        """
+
+        VERSION = tfds.core.Version("1.0.0")
+        RELEASE_NOTES = {"1.0.0": "Raw JSONL rows with their line numbers."}
+
+        def __init__(self, *, path: str | None = None, split: str = "train", **kwargs):
+            self._path, self._split = path, split
+            super().__init__(**kwargs)
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=f"Rows of {self._path}",
+                features=tfds.features.FeaturesDict(
+                    {"line": np.int64, "json": tfds.features.Text()}),
+                disable_shuffling=True,  # keep file order; PromptLoader shuffles reproducibly
+            )
+
+        def _split_generators(self, dl_manager):
+            if self._path is None:
+                raise DataError("this JSONL builder is not prepared and was given no path",
+                                file=f"tfds:{self.name}/{self.builder_config.name}")
+            return {self._split: self._generate_examples()}
+
+        def _generate_examples(self):
+            with open(self._path, "rb") as f:
+                for line_no, raw in enumerate(f, start=1):
+                    if raw.strip():
+                        # Raw bytes: bad UTF-8 is reported with its line when read back.
+                        yield line_no, {"line": line_no, "json": raw}
+
+    _JsonlBuilder = JsonlPrompts
+    return JsonlPrompts
+
+
+_JsonlBuilder = None
+
+
+def jsonl_tfds_builder(path: str | os.PathLike, data_dir: str | os.PathLike, *,
+                       split: str = "train"):
+    """Build (or reuse) a TFDS array_record dataset holding the rows of a JSONL file.
+
+    The config name is "<file stem>-<first 10 hex of the file's sha1>", so an edited file gets a
+    fresh dataset instead of a stale one. Works without TensorFlow. Returns the prepared builder;
+    read it with load_tfds(builder, split, spec=...).
+    """
+    import tensorflow_datasets as tfds
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError("no such file", file=path)
+    with open(path, "rb") as f:
+        digest = hashlib.sha1(f.read()).hexdigest()[:10]
+    stem = os.path.basename(path).split(".")[0]
+    config = tfds.core.BuilderConfig(name=f"{stem}-{digest}", description=path)
+    builder = _jsonl_builder_class()(path=path, split=split, data_dir=os.fspath(data_dir),
+                                     config=config, file_format="array_record")
+    builder.download_and_prepare()
+    return builder
+
+
+def _to_python(value: Any) -> Any:
+    # TFDS data sources return bytes for Text and numpy scalars / arrays for the rest.
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return [_to_python(v) for v in value.tolist()] if value.ndim else _to_python(value.item())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {k: _to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_python(v) for v in value]
+    return value
+
+
+def load_tfds(name_or_builder, split: str = "train", data_dir: str | os.PathLike | None = None,
+              spec: str | FieldSpec | None = None, *, download: bool = False,
+              on_error: Literal["raise", "skip"] = "raise") -> ExampleList:
+    """Read a TFDS split into Examples through builder.as_data_source() (array_record random
+    access; no TensorFlow).
+
+    name_or_builder: a builder from jsonl_tfds_builder, or a registered TFDS name. TFDS 4.9.10
+      registers no gsm8k; "huggingface:openai/gsm8k" works on a machine with network access
+      (and the `datasets` package).
+    spec: FieldSpec or dataset name; None infers it from the JSONL file stem or the TFDS name.
+    download: registered datasets that are not yet in data_dir are only downloaded when True
+      (needs network); otherwise a DataError says so.
+    Returns an ExampleList; DataError names "tfds:<name>/<split>", the row and the field.
+    """
+    import tensorflow_datasets as tfds
+
+    if isinstance(name_or_builder, str):
+        try:
+            builder = tfds.builder(name_or_builder, data_dir=None if data_dir is None else
+                                   os.fspath(data_dir), file_format="array_record")
+        except Exception as e:  # DatasetNotFoundError, missing optional packages, ...
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            raise DataError(f"cannot make TFDS builder {name_or_builder!r}: {type(e).__name__}: "
+                            f"{first_line} (a dataset not yet prepared in data_dir may need "
+                            "network access to build)", file=f"tfds:{name_or_builder}") from e
+        if not builder.is_prepared():
+            if not download:
+                raise DataError(f"TFDS dataset {name_or_builder!r} is not prepared in "
+                                f"{builder.data_dir}; pass download=True on a machine with network "
+                                "access (or prepare it elsewhere and copy data_dir)",
+                                file=f"tfds:{name_or_builder}")
+            try:
+                builder.download_and_prepare()
+            except Exception as e:
+                raise DataError(f"downloading TFDS dataset {name_or_builder!r} failed (it needs "
+                                f"network access): {type(e).__name__}: {e}",
+                                file=f"tfds:{name_or_builder}") from e
+    else:
+        builder = name_or_builder
+    local = isinstance(builder, _jsonl_builder_class())
+    if spec is None:
+        key = builder.builder_config.name.rsplit("-", 1)[0] if local else builder.name
+        spec = spec_for(key)
+    else:
+        spec = spec_for(spec)
+    try:
+        source = builder.as_data_source(split=split)
+    except Exception as e:
+        raise DataError(f"cannot open split {split!r} as an array_record data source: {e}",
+                        file=f"tfds:{builder.info.full_name}") from e
+    where = f"tfds:{builder.info.full_name}/{split}"
+
+    def rows():
+        for index in range(len(source)):
+            record = source[index]
+            if local:
+                # Errors point at the JSONL line the record was made from.
+                line = int(record["line"])
+                try:
+                    row = json.loads(record["json"].decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    row = DataError(f"invalid UTF-8 / JSON: {e}", file=f"{where} (JSONL)",
+                                    line=line)
+                yield row, f"{where} (JSONL)", line, f"{where}[{index}]", "line"
+            else:
+                yield _to_python(record), where, index, f"{where}[{index}]", "row"
+
+    return _collect(rows(), spec, on_error, where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+def prompt_messages(example: Example | str, *, instruction: str | None = PAPER_INSTRUCTION,
+                    style: Literal["chat", "deepmath"] = "chat") -> list[dict[str, str]]:
+    """Chat messages for one problem.
+
+    style="chat": one user message, the problem then "\\n" then the instruction (None: no
+      instruction), as in the Qwen2.5-Math / DeepSeek-R1 evaluations.
+    style="deepmath": the messages the dataset carries (Example.messages), verbatim.
+    """
+    if style == "deepmath":
+        if not isinstance(example, Example) or example.messages is None:
+            raise ValueError("style='deepmath' needs an Example that carries its own prompt "
+                             "messages (the verl 'prompt' column)")
+        return [dict(m) for m in example.messages]
+    if style != "chat":
+        raise ValueError(f"style must be 'chat' or 'deepmath' here, got {style!r}")
+    problem = example.problem if isinstance(example, Example) else example
+    content = f"{problem}\n{instruction}" if instruction else problem
+    return [{"role": "user", "content": content}]
+
+
+def build_prompt(example: Example | str, tokenizer=None, *,
+                 instruction: str | None = PAPER_INSTRUCTION,
+                 style: Literal["chat", "raw", "deepmath"] = "chat",
+                 chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The prompt text for one problem.
+
+    tokenizer: a transformers tokenizer with a chat_template (for "chat" and "deepmath").
+    style: "chat" = problem + instruction in the tokenizer's chat template with the generation
+      prompt; "deepmath" = the dataset's own messages through the chat template; "raw" = problem
+      + "\\n" + instruction with no template (base models).
+    chat_template_kwargs: extra variables for the template (e.g. {"enable_thinking": False}).
+    """
+    if style == "raw":
+        problem = example.problem if isinstance(example, Example) else example
+        return f"{problem}\n{instruction}" if instruction else problem
+    messages = prompt_messages(example, instruction=instruction, style=style)
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"style={style!r} needs a tokenizer with a chat_template; use style='raw' "
+                         "for a model without one")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         **(chat_template_kwargs or {}))
+
+
+def encode_prompts(examples: Sequence[Example | str], tokenizer, *, max_prompt_len: int,
+                   instruction: str | None = PAPER_INSTRUCTION,
+                   style: Literal["chat", "raw", "deepmath"] = "chat",
+                   chat_template_kwargs: Mapping[str, Any] | None = None,
+                   ) -> tuple[list[list[int]], list[int]]:
+    """Tokenize prompts, dropping those longer than max_prompt_len tokens (the RL convention:
+    overlong prompts are filtered, never truncated, so no prompt loses its question).
+
+    Returns (token_ids, kept): token_ids[i] is a list[int] for examples[kept[i]]. Chat styles
+    encode without extra special tokens (the template already writes BOS where the model wants
+    one); "raw" lets the tokenizer add its usual special tokens. Logs how many were dropped.
+    """
+    if max_prompt_len < 1:
+        raise ValueError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
+    texts = [build_prompt(e, tokenizer, instruction=instruction, style=style,
+                          chat_template_kwargs=chat_template_kwargs) for e in examples]
+    encoded = tokenizer(texts, add_special_tokens=(style == "raw"))["input_ids"]
+    token_ids, kept = [], []
+    for i, ids in enumerate(encoded):
+        if len(ids) <= max_prompt_len:
+            token_ids.append(list(ids))
+            kept.append(i)
+    dropped = len(texts) - len(kept)
+    if dropped:
+        longest = max(len(ids) for ids in encoded)
+        log.warning("encode_prompts: dropped %d of %d prompts longer than max_prompt_len=%d "
+                    "tokens (longest %d)", dropped, len(texts), max_prompt_len, longest)
+    return token_ids, kept
+
+
+def pad_prompts(token_lists: Sequence[Sequence[int]], pad_id: int, *,
+                bucket: Literal["pow2"] | int | None = "pow2") -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad prompts into one array, so every prompt ends at the same column (decode appends
+    on the right).
+
+    bucket: "pow2" rounds the length up to a power of two, an int k rounds it up to a multiple of
+      k, None keeps the longest prompt's length; bucketing bounds the number of compiled shapes.
+    Returns (ids [B, L] int32, mask [B, L] bool, True on prompt tokens).
+    """
+    if not token_lists:
+        raise ValueError("pad_prompts: no prompts")
+    lengths = [len(t) for t in token_lists]
+    if min(lengths) == 0:
+        raise ValueError(f"pad_prompts: prompt {lengths.index(0)} is empty")
+    longest = max(lengths)
+    if bucket == "pow2":
+        length = 1 << (longest - 1).bit_length()
+    elif bucket is None:
+        length = longest
+    elif isinstance(bucket, int) and not isinstance(bucket, bool) and bucket > 0:
+        length = -(-longest // bucket) * bucket
+    else:
+        raise ValueError(f"bucket must be 'pow2', a positive int or None, got {bucket!r}")
+    ids = np.full((len(token_lists), length), pad_id, dtype=np.int32)
+    mask = np.zeros((len(token_lists), length), dtype=bool)
+    for row, tokens in enumerate(token_lists):
+        ids[row, length - len(tokens):] = tokens
+        mask[row, length - len(tokens):] = True
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+
+class PromptLoader:
+    """Deterministic, resumable, per-host batches of prompts.
+
+    The global batch of step s is a pure function of (seed, s): epoch e = s // steps_per_epoch
+    uses the permutation numpy.random.default_rng([seed, e]).permutation(len(items)), and step s
+    takes the next batch_size entries of it. Host h of H gets the h-th contiguous 1/H of each
+    global batch, so hosts are disjoint and together cover the global batch. The only state a
+    checkpoint needs is the step.
+
+    items: any sequence (Examples, token lists, ...). batch_size: prompts per global step
+      (divisible by shard_count). shard_index / shard_count: default jax.process_index() /
+      jax.process_count(). drop_remainder=True drops the last partial batch of each epoch;
+      False keeps it, topped up with the first items of the same epoch's order (fixed shapes).
+    """
+
+    def __init__(self, items: Sequence[Any], *, batch_size: int, seed: int,
+                 shard_index: int | None = None, shard_count: int | None = None,
+                 drop_remainder: bool = True):
+        if shard_index is None or shard_count is None:
+            import jax  # only for the process topology
+
+            shard_index = jax.process_index() if shard_index is None else shard_index
+            shard_count = jax.process_count() if shard_count is None else shard_count
+        if batch_size < 1 or batch_size % shard_count:
+            raise ValueError(f"batch_size {batch_size} must be a positive multiple of "
+                             f"shard_count {shard_count}")
+        if not 0 <= shard_index < shard_count:
+            raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+        n = len(items)
+        if n == 0 or (drop_remainder and n < batch_size):
+            raise ValueError(f"{n} items cannot fill one batch of {batch_size} "
+                             "(use drop_remainder=False to repeat items)")
+        self.items, self.batch_size, self.seed = items, batch_size, int(seed)
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.drop_remainder = drop_remainder
+        self.steps_per_epoch = n // batch_size if drop_remainder else -(-n // batch_size)
+
+    @property
+    def local_batch_size(self) -> int:
+        """Prompts per step on this host: batch_size // shard_count."""
+        return self.batch_size // self.shard_count
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The item order of one epoch: int64 [len(items)] permutation."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+
+    def global_indices_at(self, step: int) -> np.ndarray:
+        """Item indices of the whole (all-host) batch of `step`: int64 [batch_size]."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = self.epoch_order(epoch)
+        if not self.drop_remainder:
+            # Top up the last batch from the start of the same order (wrapping as often as needed
+            # when there are fewer items than one batch).
+            order = np.resize(order, self.steps_per_epoch * self.batch_size)
+        return order[k * self.batch_size:(k + 1) * self.batch_size]
+
+    def indices_at(self, step: int) -> np.ndarray:
+        """This host's item indices for `step`: int64 [local_batch_size]."""
+        b = self.local_batch_size
+        return self.global_indices_at(step)[self.shard_index * b:(self.shard_index + 1) * b]
+
+    def batch_at(self, step: int) -> list[Any]:
+        """This host's items for `step` (a pure function of seed, step and the shard)."""
+        return [self.items[i] for i in self.indices_at(step)]
+
+    def iterate(self, start_step: int = 0) -> Iterator[tuple[int, list[Any]]]:
+        """Yield (step, batch_at(step)) for step = start_step, start_step + 1, ... forever."""
+        step = start_step
+        while True:
+            yield step, self.batch_at(step)
+            step += 1
+
+    def __iter__(self):
+        return (batch for _, batch in self.iterate(0))
