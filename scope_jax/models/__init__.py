@@ -1,0 +1,10 @@
+"""Llama / Qwen2 / Qwen3 decoder in Flax NNX and its Hugging Face checkpoint IO.
+
+    from scope_jax.models import ModelConfig, Transformer, Cache, load_hf, save_hf
+"""
+
+from scope_jax.models.hf import CheckpointError, load_hf, save_hf
+from scope_jax.models.model import CACHE_LOGICAL_AXES, Cache, ModelConfig, Transformer
+
+__all__ = ["CACHE_LOGICAL_AXES", "Cache", "CheckpointError", "ModelConfig", "Transformer",
+           "load_hf", "save_hf"]

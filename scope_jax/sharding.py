@@ -1,0 +1,220 @@
+"""Device mesh, logical-axis sharding rules and multi-host start-up.
+
+Parameters and the main activations carry *logical* axis names (``'embed'``, ``'vocab'``,
+``'heads'``, ``'batch'``, ...). A rules table, written as data, maps each logical name to
+zero or more mesh axes of a ``('data', 'fsdp', 'tensor')`` mesh; changing the parallelism of a
+run means changing the mesh shape or the rules, never the model code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axes (None: replicated). Parameters are sharded FSDP-style on their
+# model dimension and Megatron-style on heads / MLP / vocabulary; the batch is split over both
+# data-parallel axes so FSDP shards also do data-parallel work.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),  # flattened query heads * head_dim
+    ("kv_heads", "tensor"),  # flattened key/value heads * head_dim
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("head_dim", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # KV cache [layers, batch, cache_length, kv_heads, head_dim]
+    ("layers", None),
+    ("cache_length", None),
+)
+
+
+def _rules_dict(rules: Sequence[tuple[str, Any]] | Mapping[str, Any] | None) -> dict[str, Any]:
+    rules = DEFAULT_RULES if rules is None else rules
+    return dict(rules.items() if isinstance(rules, Mapping) else rules)
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    rules: Sequence[tuple[str, Any]] | Mapping[str, Any] | None = None,
+    *,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec.
+
+    Args:
+      logical_axes: one name (or None) per array dimension.
+      rules: ``(logical_name, mesh_axes)`` pairs or a dict; None uses DEFAULT_RULES.
+      shape, mesh: when both are given, a dimension whose size is not divisible by the product
+        of its mesh axes' sizes is replicated instead (e.g. 2 KV heads on a 4-way tensor axis),
+        and mesh axes absent from ``mesh`` are dropped. A mesh axis is used at most once.
+
+    Returns:
+      PartitionSpec with one entry per dimension.
+
+    Raises:
+      KeyError naming the logical axis when the rules do not mention it.
+    """
+    table = _rules_dict(rules)
+    used: set[str] = set()
+    entries = []
+    for dim, name in enumerate(logical_axes):
+        if name is None:
+            entries.append(None)
+            continue
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")
+        axes = table[name]
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        if mesh is not None:
+            axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+        axes = tuple(a for a in axes if a not in used)
+        if shape is not None and mesh is not None and axes:
+            if shape[dim] % math.prod(mesh.shape[a] for a in axes):
+                axes = ()
+        used.update(axes)
+        entries.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
+    return PartitionSpec(*entries)
+
+
+def logical_to_sharding(
+    logical_axes: Sequence[str | None],
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] | Mapping[str, Any] | None = None,
+    shape: Sequence[int] | None = None,
+) -> NamedSharding:
+    """NamedSharding on ``mesh`` for an array whose dimensions have ``logical_axes``.
+
+    See logical_to_spec for the divisibility fallback applied when ``shape`` is given.
+    """
+    return NamedSharding(mesh, logical_to_spec(logical_axes, rules, shape=shape, mesh=mesh))
+
+
+def make_mesh(config: Mapping[str, int] | Any = None, devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds a ('data', 'fsdp', 'tensor') mesh with Auto axis types.
+
+    Args:
+      config: dict (or ml_collections ConfigDict / object with attributes) giving sizes for
+        some of 'data', 'fsdp', 'tensor'; missing axes get size 1, except that one axis may be
+        -1 to take the remaining devices. None puts all devices on 'fsdp'.
+      devices: devices to use (default: jax.devices()).
+
+    Raises:
+      ValueError when the sizes do not multiply to the device count or name unknown axes.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if config is None:
+        config = {"fsdp": -1}
+    if not isinstance(config, Mapping):
+        if hasattr(config, "to_dict"):
+            config = config.to_dict()
+        else:
+            config = {a: getattr(config, a) for a in MESH_AXES if hasattr(config, a)}
+    unknown = set(config) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh config names unknown axes {sorted(unknown)}; use {MESH_AXES}")
+    sizes = [int(config.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh config {dict(config)}: at most one axis may be -1")
+    if -1 in sizes:
+        rest = math.prod(s for s in sizes if s != -1)
+        if len(devices) % rest:
+            raise ValueError(f"mesh config {dict(config)} does not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // rest
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh config {dict(config)} -> sizes {dict(zip(MESH_AXES, sizes))} needs "
+            f"{math.prod(sizes)} devices, but {len(devices)} are available")
+    # jax.make_mesh orders devices to follow the physical (e.g. TPU ICI) topology.
+    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def param_logical_axes(model: Any) -> Any:
+    """nnx.State of the model's parameters with each leaf replaced by its logical axes tuple."""
+    from flax import nnx
+
+    state = nnx.state(model, nnx.Param)
+    return jax.tree.map(
+        lambda v: tuple(v.get_metadata()["logical_axes"]), state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def model_shardings(model: Any, mesh: Mesh, rules=None) -> Any:
+    """nnx.State of NamedShardings, one per parameter, from the parameters' logical axes."""
+    from flax import nnx
+
+    state = nnx.state(model, nnx.Param)
+
+    def one(v):
+        axes = v.get_metadata().get("logical_axes")
+        if axes is None:
+            raise ValueError(f"parameter of shape {v.get_value().shape} has no logical_axes metadata")
+        return logical_to_sharding(axes, mesh, rules, shape=v.get_value().shape)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: Any, mesh: Mesh, rules=None) -> Any:
+    """Moves every parameter of an NNX model onto its NamedSharding, in place; returns the model."""
+    from flax import nnx
+
+    shardings = model_shardings(model, mesh, rules)
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.device_put(state, shardings))
+    return model
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=None) -> jax.Array:
+    """with_sharding_constraint from logical axes under the current mesh (jax.set_mesh).
+
+    A no-op when no mesh is set, so single-device code needs no mesh at all.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_spec(logical_axes, rules, shape=x.shape, mesh=mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def initialize_distributed() -> bool:
+    """Calls jax.distributed.initialize when the environment describes a multi-process run.
+
+    Recognised: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID), or a TPU pod /
+    SLURM / Open MPI environment that jax auto-detects (TPU_WORKER_HOSTNAMES with several hosts,
+    SLURM_NTASKS > 1, OMPI_COMM_WORLD_SIZE > 1). Must run before any other jax call.
+
+    Returns:
+      True when jax.distributed.initialize was called, False for a single-process run.
+    """
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None,
+            process_id=int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None)
+        return True
+    multi = (
+        len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    if multi:
+        jax.distributed.initialize()  # jax's cluster auto-detection fills in the addresses
+        return True
+    return False

@@ -1,0 +1,67 @@
+"""Tiny random Hugging Face checkpoints for tests (transformers + torch, CPU, float32, seeded).
+
+    make_tiny_checkpoint(tmp_path / "ckpt", "qwen3", tie_word_embeddings=True)
+"""
+
+from __future__ import annotations
+
+import os
+
+# Small but non-trivial: GQA (4 query heads over 2 KV heads), head_dim 16, 2 layers.
+_BASE = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+             rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+FAMILIES = ("qwen2", "qwen3", "llama")
+
+
+def tiny_config(family: str, **overrides):
+    """A transformers config object for ``family`` with the tiny defaults and ``overrides``."""
+    import transformers
+
+    cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "llama": transformers.LlamaConfig}[family]
+    kw = dict(_BASE)
+    if family in ("qwen3", "llama"):
+        kw["head_dim"] = kw["hidden_size"] // kw["num_attention_heads"]
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def make_tiny_model(family: str, seed: int = 0, **overrides):
+    """A tiny random transformers CausalLM (float32, eval mode) of ``family``.
+
+    Norm weights and biases are randomised too (transformers initialises them to 1 / 0, which
+    would hide a missing norm or bias).
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    return model.eval()
+
+
+def make_tiny_checkpoint(path, family: str, seed: int = 0, max_shard_size=None, **overrides):
+    """Saves a tiny random ``family`` model with save_pretrained (safetensors) and returns path.
+
+    Args:
+      path: output directory.
+      family: 'qwen2' | 'qwen3' | 'llama'.
+      seed: torch seed for the weights.
+      max_shard_size: e.g. "20KB" to force a multi-file checkpoint with an index json.
+      **overrides: transformers config fields (tie_word_embeddings, rope_theta, ...).
+    """
+    model = make_tiny_model(family, seed, **overrides)
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(os.fspath(path), safe_serialization=True, **kw)
+    return path
