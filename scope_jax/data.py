@@ -134,6 +134,8 @@ SPECS: dict[str, FieldSpec] = {
     "gsm8k": FieldSpec("question", "answer", "gsm8k_hash"),
     "deepmath": FieldSpec("prompt", "reward_model.ground_truth", problem_kind="messages",
                           meta=("extra_info.index", "data_source")),
+    # Any JSONL with plain "problem" and "answer" fields (the toy task, users' own files).
+    "generic": FieldSpec("problem", "answer"),
 }
 # File stems whose dataset name differs from the stem.
 _STEM_ALIASES = {"gsm8k_test": "gsm8k", "scope_train_sample": "deepmath"}

@@ -1,0 +1,123 @@
+"""Defaults shared by every experiment config, and the named variants (baselines, ablations).
+
+A config file builds on `base()` and ends with `apply_variant(cfg, arg)`, so that
+
+    python -m tools.train --config configs/X.py:opd
+
+runs the OPD baseline of experiment X: baselines and ablations are variants of one config,
+never copies. Any key can still be overridden: --config.scope.tau=0.5.
+"""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/scope"
+    c.algo = "scope"  # scope | opd | grpo | kd
+    c.seed = 0
+    c.num_steps = 100
+    c.checkpoint_every = 10
+    c.max_to_keep = 3
+    c.async_checkpointing = True
+    c.export = True  # Hugging Face export of the final student to {workdir}/export
+    c.max_nonfinite_steps = 5  # stop after this many skipped (non-finite) steps in a row
+
+    c.student = ""  # Hugging Face checkpoint directory (config.json + safetensors)
+    c.teacher = ""
+    c.tokenizer = ""  # default: the student's directory
+    c.toy_dir = ""  # when set, scope_jax.toy.build_toy(toy_dir) runs first (builds or reuses)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_files = ""  # one path or a list; JSONL / parquet (scope_jax.data.load_examples)
+    c.data.spec = ""  # dataset spec name (scope_jax.data.SPECS); "" = inferred from the file name
+    c.data.style = "chat"  # chat | raw | deepmath
+    c.data.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
+    c.data.max_prompt_len = 2048
+    c.data.on_error = "raise"  # raise | skip (malformed rows)
+
+    c.prompts_per_step = 256  # the paper's prompt batch (= mini-batch: one update per batch)
+    c.num_samples = 8  # rollouts per prompt (the paper's OPD baseline: 1)
+    c.micro_batches = 1  # gradient accumulation slices of the rollout batch
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.max_new_tokens = 12288
+    c.sampling.temperature = 0.6
+    c.sampling.top_k = 0  # 0 = off
+    c.sampling.top_p = 1.0
+    c.sampling.eos_ids = ml_collections.config_dict.placeholder(list)  # None: tokenizer's eos
+    c.recompute_old_logprobs = True  # pi_old from the training forward (verl), not the sampler
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 5e-5  # constant
+    c.optim.weight_decay = 0.01
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0
+
+    c.scope = ml_collections.ConfigDict()
+    c.scope.tau = 1.0
+    c.scope.reduction = "paper"  # paper | token_mean (the released code)
+    c.scope.distill = "reinforce"  # reinforce | kl | ppo
+    c.scope.kl = "k1"  # for distill=kl
+    c.scope.clip_eps = 0.2  # for distill=ppo
+    c.scope.student_weighting = "paper"  # paper | reversed | uniform
+    c.scope.teacher_weighting = "paper"
+
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.kl_coef = 1e-4
+    c.grpo.clip_eps = 0.2
+    c.grpo.normalize_std = True
+
+    c.kd_only_correct = True  # KD trains on the teacher's verified samples only
+
+    c.verifier = ml_collections.ConfigDict()
+    c.verifier.num_workers = 2
+    c.verifier.timeout_s = 5.0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.dtype = "bfloat16"  # compute dtype of the student
+    c.model.param_dtype = "float32"
+    c.model.teacher_dtype = "bfloat16"
+    c.model.remat = True
+    c.model.logprob_chunk = 512  # vocabulary tile of losses.token_logprobs
+
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    return c
+
+
+VARIANTS = {
+    "scope": dict(algo="scope"),
+    "opd": dict(algo="opd", num_samples=1),  # the paper's OPD baseline: one rollout per prompt
+    "opd_n": dict(algo="opd"),  # OPD with the same N rollouts as SCOPE
+    "grpo": dict(algo="grpo"),
+    "kd": dict(algo="kd"),
+    # The paper's ablations (section 6).
+    "no_student_weighting": {"algo": "scope", "scope.student_weighting": "uniform"},
+    "no_teacher_weighting": {"algo": "scope", "scope.teacher_weighting": "uniform"},
+    "no_weighting": {"algo": "scope", "scope.student_weighting": "uniform", "scope.teacher_weighting": "uniform"},
+    "reversed_student": {"algo": "scope", "scope.student_weighting": "reversed"},
+    "reversed_teacher": {"algo": "scope", "scope.teacher_weighting": "reversed"},
+    "tau_0.5": {"algo": "scope", "scope.tau": 0.5},
+    "tau_2": {"algo": "scope", "scope.tau": 2.0},
+    # The released code's reduction and signals.
+    "released_kl": {"algo": "scope", "scope.reduction": "token_mean", "scope.distill": "kl", "scope.kl": "k3"},
+    "released_ppo": {"algo": "scope", "scope.reduction": "token_mean", "scope.distill": "ppo"},
+}
+
+
+def apply_variant(cfg: ml_collections.ConfigDict, name: str | None) -> ml_collections.ConfigDict:
+    """Applies VARIANTS[name] (dotted keys allowed) and names the workdir after it."""
+    if not name:
+        return cfg
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
+    for key, value in VARIANTS[name].items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    cfg.workdir = f"{cfg.workdir}_{name}"
+    return cfg

@@ -1,0 +1,38 @@
+"""The toy CPU setup: step-by-step arithmetic, a tiny teacher and a weaker tiny student.
+
+    python -m tools.train --config configs/toy.py --config.algo=scope --config.workdir=runs/toy_scope --config.num_steps=30
+    python -m tools.train --config configs/toy.py:opd      # baselines / ablations: configs/common.py
+
+The first run builds the toy data, tokenizer, teacher and student under runs/toy
+(scope_jax.toy.build_toy, a couple of minutes on a 2-core CPU) and later runs reuse them.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(variant: str = ""):
+    c = common.base()
+    c.workdir = "runs/toy_scope"
+    c.toy_dir = "runs/toy"
+    c.student = "runs/toy/student"
+    c.teacher = "runs/toy/teacher"
+    c.data.train_files = "runs/toy/data/train.jsonl"
+    c.data.spec = "generic"
+    c.data.instruction = ""  # the toy prompt is the problem alone (scope_jax.toy.TOY_INSTRUCTION)
+    c.data.max_prompt_len = 64
+    c.num_steps = 40
+    c.checkpoint_every = 10
+    c.prompts_per_step = 16
+    c.num_samples = 8
+    c.sampling.max_new_tokens = 48
+    c.sampling.temperature = 1.0
+    c.recompute_old_logprobs = False  # float32 sampler and trainer agree to ~1e-6 on CPU
+    c.optim.lr = 1e-4
+    c.verifier.num_workers = 2
+    c.model.dtype = "float32"  # bf16 matmuls are slow on CPU
+    c.model.teacher_dtype = "float32"
+    c.model.remat = False
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    return common.apply_variant(c, variant)

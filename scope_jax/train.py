@@ -1,0 +1,563 @@
+"""SCOPE and its baselines end to end: sample -> verify -> score -> update -> checkpoint.
+
+    python -m tools.train --config configs/toy.py --config.algo=scope --config.workdir=runs/x
+
+The pure part is `make_train_step` (one jitted, donated update from a `Rollouts` batch); the
+rest of this file is the short host loop (`train`) that wires the sampler, the verifier, the
+teacher and Orbax around it. Algorithms (config.algo):
+
+    scope  correct rollouts -> MLE weighted by student PPL; wrong -> OPD weighted by teacher PPL
+    opd    every rollout -> OPD with uniform weights (num_samples=1 is the paper's baseline)
+    grpo   group-normalised rewards, PPO clip, k3 KL to the initial student
+    kd     off-policy: SFT on the teacher's own (verified) samples
+
+Resume order: the run's latest readable checkpoint in {workdir}/checkpoints, else the initial
+Hugging Face checkpoint (config.student). Data order and PRNG keys are pure functions of
+(seed, step), so a resumed run repeats exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from scope_jax import losses, sampling
+from scope_jax import sharding as shd
+
+log = logging.getLogger(__name__)
+
+ALGOS = ("scope", "opd", "grpo", "kd")
+
+
+# --------------------------------------------------------------------------------------------
+# The batch layout and the train state.
+# --------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class Rollouts:
+    """One training batch; B rollouts, P prompt bucket, M response budget.
+
+    input_ids:        int32 [B, P + M]  left-padded prompt followed by the response
+    attention_mask:   bool  [B, P + M]  real prompt and response tokens
+    response_mask:    bool  [B, M]      response tokens that count in the loss
+    old_logprobs:     f32   [B, M]      behaviour policy (pi_old) log-probs of the response tokens
+    teacher_logprobs: f32   [B, M]      teacher log-probs (zeros when the algorithm needs none)
+    ref_logprobs:     f32   [B, M]      reference-policy log-probs (GRPO's KL; zeros otherwise)
+    correct:          bool  [B]         verifier labels
+    group_ids:        int32 [B]         prompt of each rollout
+    """
+
+    input_ids: jax.Array
+    attention_mask: jax.Array
+    response_mask: jax.Array
+    old_logprobs: jax.Array
+    teacher_logprobs: jax.Array
+    ref_logprobs: jax.Array
+    correct: jax.Array
+    group_ids: jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    """params: the student's parameters as a pure dict; opt_state: optax state; step: int32 []."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """AdamW (the paper: lr 5e-5 constant, weight decay 0.01) after global-norm clipping."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.optim.grad_clip),
+        optax.adamw(cfg.optim.lr, b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps,
+                    weight_decay=cfg.optim.weight_decay))
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions: log-probs, losses, the step.
+# --------------------------------------------------------------------------------------------
+
+
+def response_logprobs(model, input_ids, attention_mask, num_response: int, chunk_size: int = 512):
+    """log p of each response token under `model`, float32 [B, M].
+
+    The hidden state at position P + t - 1 predicts response token t; only the M hidden
+    states that predict response tokens go through the vocabulary-tiled log-softmax.
+    """
+    hidden = model.hidden(input_ids, attention_mask=attention_mask)
+    p = input_ids.shape[1] - num_response
+    h = hidden[:, p - 1: p - 1 + num_response]
+    return losses.token_logprobs(h, model.lm_head_weight(), input_ids[:, p:], chunk_size=chunk_size)
+
+
+def make_loss(cfg) -> Callable:
+    """loss(logprobs, batch, aux) -> (loss, metrics) for cfg.algo; aux holds full-batch constants."""
+    algo = cfg.algo
+    if algo not in ALGOS:
+        raise ValueError(f"config.algo={algo!r}; expected one of {ALGOS}")
+    s, g = cfg.scope, cfg.grpo
+
+    def loss(lp, b: Rollouts, aux):
+        if algo == "scope":
+            return losses.scope_loss(
+                lp, b.old_logprobs, b.teacher_logprobs, b.response_mask, b.correct, b.group_ids,
+                s.tau, reduction=s.reduction, distill=s.distill, kl=s.kl, clip_eps=s.clip_eps,
+                weights=aux["weights"], normalizers=aux["normalizers"])
+        if algo == "opd":
+            return losses.opd_loss(
+                lp, b.old_logprobs, b.teacher_logprobs, b.response_mask, b.group_ids,
+                reduction=s.reduction, distill=s.distill, kl=s.kl, clip_eps=s.clip_eps,
+                normalizers=aux["normalizers"])
+        if algo == "grpo":
+            return losses.grpo_loss(
+                lp, b.old_logprobs, b.ref_logprobs if g.kl_coef > 0 else None, b.response_mask,
+                b.correct.astype(jnp.float32), b.group_ids, clip_eps=g.clip_eps, kl_coef=g.kl_coef,
+                normalize_std=g.normalize_std, advantages=aux["advantages"],
+                normalizers=aux["normalizers"])
+        # kd: NLL of the teacher's samples (only the verified ones when kd_only_correct).
+        mask = b.response_mask & (b.correct[:, None] if cfg.kd_only_correct else True)
+        return losses.kd_loss(lp, mask, normalizers=aux["normalizers"])
+
+    return loss
+
+
+def full_batch_constants(cfg, b: Rollouts) -> dict:
+    """What micro-batches must share: weights, advantages and denominators of the whole batch."""
+    s = cfg.scope
+    mask = b.response_mask
+    if cfg.algo == "kd" and cfg.kd_only_correct:
+        mask = mask & b.correct[:, None]
+    aux = {"normalizers": losses.loss_normalizers(mask, b.correct, b.group_ids),
+           "weights": None, "advantages": None}
+    if cfg.algo == "scope":
+        aux["weights"] = losses.scope_weights(
+            b.old_logprobs, b.teacher_logprobs, mask, b.correct, b.group_ids, s.tau,
+            student_weighting=s.student_weighting, teacher_weighting=s.teacher_weighting,
+            normalize="sum" if s.reduction == "paper" else "mean")
+    if cfg.algo == "grpo":
+        aux["advantages"] = losses.group_advantages(
+            b.correct.astype(jnp.float32), b.group_ids, mask.any(-1), normalize_std=cfg.grpo.normalize_std)
+    return aux
+
+
+def _split_rows(tree, n: int):
+    """[B, ...] leaves -> [n, B / n, ...] (micro-batches for lax.scan)."""
+    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), tree)
+
+
+def make_train_step(cfg, graphdef, optimizer) -> Callable:
+    """(state, batch) -> (state, metrics), pure; jit it with the state donated.
+
+    Gradients are accumulated over cfg.micro_batches row slices with the full batch's weights,
+    advantages and denominators, so the update equals the one-shot update on the whole batch.
+    A step whose loss or gradient norm is not finite leaves params and optimizer state as they
+    were (metrics["skipped"] = 1); the host loop counts such steps.
+    """
+    loss_fn = make_loss(cfg)
+    n_micro = int(cfg.micro_batches)
+    chunk = int(cfg.model.logprob_chunk)
+
+    def micro_loss(params, mb: Rollouts, aux):
+        model = nnx.merge(graphdef, params)
+        lp = response_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], chunk)
+        return loss_fn(lp, mb, aux)[0]
+
+    def step(state: TrainState, batch: Rollouts):
+        aux = full_batch_constants(cfg, batch)
+        row_aux = {k: v for k, v in aux.items() if k in ("weights", "advantages") and v is not None}
+        shared = {k: v for k, v in aux.items() if k not in row_aux}
+
+        def body(acc, xs):
+            mb, mb_aux = xs
+            val, grads = jax.value_and_grad(micro_loss)(state.params, mb, {**shared, **mb_aux})
+            return jax.tree.map(jnp.add, acc, (val, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        (loss, grads), _ = jax.lax.scan(body, zeros, (_split_rows(batch, n_micro), _split_rows(row_aux, n_micro)))
+        # Routing metrics (weights, ESS, PPLs, prompt kinds) over the whole batch; they do not
+        # depend on the current log-probs, so evaluate them at pi_old.
+        metrics = loss_fn(batch.old_logprobs, batch, aux)[1]
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        metrics.update(loss=loss, grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32))
+        new_state = TrainState(params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
+                               step=state.step + 1)
+        return new_state, metrics
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints (Orbax): flat path -> array dicts, so any pytree round-trips.
+# --------------------------------------------------------------------------------------------
+
+
+def _flat(tree) -> tuple[dict[str, Any], Any]:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(p): x for p, x in leaves}, treedef
+
+
+class Checkpointer:
+    """Orbax CheckpointManager around TrainState with a fallback past unreadable checkpoints."""
+
+    def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=async_save))
+
+    def save(self, state: TrainState, *, wait: bool = False) -> None:
+        flat, _ = _flat(state)
+        self.manager.save(int(state.step), args=self._ocp.args.StandardSave(flat), force=True)
+        if wait:
+            self.manager.wait_until_finished()
+
+    def restore_latest(self, template: TrainState) -> TrainState | None:
+        """The newest checkpoint that restores; a corrupt one is reported and skipped."""
+        flat, treedef = _flat(template)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), flat)
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                got = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: say so, fall back
+                log.error("checkpoint %s/%d is unreadable (%s: %s); falling back to an earlier one",
+                          self.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
+                continue
+            log.info("restored %s/%d", self.directory, step)
+            return jax.tree_util.tree_unflatten(treedef, [got[k] for k in flat])
+        return None
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The host loop.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Stop:
+    """Set by SIGTERM: the loop writes a checkpoint after the current step and exits."""
+
+    requested: bool = False
+
+    def __call__(self, signum, frame):
+        log.warning("signal %d: checkpointing after this step, then exiting", signum)
+        self.requested = True
+
+
+def _dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _load_models(cfg, mesh):
+    from scope_jax.models import load_hf
+
+    m = cfg.model
+    student = load_hf(cfg.student, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype), mesh=mesh,
+                      remat=m.remat)
+    teacher = None
+    if cfg.algo in ("scope", "opd", "kd"):
+        teacher = load_hf(cfg.teacher, dtype=_dtype(m.teacher_dtype), mesh=mesh)
+    return student, teacher
+
+
+def _load_prompts(cfg, tokenizer):
+    from scope_jax import data
+
+    examples = []
+    for f in ([cfg.data.train_files] if isinstance(cfg.data.train_files, str) else list(cfg.data.train_files)):
+        examples.extend(data.load_examples(f, cfg.data.spec or None, on_error=cfg.data.on_error))
+    ids, kept = data.encode_prompts(examples, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
+                                    instruction=cfg.data.instruction or None, style=cfg.data.style)
+    items = [(tok, examples[i].answer) for tok, i in zip(ids, kept)]
+    if len(items) < cfg.prompts_per_step:
+        raise ValueError(f"only {len(items)} usable prompts, fewer than prompts_per_step={cfg.prompts_per_step}")
+    return data.PromptLoader(items, batch_size=cfg.prompts_per_step, seed=cfg.seed)
+
+
+class _Metrics:
+    """metrics.jsonl writer; on resume, drops lines of steps the restored state will redo."""
+
+    def __init__(self, path: str, start_step: int):
+        self.path = path
+        kept = []
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [l for l in f if l.strip() and json.loads(l)["step"] < start_step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _to_host(metrics: dict) -> dict:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train(cfg) -> dict:
+    """Runs cfg.num_steps of cfg.algo; returns the last step's metrics. See the module docstring."""
+    from transformers import AutoTokenizer
+
+    from scope_jax.models import save_hf
+    from scope_jax.verifiers import Verifier
+
+    shd.initialize_distributed()
+    os.makedirs(cfg.workdir, exist_ok=True)
+    if cfg.get("toy_dir"):
+        from scope_jax import toy
+
+        toy.build_toy(cfg.toy_dir)
+    mesh = shd.make_mesh(cfg.mesh.to_dict() if hasattr(cfg.mesh, "to_dict") else cfg.mesh)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.student)
+    loader = _load_prompts(cfg, tokenizer)
+    student, teacher = _load_models(cfg, mesh)
+    graphdef, params = nnx.split(student)
+    params = nnx.to_pure_dict(params)
+    # GRPO's reference is the initial student; a copy, because the train state is donated.
+    ref_params = jax.tree.map(jnp.copy, params) if cfg.algo == "grpo" and cfg.grpo.kl_coef > 0 else None
+    optimizer = make_optimizer(cfg)
+    state = TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+    ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), max_to_keep=cfg.max_to_keep,
+                        async_save=cfg.async_checkpointing)
+    restored = ckpt.restore_latest(state)
+    state = restored if restored is not None else state
+    start = int(state.step)
+    log.info("%s from step %d (%s)", "resuming" if restored is not None else "starting", start,
+             ckpt.directory if restored is not None else cfg.student)
+    metrics_out = _Metrics(os.path.join(cfg.workdir, "metrics.jsonl"), start)
+
+    # Fixed shardings in and out, so step 1 reuses step 0's executable (an inferred P() vs the
+    # loaded P(None,) would otherwise compile the step twice).
+    state, state_sh, batch_sh = _place(state, mesh)
+    step_fn = jax.jit(make_train_step(cfg, graphdef, optimizer), donate_argnums=0,
+                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
+    chunk = int(cfg.model.logprob_chunk)
+    score = jax.jit(lambda gd, p, ids, mask, m: response_logprobs(nnx.merge(gd, p), ids, mask, m, chunk),
+                    static_argnums=(0, 4))
+    t_graph, t_params = nnx.split(teacher) if teacher is not None else (None, None)
+    eos = tokenizer.eos_token_id if cfg.sampling.eos_ids is None else list(cfg.sampling.eos_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    base_key = jax.random.key(cfg.seed)
+    stop = _Stop()
+    previous = signal.signal(signal.SIGTERM, stop)
+    verifier = Verifier(num_workers=cfg.verifier.num_workers, timeout_s=cfg.verifier.timeout_s)
+    bad_in_a_row, last = 0, {}
+    try:
+        progress = _progress(start, cfg.num_steps)
+        for step in range(start, cfg.num_steps):
+            t0 = time.perf_counter()
+            batch, info = _collect(cfg, step, loader, tokenizer, verifier, graphdef, state.params,
+                                   t_graph, t_params, ref_params, score, eos, pad, base_key, mesh)
+            t1 = time.perf_counter()
+            state, m = step_fn(state, jax.device_put(batch, batch_sh))
+            m = _to_host(m)
+            dt = time.perf_counter() - t0
+            # accuracy: the verifier's fraction of correct rollouts (the loss's own "accuracy"
+            # leaves out empty responses and is 0 by construction for OPD).
+            row = {"step": step, **m, **info, "accuracy": info["reward"], "time_s": dt,
+                   "rollout_s": t1 - t0, "rollouts_per_s": info["rollouts"] / dt}
+            metrics_out.write(row)
+            progress(step, row)
+            last = row
+            bad_in_a_row = bad_in_a_row + 1 if m["skipped"] else 0
+            if m["skipped"]:
+                log.error("step %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d in a row)",
+                          step, m["loss"], m["grad_norm"], bad_in_a_row)
+                if bad_in_a_row >= cfg.max_nonfinite_steps:
+                    raise FloatingPointError(
+                        f"{bad_in_a_row} non-finite steps in a row (max_nonfinite_steps="
+                        f"{cfg.max_nonfinite_steps}); last good checkpoint is in {ckpt.directory}")
+            done = step + 1
+            if stop.requested or done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
+                ckpt.save(state, wait=stop.requested)
+            if stop.requested:
+                log.warning("stopped by signal after step %d; checkpoint %d written", step, done)
+                break
+        else:
+            if cfg.export and int(state.step) == cfg.num_steps:
+                _export(cfg, graphdef, state.params, tokenizer, save_hf)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        verifier.close()
+        ckpt.close()
+    return last
+
+
+def _place(state: TrainState, mesh):
+    """Commits every state leaf to a NamedSharding on `mesh` (replicated where it had none).
+
+    Returns (state, state shardings, batch shardings): rollout rows are split over the
+    data-parallel axes, as the sampler splits them.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    def sharding(x):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding) and sh.mesh == mesh:
+            return NamedSharding(mesh, P(*sh.spec))
+        return NamedSharding(mesh, P())
+
+    state_sh = jax.tree.map(sharding, state)
+    rows = NamedSharding(mesh, P(sampling.BATCH_AXES))
+    return jax.device_put(state, state_sh), state_sh, rows
+
+
+def _progress(start: int, total: int):
+    """A tqdm bar showing step, rollouts/s, accuracy and loss (plain log lines if tqdm is absent)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return lambda step, row: log.info("step %d %s", step, row)
+    bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=0)
+
+    def update(step, row):
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}",
+                        rps=f"{row['rollouts_per_s']:.1f}", refresh=False)
+        bar.update(1)
+        if step + 1 == total:
+            bar.close()
+
+    return update
+
+
+def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, t_params, ref_params,
+             score, eos, pad, base_key, mesh):
+    """Prompts of `step` -> rollouts -> verifier -> teacher / reference / old log-probs."""
+    from scope_jax.sampling import full_sequences, response_lists
+
+    items = loader.batch_at(step)
+    prompts, golds = [p for p, _ in items], [a for _, a in items]
+    key = jax.random.fold_in(base_key, step)
+    kd = cfg.algo == "kd"
+    policy = nnx.merge(t_graph, t_params) if kd else nnx.merge(graphdef, params)
+    s = cfg.sampling
+    out = sampling.generate(policy, prompts, num_samples=cfg.num_samples, max_new_tokens=s.max_new_tokens,
+                            temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p or None,
+                            eos_ids=eos, pad_id=pad, key=key, mesh=mesh if mesh.size > 1 else None)
+    texts = tokenizer.batch_decode(response_lists(out), skip_special_tokens=True)
+    results = verifier.verify_batch(texts, [g for g in golds for _ in range(cfg.num_samples)])
+    correct = np.array([r.reward > 0 for r in results])
+    ids, mask = full_sequences(out)
+    m = out.tokens.shape[1]
+    zeros = jnp.zeros(out.tokens.shape, jnp.float32)
+    if kd:  # the teacher sampled; the student's log-probs are the trained quantity
+        old = zeros
+        teacher_lp = zeros
+    else:
+        old = score(graphdef, params, ids, mask, m) if cfg.recompute_old_logprobs else out.policy_logprobs
+        teacher_lp = score(t_graph, t_params, ids, mask, m) if cfg.algo in ("scope", "opd") else zeros
+    ref_lp = score(graphdef, ref_params, ids, mask, m) if ref_params is not None else zeros
+    batch = Rollouts(input_ids=ids, attention_mask=mask, response_mask=out.response_mask,
+                     old_logprobs=old, teacher_logprobs=teacher_lp, ref_logprobs=ref_lp,
+                     correct=jnp.asarray(correct), group_ids=out.group_ids)
+    lengths = np.asarray(out.lengths)
+    reasons = [r.reason for r in results]
+    info = {
+        "rollouts": int(len(results)),
+        "reward": float(correct.mean()),
+        "response_length": float(lengths.mean()),
+        "finished_eos": float(np.mean(np.asarray(out.finish_reason) == sampling.FINISH_EOS)),
+        "verifier_timeouts": float(reasons.count("timeout")),
+    }
+    return batch, info
+
+
+def _export(cfg, graphdef, params, tokenizer, save_hf) -> None:
+    """Final Hugging Face checkpoint (config.json + safetensors + tokenizer) in {workdir}/export."""
+    path = os.path.join(cfg.workdir, "export")
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    save_hf(nnx.merge(graphdef, params), path)
+    tokenizer.save_pretrained(path)
+    log.info("exported %s", path)
+
+
+# --------------------------------------------------------------------------------------------
+# Dry run: the whole step's shapes and shardings on the configured mesh, without weights.
+# --------------------------------------------------------------------------------------------
+
+
+def _hf_config(cfg, role: str) -> dict:
+    """config.json of cfg.<role>, or the architecture written in cfg.arch.<role>."""
+    path = os.path.join(cfg[role], "config.json") if cfg[role] else ""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if "arch" in cfg and role in cfg.arch:
+        return cfg.arch[role].to_dict()
+    raise FileNotFoundError(f"no {path or role + ' path'} and no config.arch.{role} to build shapes from")
+
+
+def dry_run(cfg) -> dict:
+    """Builds the mesh, the parameter shardings and the shapes of one train step with
+    jax.eval_shape (no weights are created); reports parameters and bytes per device."""
+    from scope_jax.models import ModelConfig, Transformer
+
+    mesh = shd.make_mesh(cfg.mesh.to_dict())
+    report = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": int(mesh.size)}
+    m = cfg.model
+    graphdefs = {}
+    for role in ("student", "teacher") if cfg.algo != "grpo" else ("student",):
+        mc = ModelConfig.from_hf(_hf_config(cfg, role))
+        dtype = _dtype(m.dtype if role == "student" else m.teacher_dtype)
+        pdt = _dtype(m.param_dtype) if role == "student" else dtype
+        abstract = nnx.eval_shape(lambda: Transformer(mc, dtype=dtype, param_dtype=pdt, rngs=nnx.Rngs(0), remat=m.remat))
+        shardings = shd.model_shardings(abstract, mesh)
+        graphdef, state = nnx.split(abstract)
+        graphdefs[role] = (graphdef, nnx.to_pure_dict(state))
+        leaves = jax.tree.leaves(nnx.to_pure_dict(state))
+        shard_leaves = jax.tree.leaves(nnx.to_pure_dict(shardings))
+        per_device = sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                         for x, s in zip(leaves, shard_leaves))
+        report[role] = {"params": int(sum(math.prod(x.shape) for x in leaves)),
+                        "param_bytes_per_device": int(per_device)}
+
+    graphdef, params = graphdefs["student"]
+    optimizer = make_optimizer(cfg)
+    state = TrainState(params=params, opt_state=jax.eval_shape(optimizer.init, params),
+                       step=jax.ShapeDtypeStruct((), jnp.int32))
+    b = cfg.prompts_per_step * cfg.num_samples // jax.process_count()
+    p, r = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    batch = Rollouts(
+        input_ids=jax.ShapeDtypeStruct((b, p + r), jnp.int32),
+        attention_mask=jax.ShapeDtypeStruct((b, p + r), jnp.bool_),
+        response_mask=jax.ShapeDtypeStruct((b, r), jnp.bool_),
+        old_logprobs=f32(b, r), teacher_logprobs=f32(b, r), ref_logprobs=f32(b, r),
+        correct=jax.ShapeDtypeStruct((b,), jnp.bool_), group_ids=jax.ShapeDtypeStruct((b,), jnp.int32))
+    with jax.set_mesh(mesh):
+        new_state, metrics = jax.eval_shape(make_train_step(cfg, graphdef, optimizer), state, batch)
+    report["batch"] = {"rollouts": b, "sequence": p + r, "micro_batches": int(cfg.micro_batches)}
+    report["train_step"] = {"metrics": sorted(metrics), "state_leaves": len(jax.tree.leaves(new_state))}
+    return report
