@@ -1,0 +1,555 @@
+"""Avg@k / Pass@k evaluation: sample k responses per problem, verify them, summarise.
+
+Two layers:
+
+* Pure metrics (numpy only), on correctness counts: ``avg_at_k``, the unbiased ``pass_at_k``
+  estimator 1 - C(n-c, k) / C(n, k) of Chen et al. (2021) in its numerically stable product
+  form, the Pass@k curve for k = 1..K, percentile-bootstrap confidence intervals over problems,
+  and the macro average over benchmarks (with a stratified bootstrap interval).
+* The loop, ``evaluate``: chat-templated prompts (scope_jax.data) -> k samples per prompt
+  (scope_jax.sampling.generate) -> decoded text (special tokens skipped) -> the verifier pool
+  (scope_jax.verifiers.math.Verifier; model output is never evaluated as code) -> per-problem
+  records and a summary. ``write_jsonl`` / ``write_json`` / ``plot_pass_curves`` /
+  ``format_table`` turn results into files and a printable table.
+
+Metrics are fractions in [0, 1] in every record and summary; only ``format_table`` prints
+percentages. The paper's settings are the defaults: k = 32, temperature 0.6, top-p 0.95,
+top-k 20 (PAPER.md section 5).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from scope_jax import data as data_lib
+from scope_jax.data import PAPER_INSTRUCTION
+
+log = logging.getLogger(__name__)
+
+PAPER_K = 32
+PAPER_TEMPERATURE = 0.6
+PAPER_TOP_P = 0.95
+PAPER_TOP_K = 20
+PAPER_MAX_NEW_TOKENS = 32768
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure metrics
+
+
+def _counts(n, c) -> tuple[np.ndarray, np.ndarray]:
+    """n, c as int64 arrays of one shape, checked: n >= 1 and 0 <= c <= n."""
+    n = np.asarray(n)
+    c = np.asarray(c)
+    for name, a in (("n", n), ("c", c)):
+        if a.dtype.kind not in "iu" and not (a.dtype.kind == "f" and np.all(a == np.round(a))):
+            raise ValueError(f"{name} must hold integers, got dtype {a.dtype}")
+    n, c = np.broadcast_arrays(n.astype(np.int64), c.astype(np.int64))
+    if np.any(n < 1):
+        raise ValueError(f"n (samples per problem) must be >= 1, got min {n.min()}")
+    if np.any(c < 0) or np.any(c > n):
+        bad = int(np.flatnonzero((c < 0) | (c > n))[0])
+        raise ValueError(f"c (correct samples) must be in [0, n]; problem {bad} has "
+                         f"c={c.flat[bad]}, n={n.flat[bad]}")
+    return n, c
+
+
+def pass_at_k(n, c, k: int) -> np.ndarray:
+    """Unbiased Pass@k per problem: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021).
+
+    Computed as 1 - prod_{i=n-c+1}^{n} (1 - k / i), which never forms the binomials (they
+    overflow float64 near n = 1030) and is exact whenever n - c < k (then every k-subset holds a
+    correct sample and the value is 1).
+
+    n: int [P] (or scalar) samples drawn per problem; c: int [P] correct ones; k: 1 <= k <= min n.
+    Returns float64 [P] (a 0-d array for scalar inputs).
+    """
+    n, c = _counts(n, c)
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if np.any(n < k):
+        raise ValueError(f"pass@{k} needs at least k samples per problem; min n is {n.min()}")
+    out = np.ones(n.shape, np.float64)
+    for idx in np.ndindex(n.shape):
+        ni, ci = int(n[idx]), int(c[idx])
+        if ni - ci >= k:
+            out[idx] = 1.0 - np.prod(1.0 - k / np.arange(ni - ci + 1, ni + 1, dtype=np.float64))
+    return out
+
+
+def avg_at_k(correct) -> np.ndarray:
+    """Avg@k per problem: the fraction of a problem's samples that are correct.
+
+    correct: bool / {0, 1} [P, n] (row p = the n samples of problem p).
+    Returns float64 [P]; its mean is the benchmark's Avg@k.
+    """
+    a = np.asarray(correct)
+    if a.ndim != 2 or a.shape[1] == 0:
+        raise ValueError(f"correct must be [problems, samples] with samples >= 1, got {a.shape}")
+    if not np.all((a == 0) | (a == 1)):
+        raise ValueError("correct must hold only 0/1 (or booleans)")
+    return a.astype(np.float64).mean(axis=1)
+
+
+def pass_curve(n, c, max_k: int | None = None) -> np.ndarray:
+    """Mean Pass@k over problems for k = 1..max_k (default: the smallest n).
+
+    n, c: int [P]. Returns float64 [max_k]; entry j is mean Pass@(j+1).
+    """
+    n, c = _counts(n, c)
+    max_k = int(n.min()) if max_k is None else int(max_k)
+    return np.array([pass_at_k(n, c, j).mean() for j in range(1, max_k + 1)])
+
+
+def bootstrap_ci(values, *, num_resamples: int = 1000, confidence: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of mean(values), resampling problems with replacement.
+
+    values: float [P] per-problem scores (Avg@k or Pass@k of each problem).
+    Returns (low, high) at `confidence` (two-sided); deterministic for a given seed.
+    """
+    v = np.asarray(values, np.float64)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D array, got shape {v.shape}")
+    means = _resampled_means(v, num_resamples, np.random.default_rng(seed))
+    return _percentiles(means, confidence)
+
+
+def _resampled_means(v: np.ndarray, num_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
+    idx = rng.integers(0, v.size, size=(num_resamples, v.size))
+    return v[idx].mean(axis=1)
+
+
+def _percentiles(means: np.ndarray, confidence: float) -> tuple[float, float]:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def macro_ci(per_benchmark: Sequence[Sequence[float]], *, num_resamples: int = 1000,
+             confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of the macro average (the unweighted mean of the benchmark means).
+
+    Stratified: each resample draws every benchmark's problems from that benchmark only, so a
+    30-problem AIME keeps its weight of one benchmark. per_benchmark: B sequences of per-problem
+    scores. Returns (low, high).
+    """
+    if not per_benchmark:
+        raise ValueError("macro_ci: no benchmarks")
+    means = np.zeros(num_resamples)
+    for b, values in enumerate(per_benchmark):
+        v = np.asarray(values, np.float64)
+        if v.ndim != 1 or v.size == 0:
+            raise ValueError(f"macro_ci: benchmark {b} has no per-problem scores")
+        means += _resampled_means(v, num_resamples, np.random.default_rng([seed, b]))
+    return _percentiles(means / len(per_benchmark), confidence)
+
+
+def summarize(n, c, k: int, *, num_resamples: int = 1000, confidence: float = 0.95,
+              seed: int = 0) -> dict[str, Any]:
+    """The metrics of one benchmark from per-problem sample counts.
+
+    n, c: int [P] samples and correct samples per problem (n >= k). Returns a JSON-ready dict:
+    num_problems, k, avg_at_k (mean c / n), avg_at_k_ci, pass_at_k (mean unbiased Pass@k),
+    pass_at_k_ci, pass_curve (mean Pass@j for j = 1..k), confidence, num_resamples.
+    """
+    n, c = _counts(np.atleast_1d(n), np.atleast_1d(c))
+    avg = c / n
+    pk = pass_at_k(n, c, k)
+    ci = dict(num_resamples=num_resamples, confidence=confidence, seed=seed)
+    return {
+        "num_problems": int(n.size), "k": int(k),
+        "avg_at_k": float(avg.mean()), "avg_at_k_ci": list(bootstrap_ci(avg, **ci)),
+        "pass_at_k": float(pk.mean()), "pass_at_k_ci": list(bootstrap_ci(pk, **ci)),
+        "pass_curve": pass_curve(n, c, k).tolist(),
+        "confidence": confidence, "num_resamples": num_resamples,
+    }
+
+
+def macro_summary(counts: Sequence[tuple[Sequence[int], Sequence[int]]], k: int, *,
+                  num_resamples: int = 1000, confidence: float = 0.95,
+                  seed: int = 0) -> dict[str, Any]:
+    """Macro average over benchmarks (each benchmark weighs the same, as in PAPER.md table 6).
+
+    counts: one (n [P_b], c [P_b]) pair per benchmark. Returns the keys of `summarize` with
+    avg_at_k / pass_at_k / pass_curve the means of the benchmarks' values, stratified bootstrap
+    intervals, num_benchmarks, and num_problems summed.
+    """
+    if not counts:
+        raise ValueError("macro_summary: no benchmarks")
+    avgs, passes, curves, total = [], [], [], 0
+    for n, c in counts:
+        n, c = _counts(np.atleast_1d(n), np.atleast_1d(c))
+        avgs.append(c / n)
+        passes.append(pass_at_k(n, c, k))
+        curves.append(pass_curve(n, c, k))
+        total += n.size
+    ci = dict(num_resamples=num_resamples, confidence=confidence, seed=seed)
+    return {
+        "num_benchmarks": len(counts), "num_problems": total, "k": int(k),
+        "avg_at_k": float(np.mean([a.mean() for a in avgs])),
+        "avg_at_k_ci": list(macro_ci(avgs, **ci)),
+        "pass_at_k": float(np.mean([p.mean() for p in passes])),
+        "pass_at_k_ci": list(macro_ci(passes, **ci)),
+        "pass_curve": np.mean(curves, axis=0).tolist(),
+        "confidence": confidence, "num_resamples": num_resamples,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """The outcome of `evaluate` on one benchmark.
+
+    records: one JSON-ready dict per evaluated problem, in file order (see `evaluate`).
+    summary: `summarize`'s dict plus run facts (settings, dropped prompts, reasons, timings).
+    """
+
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+    def counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(n int64 [P], c int64 [P]) of the records, for `macro_summary`."""
+        return (np.array([r["n"] for r in self.records], np.int64),
+                np.array([r["c"] for r in self.records], np.int64))
+
+
+def clip_text(text: str, max_chars: int) -> str:
+    """text itself if it has at most max_chars characters, else its head and tail (the final
+    answer sits at the end) around a marker saying how much was cut."""
+    if max_chars <= 0 or len(text) <= max_chars:
+        return text if max_chars > 0 else ""
+    head = max_chars // 4
+    tail = max_chars - head
+    return f"{text[:head]}\n[... {len(text) - head - tail} characters cut ...]\n{text[-tail:]}"
+
+
+def _ids(x) -> list[int]:
+    if x is None:
+        return []
+    return [int(i) for i in (x if isinstance(x, (list, tuple)) else [x])]
+
+
+def stop_ids(model, tokenizer, extra: Sequence[int] = ()) -> list[int]:
+    """Token ids that end a response: the tokenizer's EOS, the model config's eos_token_id (an
+    int or a list, e.g. Qwen's <|im_end|> and <|endoftext|>) and `extra`, deduplicated, sorted."""
+    ids = set(_ids(getattr(tokenizer, "eos_token_id", None)))
+    ids |= set(_ids(getattr(model.config, "eos_token_id", None)))
+    ids |= set(_ids(list(extra)))
+    return sorted(ids)
+
+
+def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
+             temperature: float = PAPER_TEMPERATURE, top_p: float | None = PAPER_TOP_P,
+             top_k: int | None = PAPER_TOP_K, max_new_tokens: int | None = None,
+             max_prompt_len: int | None = None, batch_prompts: int = 8, seed: int = 0,
+             verifier=None, verifier_workers: int | None = None, verifier_timeout_s: float = 5.0,
+             verifier_mode: str = "boxed", instruction: str | None = PAPER_INSTRUCTION,
+             style: str = "chat",
+             chat_template_kwargs: Mapping[str, Any] | None = None,
+             eos_ids: Sequence[int] = (), keep_response_chars: int = 1000,
+             num_resamples: int = 1000, confidence: float = 0.95, mesh=None) -> EvalResult:
+    """Sample k responses per problem, verify them, and compute Avg@k and Pass@k.
+
+    model: a scope_jax.models.Transformer (the sampler's model contract).
+    tokenizer: the model's transformers tokenizer (chat template for style "chat"/"deepmath").
+    examples: scope_jax.data.Example list (problem, answer str | list[str], source).
+    k: samples per problem (n = k, so Pass@k uses all of them); temperature / top_p / top_k:
+      sampling settings (paper: 0.6 / 0.95 / 20).
+    max_new_tokens: response budget; None = the paper's 32768, lowered to what the model's
+      max_position_embeddings leaves after the longest prompt (the value used is in the summary).
+    max_prompt_len: longer prompts are dropped (counted and listed in the summary, never
+      truncated); None = max_position_embeddings - 1.
+    batch_prompts: prompts per generate call (batch_prompts * k rows). Prompts are batched in
+      order of length (fewer padded positions); the last batch is topped up with copies of its
+      last prompt, whose samples are discarded, so every call has the same row count (one
+      compiled program per prompt bucket).
+    seed: batch b samples with key fold_in(key(seed), b); the same settings give the same output.
+    verifier: an object with verify_batch(responses, golds) -> list[VerifyResult] (e.g. an open
+      scope_jax.verifiers.math.Verifier); None = a Verifier(verifier_workers,
+      verifier_timeout_s, mode=verifier_mode) for this call. Verification of a batch overlaps
+      the generation of the next.
+    instruction / style / chat_template_kwargs: prompt construction (scope_jax.data.
+      build_prompt): the instruction appended to each problem (default the paper's "Please
+      reason step by step, ..."; None appends none, as the toy task's TOY_INSTRUCTION).
+    eos_ids: extra stop ids on top of `stop_ids(model, tokenizer)`.
+    keep_response_chars: each response's text is stored clipped to this many characters
+      (`clip_text`); 0 stores none.
+    num_resamples / confidence: bootstrap intervals (seed `seed`).
+    mesh: passed to generate (rows split over its data axes).
+
+    Returns EvalResult. Each record: index (position in `examples`), source, problem (first 300
+    characters), gold, prompt_tokens, n, c, avg (c / n), pass_at_k, rewards [n] float, reasons
+    [n] str, extracted [n] str|None, lengths [n] int (tokens, EOS included), finish [n]
+    ('eos'|'length'), responses [n] str (clipped).
+    """
+    import jax  # the loop needs JAX; the metrics above do not
+
+    from scope_jax import sampling
+    from scope_jax.verifiers import math as vmath
+
+    if not examples:
+        raise ValueError("evaluate: no examples")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"evaluate: k must be an int >= 1, got {k!r}")
+    if batch_prompts < 1:
+        raise ValueError(f"evaluate: batch_prompts must be >= 1, got {batch_prompts}")
+    max_pos = int(model.config.max_position_embeddings)
+    if max_prompt_len is None:
+        max_prompt_len = max_pos - 1
+
+    token_ids, kept = data_lib.encode_prompts(
+        examples, tokenizer, max_prompt_len=max_prompt_len, instruction=instruction, style=style,
+        chat_template_kwargs=chat_template_kwargs)
+    dropped = [examples[i].source for i in sorted(set(range(len(examples))) - set(kept))]
+    if not kept:
+        raise ValueError(f"evaluate: all {len(examples)} prompts are longer than "
+                         f"max_prompt_len={max_prompt_len} tokens")
+    longest = max(len(t) for t in token_ids)
+    if max_new_tokens is None:
+        max_new_tokens = max(1, min(PAPER_MAX_NEW_TOKENS, max_pos - longest))
+    elif longest + max_new_tokens > max_pos:
+        log.warning("evaluate: longest prompt (%d tokens) + max_new_tokens (%d) exceeds the "
+                    "model's max_position_embeddings (%d)", longest, max_new_tokens, max_pos)
+    stops = stop_ids(model, tokenizer, eos_ids)
+    if not stops:
+        log.warning("evaluate: no EOS id in the tokenizer or model config; every response runs "
+                    "to max_new_tokens=%d", max_new_tokens)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:  # padding is masked out everywhere; any valid id will do
+        pad_id = stops[0] if stops else 0
+
+    # Batches of prompts of similar length; positions index into token_ids / kept.
+    order = sorted(range(len(kept)), key=lambda j: (len(token_ids[j]), j))
+    batches = [order[s:s + batch_prompts] for s in range(0, len(order), batch_prompts)]
+
+    own_verifier = verifier is None
+    if own_verifier:
+        verifier = vmath.Verifier(num_workers=verifier_workers, timeout_s=verifier_timeout_s,
+                                  mode=verifier_mode)
+    base_key = jax.random.key(seed)
+    records: dict[int, dict[str, Any]] = {}
+    gen_seconds, gen_tokens = 0.0, 0
+    t_start = time.perf_counter()
+
+    def finish_batch(batch, texts, lengths, finish, results):
+        for slot, j in enumerate(batch):
+            ex = examples[kept[j]]
+            rows = range(slot * k, (slot + 1) * k)
+            res = [results[r] for r in rows]
+            rewards = [float(r.reward) for r in res]
+            if any(r not in (0.0, 1.0) for r in rewards):
+                raise ValueError(f"verifier returned a non-binary reward for {ex.source}: "
+                                 f"{rewards}")
+            c = int(sum(rewards))
+            records[kept[j]] = {
+                "index": kept[j], "source": ex.source, "problem": ex.problem[:300],
+                "gold": ex.answer, "prompt_tokens": len(token_ids[j]), "n": k, "c": c,
+                "avg": c / k, "pass_at_k": float(pass_at_k(k, c, k)),
+                "rewards": rewards, "reasons": [r.reason for r in res],
+                "extracted": [r.extracted for r in res],
+                "lengths": [int(lengths[r]) for r in rows],
+                "finish": [finish[r] for r in rows],
+                "responses": [clip_text(texts[r], keep_response_chars) for r in rows],
+            }
+
+    # One background thread runs the verifier (whose workers are processes) while the main
+    # thread generates the next batch; the Verifier is only ever used from that one thread.
+    # Results are collected on the main thread, in batch order, so errors surface here.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    pending: list[tuple[concurrent.futures.Future, tuple]] = []
+
+    def collect(block: bool):
+        while pending and (block or pending[0][0].done()):
+            fut, args = pending.pop(0)
+            finish_batch(*args, fut.result())  # re-raises a verifier failure
+
+    try:
+        for b, batch in enumerate(batches):
+            prompts = [token_ids[j] for j in batch]
+            if len(batches) > 1 and len(prompts) < batch_prompts:
+                prompts += [prompts[-1]] * (batch_prompts - len(prompts))
+            t0 = time.perf_counter()
+            out = sampling.generate(
+                model, prompts, num_samples=k, max_new_tokens=int(max_new_tokens),
+                temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=stops or None,
+                pad_id=int(pad_id), key=jax.random.fold_in(base_key, b), mesh=mesh)
+            responses = sampling.response_lists(out)[:len(batch) * k]
+            finish = sampling.finish_reason_names(out)[:len(batch) * k]
+            dt = time.perf_counter() - t0
+            gen_seconds += dt
+            lengths = [len(r) for r in responses]
+            gen_tokens += sum(lengths)
+            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            golds = [examples[kept[j]].answer for j in batch for _ in range(k)]
+            pending.append((pool.submit(verifier.verify_batch, texts, golds),
+                            (batch, texts, lengths, finish)))
+            collect(block=False)
+            log.info("batch %d/%d: %d prompts x %d samples, %d tokens in %.1f s (%.1f tokens/s)",
+                     b + 1, len(batches), len(batch), k, sum(lengths), dt,
+                     sum(lengths) / max(dt, 1e-9))
+        collect(block=True)
+    finally:
+        pool.shutdown(wait=True)
+        if own_verifier:
+            verifier.close()
+    seconds = time.perf_counter() - t_start
+
+    recs = [records[i] for i in sorted(records)]
+    if len(recs) != len(kept):  # every kept prompt went through exactly one batch
+        raise RuntimeError(f"evaluate: {len(kept) - len(recs)} problems got no result")
+    n = np.array([r["n"] for r in recs])
+    c = np.array([r["c"] for r in recs])
+    summary = summarize(n, c, k, num_resamples=num_resamples, confidence=confidence, seed=seed)
+    reasons: dict[str, int] = {}
+    for r in recs:
+        for reason in r["reasons"]:
+            reasons[reason] = reasons.get(reason, 0) + 1
+    all_lengths = [x for r in recs for x in r["lengths"]]
+    summary.update({
+        "num_dropped": len(dropped), "dropped": dropped,
+        "reasons": dict(sorted(reasons.items())),
+        "mean_response_tokens": float(np.mean(all_lengths)),
+        "frac_length_stopped": float(np.mean([f == "length" for r in recs for f in r["finish"]])),
+        "settings": {"k": k, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                     "max_new_tokens": int(max_new_tokens), "max_prompt_len": max_prompt_len,
+                     "seed": seed, "style": style, "instruction": instruction,
+                     "eos_ids": stops,
+                     "verifier_mode": getattr(verifier, "mode", verifier_mode)},
+        "seconds": seconds, "generate_seconds": gen_seconds,
+        "tokens_per_second": gen_tokens / max(gen_seconds, 1e-9),
+    })
+    return EvalResult(records=recs, summary=summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def write_jsonl(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> str:
+    """Write one JSON object per line (UTF-8), creating parent directories. Returns the path."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> str:
+    """Write obj as indented JSON (UTF-8), creating parent directories. Returns the path."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    return path
+
+
+def plot_pass_curves(curves: Mapping[str, Sequence[float]], path: str | os.PathLike, *,
+                     title: str | None = None) -> str:
+    """Pass@k against k (k = 1..len(curve)), one line per label, saved as a PNG.
+
+    curves: label (e.g. "scope / math500") -> mean Pass@k values for k = 1..K, fractions.
+    The x axis is log2 when some K >= 4. Uses matplotlib's Agg backend (no display needed).
+    Returns the path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not curves:
+        raise ValueError("plot_pass_curves: no curves")
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    longest = 1
+    for label, curve in curves.items():
+        y = 100.0 * np.asarray(curve, np.float64)
+        if y.ndim != 1 or y.size == 0:
+            raise ValueError(f"plot_pass_curves: curve {label!r} is empty or not 1-D")
+        ks = np.arange(1, y.size + 1)
+        longest = max(longest, y.size)
+        ax.plot(ks, y, marker="o" if y.size <= 8 else None, markersize=3, label=label)
+    if longest >= 4:
+        ax.set_xscale("log", base=2)
+        ticks = [2 ** i for i in range(int(math.log2(longest)) + 1)]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("k")
+    ax.set_ylabel("Pass@k (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title or "Pass@k (unbiased estimator)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:5.1f}"
+
+
+def format_cell(summary: Mapping[str, Any]) -> str:
+    """'Avg [lo, hi] / Pass [lo, hi]' in percent for one summary."""
+    a, (alo, ahi) = summary["avg_at_k"], summary["avg_at_k_ci"]
+    p, (plo, phi) = summary["pass_at_k"], summary["pass_at_k_ci"]
+    return (f"{_pct(a)} [{_pct(alo).strip()}, {_pct(ahi).strip()}] / "
+            f"{_pct(p)} [{_pct(plo).strip()}, {_pct(phi).strip()}]")
+
+
+def format_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                 macro: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """A plain-text table: one row per benchmark (and a macro-average row), one column per model,
+    each cell 'Avg@k [95% CI] / Pass@k [95% CI]' in percent.
+
+    results: model -> benchmark -> summary (as from `summarize` / `evaluate`).
+    macro: model -> macro summary (`macro_summary`), shown as the last row when given.
+    """
+    models = list(results)
+    benchmarks: list[str] = []
+    for m in models:
+        benchmarks += [b for b in results[m] if b not in benchmarks]
+    ks = sorted({s["k"] for m in models for s in results[m].values()})
+    k_txt = "/".join(str(k) for k in ks)
+    conf = {s["confidence"] for m in models for s in results[m].values()}
+    conf_txt = "/".join(f"{100 * c:g}%" for c in sorted(conf))
+    rows = [[f"benchmark (n)"] + models]
+    for b in benchmarks:
+        sizes = {results[m][b]["num_problems"] for m in models if b in results[m]}
+        row = [f"{b} ({'/'.join(str(s) for s in sorted(sizes))})"]
+        row += [format_cell(results[m][b]) if b in results[m] else "-" for m in models]
+        rows.append(row)
+    if macro:
+        rows.append([f"macro average ({len(benchmarks)})"]
+                    + [format_cell(macro[m]) if m in macro else "-" for m in models])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"Avg@{k_txt} [{conf_txt} CI] / Pass@{k_txt} [{conf_txt} CI], percent"]
+    for i, r in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    dropped = [f"{m}/{b}: {s['num_dropped']}" for m in models for b, s in results[m].items()
+               if s.get("num_dropped")]
+    if dropped:
+        lines.append("prompts dropped as too long (not scored): " + ", ".join(dropped))
+    return "\n".join(lines)

@@ -1,0 +1,450 @@
+"""Rollout generation: one jit-compiled program per (prompt bucket, batch, settings).
+
+`generate` left-pads the prompts into a power-of-two bucket, prefills a preallocated KV cache
+(per-row RoPE positions start at each row's first real token), then decodes one token per
+step inside a `jax.lax.while_loop` that stops as soon as every row has finished (EOS) or the
+token budget is spent. The whole rollout is one XLA program: the cache is allocated inside it
+and carried by the loop, so it is updated in place and never crosses the host boundary (no
+donation needed, no per-token dispatch). Programs are cached by jax.jit per (model graph,
+batch size, prompt bucket, settings, mesh).
+
+Which log-probs should a loss take?
+  * `policy_logprobs` -- log pi_old(a_t | x, a_<t) under the policy itself at temperature 1
+    with no truncation. SCOPE's importance ratio rho = pi_theta / pi_old and the
+    student-perplexity weights w^stu are defined with pi_old = the policy being optimised
+    (PAPER.md sections 2-3), so these are the values the losses take. They equal a
+    teacher-forced forward pass over prompt + response (tested to 1e-4). The released verl
+    code recomputes them with the training forward pass instead; use either.
+  * `logprobs` -- log-probs under the distribution actually sampled from (after temperature,
+    top-k, top-p). Only an exact importance ratio against the behaviour distribution needs
+    them (e.g. for diagnostics of the sampling/training mismatch). For greedy decoding the
+    sampled distribution is a point mass, so `logprobs` then holds the policy log-probs of the
+    greedy token instead (the same values as `policy_logprobs`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+FINISH_EOS = 0
+FINISH_LENGTH = 1
+_FINISH_NAMES = ("eos", "length")
+# Mesh axes that split the batch (scope_jax.sharding maps the logical "batch" axis to both).
+BATCH_AXES = ("data", "fsdp")
+
+
+@flax.struct.dataclass
+class SamplerOutput:
+    """Rollouts; N = len(prompts) * num_samples, the samples of one prompt adjacent.
+
+    tokens:          int32 [N, M]  generated ids; pad_id after a row finished (M = max_new_tokens)
+    response_mask:   bool  [N, M]  True on generated tokens, EOS included (the policy must learn
+                                   to stop), False on padding
+    lengths:         int32 [N]     number of generated tokens (EOS included)
+    finish_reason:   int32 [N]     FINISH_EOS (0) or FINISH_LENGTH (1); see `finish_reason_names`
+    logprobs:        float32 [N, M] log-prob of each token under the distribution it was
+                                   sampled from (after temperature / top-k / top-p); 0 on padding
+    policy_logprobs: float32 [N, M] log-prob under the unmodified policy (temperature 1, no
+                                   truncation); 0 on padding. The losses take these (see module doc)
+    prompt_ids:      int32 [N, P]  the prompts, left-padded with pad_id to the bucket length P
+    prompt_lengths:  int32 [N]     real prompt lengths
+    group_ids:       int32 [N]     index of the prompt each row answers (row // num_samples)
+    """
+
+    tokens: jax.Array
+    response_mask: jax.Array
+    lengths: jax.Array
+    finish_reason: jax.Array
+    logprobs: jax.Array
+    policy_logprobs: jax.Array
+    prompt_ids: jax.Array
+    prompt_lengths: jax.Array
+    group_ids: jax.Array
+
+
+def finish_reason_names(out: SamplerOutput) -> list[str]:
+    """'eos' or 'length' for each row of `out` (host-side list of N strings)."""
+    return [_FINISH_NAMES[int(r)] for r in np.asarray(out.finish_reason)]
+
+
+def response_lists(out: SamplerOutput) -> list[list[int]]:
+    """The generated ids of each row without padding (host-side, N lists, EOS included)."""
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    return [tokens[i, : lengths[i]].tolist() for i in range(tokens.shape[0])]
+
+
+def full_sequences(out: SamplerOutput) -> tuple[jax.Array, jax.Array]:
+    """Prompt + response as one training sequence per row.
+
+    Returns (input_ids int32 [N, P + M], attention_mask bool [N, P + M]): the left-padded prompt
+    followed by the response; the mask is True on real prompt tokens and generated tokens, so the
+    real tokens of a row are contiguous and positions = cumsum(mask) - 1 reproduces the RoPE
+    positions used while sampling.
+    """
+    p = out.prompt_ids.shape[1]
+    prompt_mask = jnp.arange(p)[None, :] >= (p - out.prompt_lengths)[:, None]
+    ids = jnp.concatenate([out.prompt_ids, out.tokens], axis=1)
+    mask = jnp.concatenate([prompt_mask, out.response_mask], axis=1)
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- logit processing
+
+
+def sampling_logprobs(logits: jax.Array, *, temperature: float, top_k: int | None = None,
+                      top_p: float | None = None) -> jax.Array:
+    """Log-probs of the distribution to sample from.
+
+    logits: float [B, V]. Applies, in this order (the order of transformers and vLLM),
+    temperature scaling, top-k (keep the k largest; ties with the k-th are kept too) and top-p
+    (sort the tokens by probability, renormalised after top-k, and keep each token whose
+    predecessors' total is still below top_p: the smallest prefix reaching top_p, at least one
+    token; ties with the last kept token are kept too). temperature must be > 0.
+    Returns float32 [B, V] normalised log-probs, -inf on excluded tokens.
+    """
+    if temperature <= 0:
+        raise ValueError(f"sampling_logprobs: temperature must be > 0, got {temperature}")
+    x = logits.astype(jnp.float32) / temperature
+    vocab = x.shape[-1]
+    top_vals = None  # the largest logits in descending order, when known
+    if top_k is not None and top_k < vocab:
+        top_vals = jax.lax.top_k(x, top_k)[0]
+        # min over the k values rather than [..., -1]: XLA rewrites a slice of top_k into a
+        # full sort, which is ~20x slower on CPU.
+        x = jnp.where(x >= jnp.min(top_vals, axis=-1, keepdims=True), x, -jnp.inf)
+    if top_p is not None and top_p < 1.0:
+        if top_vals is None:
+            top_vals = jax.lax.top_k(x, min(vocab, 64))[0]
+        x = jnp.where(x >= _top_p_threshold(x, top_p, top_vals), x, -jnp.inf)
+    return jax.nn.log_softmax(x, axis=-1)
+
+
+def _top_p_threshold(x: jax.Array, top_p: float, cand: jax.Array) -> jax.Array:
+    """Smallest logit kept by top-p. x float32 [B, V] (-inf = excluded); cand [B, C] the C
+    largest entries of x in descending order. Returns [B, 1].
+
+    The kept set is the prefix of the descending order up to the first token whose inclusive
+    mass reaches top_p. A full sort of the vocabulary is slow (XLA's CPU sort especially), so
+    the prefix is looked for among the candidates; rows whose candidates do not reach top_p
+    fall back to an exact bisection over the probabilities.
+    """
+    lse = jax.nn.logsumexp(x, axis=-1, keepdims=True)
+    inclusive = jax.lax.associative_scan(jnp.add, jnp.exp(cand - lse), axis=-1)
+    reached = inclusive >= top_p
+    covered = jnp.any(reached, axis=-1, keepdims=True)
+    first = jnp.argmax(reached, axis=-1)[:, None]
+    fast = jnp.take_along_axis(cand, first, axis=-1)
+    return jax.lax.cond(jnp.all(covered), lambda: fast,
+                        lambda: jnp.where(covered, fast, _bisect_top_p(x, lse, top_p)))
+
+
+def _bisect_top_p(x: jax.Array, lse: jax.Array, top_p: float) -> jax.Array:
+    """Exact top-p threshold without sorting: the largest probability t with
+    mass(p >= t) >= top_p, found by bisection over the float32 bit patterns of the
+    probabilities (monotone for p >= 0, so 32 halvings are exact). Returns logits [B, 1]."""
+    p = jnp.exp(x - lse)
+    bits = jax.lax.bitcast_convert_type(p, jnp.int32)
+    lo = jnp.zeros(bits.shape[:-1] + (1,), jnp.int32)  # mass(p >= +0) = 1 >= top_p
+    hi = jnp.max(bits, axis=-1, keepdims=True) + 1     # mass(p >= hi) = 0 < top_p
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(jnp.where(bits >= mid, p, 0.0), axis=-1, keepdims=True) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return jnp.min(jnp.where(bits >= lo, x, jnp.inf), axis=-1, keepdims=True)
+
+
+def sample_categorical(logprobs: jax.Array, uniforms: jax.Array) -> jax.Array:
+    """Draws one index per row from exp(logprobs) by two-level inversion of the CDF.
+
+    logprobs: float32 [B, V] normalised log-probs (-inf allowed); uniforms: float32 [B, 2] in
+    [0, 1). Returns int32 [B]. The vocabulary is cut into blocks of ~sqrt(V); a block is drawn
+    by its mass, then a token inside it. Exact like the Gumbel-max trick, but it needs 2 random
+    numbers per row instead of V, which on CPU is the difference between ~6 ms and ~0.2 ms per
+    step at V = 32k, B = 8 (threefry dominates there).
+    """
+    b, v = logprobs.shape
+    blk = 1
+    while blk * blk < v:
+        blk *= 2
+    nb = -(-v // blk)
+    p = jnp.pad(jnp.exp(logprobs.astype(jnp.float32)), ((0, 0), (0, nb * blk - v)))
+    p = p.reshape(b, nb, blk)
+    block = _invert_cdf(jnp.sum(p, axis=-1), uniforms[:, 0])
+    inner = jnp.take_along_axis(p, block[:, None, None], axis=1)[:, 0]
+    return block * blk + _invert_cdf(inner, uniforms[:, 1])
+
+
+def _invert_cdf(w: jax.Array, u: jax.Array) -> jax.Array:
+    """Index i with probability w_i / sum(w): the first i whose cumulative weight exceeds
+    u * total. w float32 [B, n] >= 0 with a positive entry; u [B] in [0, 1). Returns int32 [B].
+    """
+    cdf = jnp.cumsum(w, axis=-1)
+    idx = jnp.sum(cdf <= u[:, None] * cdf[:, -1:], axis=-1)
+    # u * total can round up to the total; never go past the last positive entry.
+    last = w.shape[-1] - 1 - jnp.argmax(w[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(idx, last).astype(jnp.int32)
+
+
+def _pick(logits: jax.Array, row_keys: jax.Array, step: jax.Array,
+          params: "_Settings") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Chooses one token per row. logits float32 [B, V]; row_keys [B] keys; step int32 scalar.
+
+    Returns (token int32 [B], sampled-distribution log-prob [B], policy log-prob [B]).
+    """
+    policy = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if params.temperature == 0.0:
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        lp = jnp.take_along_axis(policy, token[:, None], axis=-1)[:, 0]
+        return token, lp, lp
+    dist = sampling_logprobs(logits, temperature=params.temperature, top_k=params.top_k,
+                             top_p=params.top_p)
+    # Per-row keys folded with the step: a row's sample does not depend on which other rows
+    # share its batch (mesh padding, bucket), only on (key, row, step).
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+    token = sample_categorical(dist, jax.vmap(lambda k: jax.random.uniform(k, (2,)))(keys))
+    lp = jnp.take_along_axis(dist, token[:, None], axis=-1)[:, 0]
+    plp = jnp.take_along_axis(policy, token[:, None], axis=-1)[:, 0]
+    return token, lp, plp
+
+
+# ----------------------------------------------------------------------------- the program
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """Static (compile-time) settings of one generation program."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    pad_id: int
+
+
+def _batch_axes(mesh) -> tuple[str, ...]:
+    """The mesh axes rows are split over: those of BATCH_AXES the mesh has."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    if not axes:
+        raise ValueError(f"generate: mesh axes {mesh.axis_names} include none of {BATCH_AXES}, "
+                         "so there is no axis to split the rows over")
+    return axes
+
+
+def _shard_cache(cache, mesh):
+    """Shards the cache's batch axis over the mesh's batch axes (no-op without a mesh).
+
+    Cache arrays are [L, B, S, ...] by the model contract; leaves of rank < 2 are left alone.
+    """
+    if mesh is None:
+        return cache
+    spec = NamedSharding(mesh, P(None, _batch_axes(mesh)))
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, spec) if x.ndim >= 2 else x, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings", "mesh"))
+def _generate_program(graphdef, state, prompt_ids, prompt_lengths, row_keys, done0, eos_ids,
+                      *, settings: _Settings, mesh):
+    """prompt_ids int32 [B, P] left-padded; prompt_lengths int32 [B]; row_keys [B] keys;
+    done0 bool [B] (rows that are padding); eos_ids int32 [E] (E may be 0)."""
+    model = nnx.merge(graphdef, state)
+    batch, bucket = prompt_ids.shape
+    m = settings.max_new_tokens
+    pad = bucket - prompt_lengths  # number of left-padding slots per row
+    # The cache holds the bucket and every generated token but the last (never fed back).
+    cache_len = bucket + m - 1
+    slots = jnp.arange(cache_len)[None, :]
+    # Causality is the model's job (slot <= cache_index + t); the mask only hides left padding,
+    # so it is the same for prefill and every decode step.
+    kv_mask = slots >= pad[:, None]
+    positions = jnp.maximum(jnp.arange(bucket)[None, :] - pad[:, None], 0).astype(jnp.int32)
+    cache = _shard_cache(model.init_cache(batch, cache_len), mesh)
+
+    # Prefill in two calls: only the last prompt position's logits are needed, and the unused
+    # [B, P-1, V] logits of the first call are dead code that XLA removes (a slice of one
+    # [B, P, V] result is not pushed into the unembedding matmul, so one call would build it).
+    _, cache = model.forward_cached(prompt_ids[:, :-1], positions[:, :-1], cache, jnp.int32(0),
+                                    kv_mask)
+    logits, cache = model.forward_cached(prompt_ids[:, -1:], positions[:, -1:], cache,
+                                         jnp.int32(bucket - 1), kv_mask)
+    tok, lp, plp = _pick(logits[:, 0], row_keys, jnp.int32(0), settings)
+
+    def is_eos(t):
+        return jnp.any(t[:, None] == eos_ids[None, :], axis=-1)
+
+    pad_tok = jnp.int32(settings.pad_id)
+    live = ~done0
+    tok = jnp.where(live, tok, pad_tok)
+    tokens = jnp.full((batch, m), pad_tok, jnp.int32).at[:, 0].set(tok)
+    lps = jnp.zeros((batch, m), jnp.float32).at[:, 0].set(jnp.where(live, lp, 0.0))
+    plps = jnp.zeros((batch, m), jnp.float32).at[:, 0].set(jnp.where(live, plp, 0.0))
+    lengths = live.astype(jnp.int32)
+    eos_hit = live & is_eos(tok)
+    done = done0 | eos_hit
+
+    def cond(carry):
+        i, done = carry[0], carry[2]
+        return (i < m) & ~jnp.all(done)
+
+    def body(carry):
+        i, prev, done, eos_hit, lengths, tokens, lps, plps, cache = carry
+        # Feed token i-1 (slot bucket+i-1, position len+i-1) to get the logits of token i.
+        pos = (prompt_lengths + i - 1)[:, None].astype(jnp.int32)
+        logits, cache = model.forward_cached(prev[:, None], pos, cache, bucket + i - 1, kv_mask)
+        tok, lp, plp = _pick(logits[:, 0], row_keys, i, settings)
+        live = ~done
+        tok = jnp.where(live, tok, pad_tok)
+        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
+        lps = jax.lax.dynamic_update_slice(lps, jnp.where(live, lp, 0.0)[:, None], (0, i))
+        plps = jax.lax.dynamic_update_slice(plps, jnp.where(live, plp, 0.0)[:, None], (0, i))
+        lengths = lengths + live.astype(jnp.int32)
+        new_eos = live & is_eos(tok)
+        return (i + 1, tok, done | new_eos, eos_hit | new_eos, lengths, tokens, lps, plps, cache)
+
+    carry = (jnp.int32(1), tok, done, eos_hit, lengths, tokens, lps, plps, cache)
+    _, _, _, eos_hit, lengths, tokens, lps, plps, _ = jax.lax.while_loop(cond, body, carry)
+    finish = jnp.where(eos_hit, FINISH_EOS, FINISH_LENGTH).astype(jnp.int32)
+    mask = jnp.arange(m)[None, :] < lengths[:, None]
+    return tokens, mask, lengths, finish, lps, plps
+
+
+# ----------------------------------------------------------------------------- public entry
+
+
+def prompt_bucket(max_prompt_len: int, min_bucket: int = 16) -> int:
+    """Bucket length for prompts of at most `max_prompt_len` tokens: the next power of two,
+    at least `min_bucket`. Bounds the number of compiled programs to log2(longest prompt)."""
+    if max_prompt_len < 1:
+        raise ValueError(f"prompt_bucket: max_prompt_len must be >= 1, got {max_prompt_len}")
+    return max(min_bucket, 1 << (max_prompt_len - 1).bit_length())
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray,
+                                                                                    np.ndarray]:
+    """Left-pads token-id lists. Returns (ids int32 [len(prompts), length], lengths int32 [n])."""
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    lengths = np.zeros((len(prompts),), np.int32)
+    for i, p in enumerate(prompts):
+        if len(p) > length:
+            raise ValueError(f"left_pad: prompt {i} has {len(p)} tokens > length {length}")
+        if len(p):
+            ids[i, length - len(p):] = p
+        lengths[i] = len(p)
+    return ids, lengths
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("generate: prompts must be a non-empty list of token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        arr = np.asarray(p)
+        if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"generate: prompts[{i}] must be a non-empty list of ints, got "
+                             f"shape {arr.shape} dtype {arr.dtype}")
+        if arr.min() < 0 or arr.max() >= vocab_size:
+            raise ValueError(f"generate: prompts[{i}] has token ids outside [0, {vocab_size}): "
+                             f"min {arr.min()}, max {arr.max()}")
+        out.append(arr.tolist())
+    return out
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
+             max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, eos_ids: int | Sequence[int] | None = None,
+             pad_id: int = 0, key: jax.Array | None = None, mesh: jax.sharding.Mesh | None = None,
+             min_bucket: int = 16) -> SamplerOutput:
+    """Samples `num_samples` responses for each prompt with a KV cache.
+
+    model: a scope_jax.models.Transformer (anything with `config.vocab_size`, `init_cache` and
+      `forward_cached` per the model contract).
+    prompts: list of token-id lists of any (non-zero) lengths.
+    max_new_tokens: response budget M; rows that do not emit an EOS stop at M ('length').
+    temperature: 0 -> greedy (argmax; top_k / top_p are irrelevant and ignored); > 0 -> sample
+      from softmax(logits / temperature) restricted by top_k then top_p (see sampling_logprobs).
+    eos_ids: id or ids that end a response (included in the response); None: only the budget
+      stops a row.
+    pad_id: written after a row finished and used to left-pad prompts (always masked out).
+    key: PRNG key, required when temperature > 0; the same key gives the same output.
+    mesh: when given, rows are split over its 'data' and 'fsdp' axes (those it has; padded with
+      dummy rows to a multiple of their size) and the program is traced under jax.set_mesh so
+      the model's activation sharding constraints apply; params keep the sharding they have.
+    min_bucket: smallest prompt bucket; buckets are powers of two >= the longest prompt.
+
+    Returns SamplerOutput with N = len(prompts) * num_samples rows, the samples of prompt j in
+    rows j*num_samples .. (j+1)*num_samples-1. See the module docstring for which log-probs a
+    loss should use (policy_logprobs).
+    """
+    if not hasattr(model, "forward_cached") or not hasattr(model, "init_cache"):
+        raise TypeError(f"generate: model {type(model).__name__} lacks forward_cached/init_cache")
+    vocab = int(model.config.vocab_size)
+    prompts = _check_prompts(prompts, vocab)
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"generate: num_samples must be an int >= 1, got {num_samples!r}")
+    temperature = float(temperature)
+    if not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"generate: temperature must be finite and >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"generate: top_p must be None or in (0, 1], got {top_p!r}")
+    if not 0 <= pad_id < vocab:
+        raise ValueError(f"generate: pad_id {pad_id} outside [0, {vocab})")
+    if temperature > 0 and key is None:
+        raise ValueError("generate: temperature > 0 needs a PRNG key (key=jax.random.key(seed))")
+    eos = [] if eos_ids is None else ([eos_ids] if np.ndim(eos_ids) == 0 else list(eos_ids))
+    if any(not 0 <= int(e) < vocab for e in eos):
+        raise ValueError(f"generate: eos_ids {eos} has ids outside [0, {vocab})")
+
+    rows = [p for p in prompts for _ in range(num_samples)]
+    n = len(rows)
+    shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in _batch_axes(mesh)]))
+    n_padded = -(-n // shards) * shards
+    rows = rows + [[pad_id]] * (n_padded - n)  # dummy rows, finished from the start
+    bucket = prompt_bucket(max(len(p) for p in rows), min_bucket)
+    ids, lengths = left_pad(rows, bucket, pad_id)
+    done0 = np.arange(n_padded) >= n
+    if key is None:
+        key = jax.random.key(0)  # greedy: never used
+    elif not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # raw uint32 keys from jax.random.PRNGKey
+    row_keys = jax.random.split(key, n)  # row i's key depends on (key, i) only, not on padding
+    row_keys = jnp.concatenate([row_keys, jnp.repeat(row_keys[:1], n_padded - n)])
+
+    args = [ids, lengths, done0]
+    if mesh is not None:
+        row_sharding = NamedSharding(mesh, P(_batch_axes(mesh)))
+        args = [jax.device_put(a, row_sharding) for a in args]
+        row_keys = jax.device_put(row_keys, row_sharding)
+    ids_d, lengths_d, done_d = args
+    greedy = temperature == 0.0
+    settings = _Settings(  # greedy ignores top-k / top-p: keep them out of the compile key
+        max_new_tokens=int(max_new_tokens), temperature=temperature,
+        top_k=None if greedy or top_k is None else int(top_k),
+        top_p=None if greedy or top_p is None or float(top_p) == 1.0 else float(top_p),
+        pad_id=int(pad_id))
+    graphdef, state = nnx.split(model)
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        tokens, mask, out_len, finish, lps, plps = _generate_program(
+            graphdef, state, ids_d, lengths_d, row_keys, done_d, jnp.asarray(eos, jnp.int32),
+            settings=settings, mesh=mesh)
+    return SamplerOutput(
+        tokens=tokens[:n], response_mask=mask[:n], lengths=out_len[:n],
+        finish_reason=finish[:n], logprobs=lps[:n], policy_logprobs=plps[:n],
+        prompt_ids=jnp.asarray(ids[:n]), prompt_lengths=jnp.asarray(lengths[:n]),
+        group_ids=jnp.asarray(np.arange(n, dtype=np.int32) // num_samples))
