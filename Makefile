@@ -15,6 +15,9 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+demo: $(VENV)/.installed
+	$(PY) -m tools.demo
+
 bench: $(VENV)/.installed
 	$(PY) -m tools.bench_losses
 

@@ -50,6 +50,7 @@ def base() -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-5  # constant
+    c.optim.warmup_steps = 0  # linear warm-up steps (the paper: none)
     c.optim.weight_decay = 0.01
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999

@@ -76,9 +76,19 @@ def finish_reason_names(out: SamplerOutput) -> list[str]:
     return [_FINISH_NAMES[int(r)] for r in np.asarray(out.finish_reason)]
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a row-sharded array, as numpy (all rows in a one-process run)."""
+    if jax.process_count() == 1 or x.is_fully_addressable:
+        return np.asarray(x)
+    pieces = {}
+    for shard in x.addressable_shards:  # devices along other mesh axes hold copies: dedupe
+        pieces.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+    return np.concatenate([pieces[k] for k in sorted(pieces)])
+
+
 def response_lists(out: SamplerOutput) -> list[list[int]]:
-    """The generated ids of each row without padding (host-side, N lists, EOS included)."""
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    """The generated ids of each (local) row without padding (host-side lists, EOS included)."""
+    tokens, lengths = local_rows(out.tokens), local_rows(out.lengths)
     return [tokens[i, : lengths[i]].tolist() for i in range(tokens.shape[0])]
 
 
@@ -414,23 +424,42 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
     rows = [p for p in prompts for _ in range(num_samples)]
     n = len(rows)
     shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in _batch_axes(mesh)]))
-    n_padded = -(-n // shards) * shards
-    rows = rows + [[pad_id]] * (n_padded - n)  # dummy rows, finished from the start
-    bucket = prompt_bucket(max(len(p) for p in rows), min_bucket)
-    ids, lengths = left_pad(rows, bucket, pad_id)
-    done0 = np.arange(n_padded) >= n
+    processes = jax.process_count()
+    longest = max(len(p) for p in rows)
     if key is None:
         key = jax.random.key(0)  # greedy: never used
     elif not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)  # raw uint32 keys from jax.random.PRNGKey
+    if processes > 1:  # this process's prompts; rows of all processes form one global batch
+        if mesh is None:
+            raise ValueError("generate: a multi-process run needs mesh= (rows are split over it)")
+        if n % (shards // processes):
+            raise ValueError(f"generate: {n} rows on this process are not a multiple of its "
+                             f"{shards // processes} row shards")
+        from jax.experimental import multihost_utils
+
+        # Every process must compile the same program: agree on the prompt bucket.
+        longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+        key = jax.random.fold_in(key, jax.process_index())
+        shards = shards // processes
+    n_padded = -(-n // shards) * shards
+    rows = rows + [[pad_id]] * (n_padded - n)  # dummy rows, finished from the start
+    bucket = prompt_bucket(longest, min_bucket)
+    ids, lengths = left_pad(rows, bucket, pad_id)
+    done0 = np.arange(n_padded) >= n
     row_keys = jax.random.split(key, n)  # row i's key depends on (key, i) only, not on padding
     row_keys = jnp.concatenate([row_keys, jnp.repeat(row_keys[:1], n_padded - n)])
 
     args = [ids, lengths, done0]
     if mesh is not None:
         row_sharding = NamedSharding(mesh, P(_batch_axes(mesh)))
-        args = [jax.device_put(a, row_sharding) for a in args]
-        row_keys = jax.device_put(row_keys, row_sharding)
+        if processes > 1:
+            put = functools.partial(jax.make_array_from_process_local_data, row_sharding)
+            args = [put(a) for a in args]
+            row_keys = jax.random.wrap_key_data(put(np.asarray(jax.random.key_data(row_keys))))
+        else:
+            args = [jax.device_put(a, row_sharding) for a in args]
+            row_keys = jax.device_put(row_keys, row_sharding)
     ids_d, lengths_d, done_d = args
     greedy = temperature == 0.0
     settings = _Settings(  # greedy ignores top-k / top-p: keep them out of the compile key
@@ -443,6 +472,14 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
         tokens, mask, out_len, finish, lps, plps = _generate_program(
             graphdef, state, ids_d, lengths_d, row_keys, done_d, jnp.asarray(eos, jnp.int32),
             settings=settings, mesh=mesh)
+    if processes > 1:
+        # Global arrays: process 0's rows, then process 1's, ...; group ids index the global
+        # prompts. local_rows(x) gives this process's rows back.
+        first = jax.process_index() * n
+        return SamplerOutput(
+            tokens=tokens, response_mask=mask, lengths=out_len, finish_reason=finish,
+            logprobs=lps, policy_logprobs=plps, prompt_ids=ids_d, prompt_lengths=lengths_d,
+            group_ids=put((first + np.arange(n, dtype=np.int32)) // num_samples))
     return SamplerOutput(
         tokens=tokens[:n], response_mask=mask[:n], lengths=out_len[:n],
         finish_reason=finish[:n], logprobs=lps[:n], policy_logprobs=plps[:n],

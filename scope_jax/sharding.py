@@ -204,6 +204,8 @@ def initialize_distributed() -> bool:
       True when jax.distributed.initialize was called, False for a single-process run.
     """
     env = os.environ
+    # CPU processes exchange collectives over gloo (TPU and GPU use their own transports).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if env.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(
             coordinator_address=env["JAX_COORDINATOR_ADDRESS"],

@@ -83,11 +83,16 @@ class TrainState:
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-    """AdamW (the paper: lr 5e-5 constant, weight decay 0.01) after global-norm clipping."""
+    """AdamW (the paper: lr 5e-5 constant, weight decay 0.01) after global-norm clipping.
+
+    optim.warmup_steps > 0 ramps the rate linearly from 0 (Adam's first steps move every
+    parameter by about lr whatever the gradient's size, which a tiny model feels).
+    """
+    o = cfg.optim
+    lr = o.lr if not o.warmup_steps else optax.linear_schedule(0.0, o.lr, int(o.warmup_steps))
     return optax.chain(
-        optax.clip_by_global_norm(cfg.optim.grad_clip),
-        optax.adamw(cfg.optim.lr, b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps,
-                    weight_decay=cfg.optim.weight_decay))
+        optax.clip_by_global_norm(o.grad_clip),
+        optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +204,10 @@ def make_train_step(cfg, graphdef, optimizer) -> Callable:
         updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        metrics.update(loss=loss, grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32))
+        metrics.update(loss=loss, grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32),
+                       # over the global batch, so every host logs the same numbers
+                       reward=jnp.mean(batch.correct.astype(jnp.float32)),
+                       response_length=jnp.mean(batch.response_mask.sum(-1).astype(jnp.float32)))
         new_state = TrainState(params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
                                step=state.step + 1)
         return new_state, metrics
@@ -355,7 +363,7 @@ def train(cfg) -> dict:
     start = int(state.step)
     log.info("%s from step %d (%s)", "resuming" if restored is not None else "starting", start,
              ckpt.directory if restored is not None else cfg.student)
-    metrics_out = _Metrics(os.path.join(cfg.workdir, "metrics.jsonl"), start)
+    metrics_out = _Metrics(os.path.join(cfg.workdir, "metrics.jsonl"), start) if jax.process_index() == 0 else None
 
     # Fixed shardings in and out, so step 1 reuses step 0's executable (an inferred P() vs the
     # loaded P(None,) would otherwise compile the step twice).
@@ -374,7 +382,7 @@ def train(cfg) -> dict:
     verifier = Verifier(num_workers=cfg.verifier.num_workers, timeout_s=cfg.verifier.timeout_s)
     bad_in_a_row, last = 0, {}
     try:
-        progress = _progress(start, cfg.num_steps)
+        progress = _progress(start, cfg.num_steps) if jax.process_index() == 0 else None
         for step in range(start, cfg.num_steps):
             t0 = time.perf_counter()
             batch, info = _collect(cfg, step, loader, tokenizer, verifier, graphdef, state.params,
@@ -385,10 +393,11 @@ def train(cfg) -> dict:
             dt = time.perf_counter() - t0
             # accuracy: the verifier's fraction of correct rollouts (the loss's own "accuracy"
             # leaves out empty responses and is 0 by construction for OPD).
-            row = {"step": step, **m, **info, "accuracy": info["reward"], "time_s": dt,
+            row = {"step": step, **m, **info, "accuracy": m["reward"], "time_s": dt,
                    "rollout_s": t1 - t0, "rollouts_per_s": info["rollouts"] / dt}
-            metrics_out.write(row)
-            progress(step, row)
+            if jax.process_index() == 0:
+                metrics_out.write(row)
+                progress(step, row)
             last = row
             bad_in_a_row = bad_in_a_row + 1 if m["skipped"] else 0
             if m["skipped"]:
@@ -465,9 +474,13 @@ def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, 
     out = sampling.generate(policy, prompts, num_samples=cfg.num_samples, max_new_tokens=s.max_new_tokens,
                             temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p or None,
                             eos_ids=eos, pad_id=pad, key=key, mesh=mesh if mesh.size > 1 else None)
+    # Each process decodes and verifies its own rollouts (the verifier work is spread over hosts).
     texts = tokenizer.batch_decode(response_lists(out), skip_special_tokens=True)
     results = verifier.verify_batch(texts, [g for g in golds for _ in range(cfg.num_samples)])
     correct = np.array([r.reward > 0 for r in results])
+    if jax.process_count() > 1:  # this host's labels -> the global [B] array
+        correct = jax.make_array_from_process_local_data(
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sampling.BATCH_AXES)), correct)
     ids, mask = full_sequences(out)
     m = out.tokens.shape[1]
     zeros = jnp.zeros(out.tokens.shape, jnp.float32)
@@ -481,13 +494,10 @@ def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, 
     batch = Rollouts(input_ids=ids, attention_mask=mask, response_mask=out.response_mask,
                      old_logprobs=old, teacher_logprobs=teacher_lp, ref_logprobs=ref_lp,
                      correct=jnp.asarray(correct), group_ids=out.group_ids)
-    lengths = np.asarray(out.lengths)
     reasons = [r.reason for r in results]
-    info = {
+    info = {  # this host's rollouts
         "rollouts": int(len(results)),
-        "reward": float(correct.mean()),
-        "response_length": float(lengths.mean()),
-        "finished_eos": float(np.mean(np.asarray(out.finish_reason) == sampling.FINISH_EOS)),
+        "finished_eos": float(np.mean(sampling.local_rows(out.finish_reason) == sampling.FINISH_EOS)),
         "verifier_timeouts": float(reasons.count("timeout")),
     }
     return batch, info

@@ -258,3 +258,31 @@ def test_paper_configs_build_on_a_256_chip_layout(config):
     assert 1.5e9 < report["student"]["params"] < 2.0e9
     assert report["student"]["param_bytes_per_device"] < 4 * report["student"]["params"] / 64
     assert "loss" in report["train_step"]["metrics"]
+
+
+def test_two_processes_match_one_process(setup, tmp_path):
+    """2 local processes (1 CPU device each, gloo collectives) train on the same global batch as
+    1 process: each host samples, verifies and scores its half; the step is one global program."""
+    import socket
+
+    common = ["--config.sampling.temperature=0.0", "--config.prompts_per_step=4", "--config.num_samples=2",
+              "--config.checkpoint_every=1"]
+    subprocess.run(_cli(setup, tmp_path / "one", "scope", *common), cwd=ROOT, env=_env(), check=True,
+                   capture_output=True, timeout=300)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for pid in range(2):
+        env = _env()
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(_cli(setup, tmp_path / "two", "scope", *common), cwd=ROOT, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    errs = [p.communicate(timeout=300)[1].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [0, 1] and all(r["rollouts"] == 4 for r in two)  # 4 of 8 per host
+    for a, b in zip(one, two):
+        for key in ("loss", "accuracy", "grad_norm", "wrong/teacher_ppl", "correct/student_ppl", "response_length"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["1", "2"]
