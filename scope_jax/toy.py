@@ -1,0 +1,570 @@
+"""The toy task: multi-step integer arithmetic worked out step by step, with a verifiable answer.
+
+    problem:  "Compute (7+5)*3-4."
+    solution: "7+5=12. 12*3=36. 36-4=32. \\boxed{32}"
+    answer:   "32"
+
+The expression is evaluated left to right; parentheses are written only where the usual
+precedence would otherwise change the order (a sum or difference that is then multiplied), so
+the problem reads as ordinary arithmetic and its value is the value of the left-to-right chain.
+Every intermediate value stays in [0, max_value], so each step is a small sum, difference or
+product that a tiny transformer can learn digit by digit.
+
+Also here: a tokenizer for the task (byte-level BPE trained locally with `tokenizers`, digits
+always single tokens, a Qwen-style chat template), the teacher / student model sizes, and the
+prompt convention shared by tools/make_toy.py and the trainer (TOY_INSTRUCTION, TOY_SPEC).
+tools/make_toy.py builds the data, the tokenizer and the two checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from scope_jax.data import FieldSpec, build_prompt
+from scope_jax.losses import kd_loss, token_logprobs
+from scope_jax.models import ModelConfig, Transformer, save_hf
+from scope_jax.sampling import generate, response_lists
+from scope_jax.verifiers.math import verify
+
+# JSONL rows written by write_jsonl carry "problem", "answer" and "solution"; the trainer and the
+# evaluator read them with scope_jax.data.load_examples(path, spec=TOY_SPEC).
+TOY_SPEC = FieldSpec(problem="problem", answer="answer")
+
+# The prompt is the problem itself ("Compute ...."): the paper's long instruction ("Please reason
+# step by step, and put your final answer within \boxed{}.") would triple the prompt length of
+# this toy without telling the model anything the training data does not. Pass
+# instruction=TOY_INSTRUCTION to scope_jax.data.build_prompt / encode_prompts.
+TOY_INSTRUCTION: str | None = None
+
+OPS = "+-*"
+
+
+@dataclasses.dataclass(frozen=True)
+class Difficulty:
+    """Knobs of the problem generator.
+
+    min_ops, max_ops: number of operations per problem (inclusive range).
+    max_operand: operands are drawn from [1, max_operand] (the first number too).
+    max_value: every intermediate value (and the answer) lies in [0, max_value].
+    max_factor: both factors of a product are at most this (9: products of single digits, a
+      table a small model learns quickly; larger values ask for multi-digit multiplication).
+    ops: which operations may appear, a subset of "+-*".
+    """
+
+    min_ops: int = 2
+    max_ops: int = 3
+    max_operand: int = 9
+    max_value: int = 99
+    max_factor: int = 9
+    ops: str = OPS
+
+    def __post_init__(self):
+        if not 1 <= self.min_ops <= self.max_ops:
+            raise ValueError(f"Difficulty: need 1 <= min_ops <= max_ops, got {self.min_ops}, "
+                             f"{self.max_ops}")
+        if self.max_operand < 2:
+            raise ValueError(f"Difficulty: max_operand must be >= 2, got {self.max_operand}")
+        if self.max_factor < 2 and "*" in self.ops:
+            raise ValueError(f"Difficulty: max_factor must be >= 2 with '*', got {self.max_factor}")
+        if self.max_value < self.max_operand:
+            raise ValueError(f"Difficulty: max_value {self.max_value} < max_operand "
+                             f"{self.max_operand}")
+        if not self.ops or not set(self.ops) <= set(OPS) or len(set(self.ops)) != len(self.ops):
+            raise ValueError(f"Difficulty: ops must be distinct characters of {OPS!r}, "
+                             f"got {self.ops!r}")
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def make_example(rng: random.Random, difficulty: Difficulty = Difficulty()) -> dict[str, str]:
+    """One problem drawn with `rng` (a random.Random; advanced in place).
+
+    Returns {"problem", "answer", "solution"} (all str); see the module docstring for the format.
+    """
+    d = difficulty
+    num_ops = rng.randint(d.min_ops, d.max_ops)
+    while True:  # rejection: restart when no operation keeps the value in range
+        value = rng.randint(1, d.max_operand)
+        expr, expr_prec = str(value), 3  # precedence of expr's top operator (3: a number)
+        steps = []
+        for _ in range(num_ops):
+            for _attempt in range(20):
+                op, b = rng.choice(d.ops), rng.randint(1, d.max_operand)
+                if op == "*" and (b == 1 or b > d.max_factor or value > d.max_factor):
+                    continue  # x*1 teaches nothing; large factors are excluded by the knob
+                new = _apply(value, op, b)
+                if 0 <= new <= d.max_value:
+                    break
+            else:
+                break
+            prec = 2 if op == "*" else 1
+            # Left-to-right order: a lower-precedence left operand of "*" needs parentheses.
+            left = f"({expr})" if expr_prec < prec else expr
+            expr, expr_prec = f"{left}{op}{b}", prec
+            steps.append(f"{value}{op}{b}={new}.")
+            value = new
+        if len(steps) == num_ops:
+            break
+    return {"problem": f"Compute {expr}.", "answer": str(value),
+            "solution": " ".join(steps) + f" \\boxed{{{value}}}"}
+
+
+def make_examples(n: int, seed: int, difficulty: Difficulty = Difficulty()) -> list[dict[str, str]]:
+    """n problems, a pure function of (n, seed, difficulty): list of {"problem", "answer",
+    "solution"} dicts (str values). The first k of make_examples(n, s) equal make_examples(k, s)."""
+    if n < 0:
+        raise ValueError(f"make_examples: n must be >= 0, got {n}")
+    rng = random.Random(f"scope_jax.toy:{seed}")  # str seeds hash deterministically (sha512)
+    return [make_example(rng, difficulty) for _ in range(n)]
+
+
+def split_examples(n_train: int, n_test: int, seed: int, difficulty: Difficulty = Difficulty()
+                   ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Disjoint train / test sets: the test problems are drawn first (seed), then train problems
+    whose problem text is not in the test set (so test accuracy is not memorisation).
+    Returns (train, test)."""
+    test = make_examples(n_test, seed, difficulty)
+    held_out = {e["problem"] for e in test}
+    rng = random.Random(f"scope_jax.toy:{seed}:train")
+    train = []
+    while len(train) < n_train:
+        e = make_example(rng, difficulty)
+        if e["problem"] not in held_out:
+            train.append(e)
+    return train, test
+
+
+def write_jsonl(examples: Sequence[dict[str, str]], path: str | os.PathLike) -> str:
+    """Writes one JSON object per line (UTF-8); returns the path. Read back with
+    scope_jax.data.load_examples(path, spec=TOY_SPEC)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+PAD, ENDOFTEXT, IM_START, IM_END = "<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (PAD, ENDOFTEXT, IM_START, IM_END)  # ids 0..3 in this order
+
+# Qwen's ChatML layout, without the system-prompt and tool branches.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on `texts` with `tokenizers`, wrapped for transformers.
+
+    Digits are always split into single tokens (pre-tokenizer Digits(individual_digits=True)),
+    so numbers are spelled digit by digit and the arithmetic stays learnable; merges only join
+    letters, spaces and punctuation ("Compute", "assistant", "boxed", " (" ...), which keeps
+    sequences short. The 256 byte symbols are all in the vocabulary, so every string round-trips.
+    Special tokens: <pad> (0, padding), <|endoftext|> (1), <|im_start|> (2), <|im_end|> (3, EOS).
+    No BOS token (as Qwen). Returns a transformers PreTrainedTokenizerFast with CHAT_TEMPLATE;
+    save it with .save_pretrained(path) and reload with AutoTokenizer.from_pretrained(path).
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    for i, s in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(s) != i:
+            raise RuntimeError(f"special token {s!r} got id {tok.token_to_id(s)}, expected {i}")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=IM_END, pad_token=PAD,
+        extra_special_tokens=[ENDOFTEXT, IM_START], chat_template=CHAT_TEMPLATE,
+        model_max_length=1024, clean_up_tokenization_spaces=False)
+
+
+def tokenizer_corpus(examples: Sequence[dict[str, str]]) -> list[str]:
+    """Texts to train the tokenizer on: the problems, the solutions and the chat roles."""
+    texts = [e["problem"] for e in examples] + [e["solution"] for e in examples]
+    return texts + ["user\n", "assistant\n"] * max(2, len(examples) // 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """Qwen3 architecture of a toy model (tied embeddings; head_dim = hidden // heads)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+
+
+# Measured with the default ToySettings on the 2-core CPU (tools/make_toy.py, manifest.json):
+# the teacher (0.35 M parameters, 700 steps of 32 sequences) answers 98% of the test problems
+# greedily; the student (0.12 M, 500 steps) 31% greedily and 18% / 22% of samples at
+# temperature 1.0 / 0.6, with right and wrong samples for about half of the problems.
+TEACHER_SIZE = ModelSize(hidden_size=96, num_layers=3, num_heads=3, num_kv_heads=1,
+                         intermediate_size=288)
+STUDENT_SIZE = ModelSize(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                         intermediate_size=192)
+
+
+def model_config(size: ModelSize, tokenizer, max_positions: int = 256):
+    """scope_jax.models.ModelConfig (model_type "qwen3") for `size` and `tokenizer`'s vocabulary
+    and special tokens (eos = <|im_end|>, pad = <pad>, no bos)."""
+    if size.hidden_size % size.num_heads or size.num_heads % size.num_kv_heads:
+        raise ValueError(f"{size}: hidden_size must divide by num_heads, num_heads by num_kv_heads")
+    return ModelConfig(
+        model_type="qwen3", vocab_size=len(tokenizer), hidden_size=size.hidden_size,
+        num_layers=size.num_layers, num_heads=size.num_heads, num_kv_heads=size.num_kv_heads,
+        head_dim=size.hidden_size // size.num_heads, intermediate_size=size.intermediate_size,
+        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True, qk_norm=True,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=max_positions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised fine-tuning on worked solutions
+
+
+def prompt_text(problem: str, tokenizer) -> str:
+    """The chat-templated prompt of one problem, exactly as the trainer builds it
+    (scope_jax.data.build_prompt with instruction=TOY_INSTRUCTION)."""
+    return build_prompt(problem, tokenizer, instruction=TOY_INSTRUCTION)
+
+
+def encode_sft(examples: Sequence[dict[str, str]], tokenizer, length: int | None = None):
+    """Prompt + worked solution + EOS for each example, right-padded.
+
+    The prompt and the response are tokenized separately and concatenated, so the boundary is
+    exactly where sampling starts. length: pad to this many tokens (None: the longest).
+    Returns numpy (ids int32 [N, L], attention_mask bool [N, L], response_mask bool [N, L]);
+    response_mask is True on the response tokens (solution and the EOS <|im_end|>), the tokens
+    the loss is taken on.
+    """
+    prompts = tokenizer([prompt_text(e["problem"], tokenizer) for e in examples],
+                        add_special_tokens=False)["input_ids"]
+    responses = tokenizer([e["solution"] for e in examples], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    longest = max(len(p) + len(r) + 1 for p, r in zip(prompts, responses))
+    length = longest if length is None else length
+    if longest > length:
+        raise ValueError(f"encode_sft: a sequence has {longest} tokens > length {length}")
+    ids = np.full((len(examples), length), tokenizer.pad_token_id, np.int32)
+    attn = np.zeros((len(examples), length), bool)
+    resp = np.zeros((len(examples), length), bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        seq = p + r + [eos]
+        ids[i, :len(seq)] = seq
+        attn[i, :len(seq)] = True
+        resp[i, len(p):len(seq)] = True
+    return ids, attn, resp
+
+
+def _decay_mask(params):
+    # No weight decay on norm gains (1-D); decay on matrices and the embedding.
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def sft_train(model, ids, attention_mask, response_mask, *, steps: int, batch_size: int,
+              lr: float, warmup: int, seed: int, weight_decay: float = 0.01,
+              log_every: int = 0) -> dict:
+    """Trains `model` (a scope_jax.models.Transformer, updated in place) by maximum likelihood of
+    the response tokens: loss = scope_jax.losses.kd_loss (token mean NLL) on
+    token_logprobs(model.hidden(ids[:, :-1]), model.lm_head_weight(), ids[:, 1:]).
+
+    ids / attention_mask / response_mask: numpy [N, L] from encode_sft. Batches of batch_size
+    rows are drawn by a seeded permutation per epoch. Optimiser: AdamW (b2 0.98), linear
+    warmup then cosine decay to lr / 10, global-norm clipping at 1. One jitted step with the
+    parameters and optimiser state donated.
+    log_every: print the loss every this many steps (0: silent).
+    Returns {"losses": list of per-step float losses, "seconds": wall time incl. compilation}.
+    """
+    n = ids.shape[0]
+    if n < batch_size:
+        raise ValueError(f"sft_train: {n} sequences < batch_size {batch_size}")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1),
+                                                  end_value=lr / 10)
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(schedule, b2=0.98, weight_decay=weight_decay,
+                                 mask=_decay_mask))
+    graphdef, params = nnx.split(model)
+    opt_state = tx.init(params)
+
+    def loss_fn(p, x, a, r):
+        m = nnx.merge(graphdef, p)
+        h = m.hidden(x[:, :-1], attention_mask=a[:, :-1])
+        lp = token_logprobs(h, m.lm_head_weight(), x[:, 1:])
+        return kd_loss(lp, r[:, 1:])[0]
+
+    def step(p, s, x, a, r):
+        loss, g = jax.value_and_grad(loss_fn)(p, x, a, r)
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    start = time.perf_counter()
+    losses, order, per_epoch = [], None, n // batch_size
+    for i in range(steps):
+        epoch, k = divmod(i, per_epoch)
+        if k == 0:
+            order = np.random.default_rng([seed, epoch]).permutation(n)
+        idx = np.sort(order[k * batch_size:(k + 1) * batch_size])
+        params, opt_state, loss = step(params, opt_state, jnp.asarray(ids[idx]),
+                                       jnp.asarray(attention_mask[idx]),
+                                       jnp.asarray(response_mask[idx]))
+        losses.append(loss)
+        if log_every and (i + 1) % log_every == 0:
+            print(f"  step {i + 1}/{steps} loss {float(loss):.4f} "
+                  f"({time.perf_counter() - start:.1f}s)", flush=True)
+    losses = [float(x) for x in jax.device_get(losses)]
+    nnx.update(model, params)
+    if not all(np.isfinite(losses)):
+        bad = int(np.argmin(np.isfinite(losses))) + 1
+        raise FloatingPointError(f"sft_train: non-finite loss at step {bad} (lower lr?)")
+    return {"losses": losses, "seconds": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(model, tokenizer, examples: Sequence[dict[str, str]], *, temperature: float = 0.0,
+             num_samples: int = 1, seed: int = 0, max_new_tokens: int = 64,
+             batch_size: int = 2048, top_p: float | None = None, top_k: int | None = None
+             ) -> dict:
+    """Accuracy of `model` on `examples` with scope_jax.sampling.generate and the project's
+    verifier (scope_jax.verifiers.math.verify on the last \\boxed{} against the gold answer).
+
+    examples: dicts with "problem" and "answer" (str). temperature 0: greedy (num_samples
+    should then be 1); > 0: `key`-seeded sampling, optionally truncated by top_k / top_p.
+    batch_size: prompts per generate call (each gives batch_size * num_samples rows).
+    Runs the verifier in this process, so call it from the main thread (verify's time limit is
+    a SIGALRM timer). Returns {"accuracy": mean reward over all samples, "per_problem": float
+    list [len(examples)] of the fraction of correct samples, "mixed": fraction of problems with
+    both correct and wrong samples, "responses": the decoded first response of each of the
+    first 8 problems, for a look}.
+    """
+    if not examples:
+        raise ValueError("evaluate: no examples")
+
+    prompts = tokenizer([prompt_text(e["problem"], tokenizer) for e in examples],
+                        add_special_tokens=False)["input_ids"]
+    rewards = []
+    key = jax.random.key(seed)
+    for start in range(0, len(prompts), batch_size):
+        key, sub = jax.random.split(key)
+        out = generate(model, prompts[start:start + batch_size], num_samples=num_samples,
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       top_k=top_k, eos_ids=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                       key=sub if temperature > 0 else None)
+        texts = tokenizer.batch_decode(response_lists(out), skip_special_tokens=True)
+        golds = [e["answer"] for e in examples[start:start + batch_size]
+                 for _ in range(num_samples)]
+        rewards += [verify(t, g).reward for t, g in zip(texts, golds)]
+        if start == 0:
+            shown = texts[:8 * num_samples:num_samples]
+    per_problem = np.asarray(rewards).reshape(len(examples), num_samples).mean(1)
+    return {"accuracy": float(np.mean(rewards)), "per_problem": per_problem.tolist(),
+            "mixed": float(np.mean((per_problem > 0) & (per_problem < 1))), "responses": shown}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the toy setup: data, tokenizer, teacher and student checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """SFT of one toy model from random init (see sft_train)."""
+
+    size: ModelSize
+    steps: int
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 30
+    seed: int = 0  # parameter init and batch order
+
+
+@dataclasses.dataclass(frozen=True)
+class ToySettings:
+    """Everything build_toy does is a pure function of these (and the library versions).
+
+    n_train / n_test: problems in data/train.jsonl / data/test.jsonl (disjoint problem texts).
+    eval_temperatures / eval_samples: the student and teacher are also scored by sampling
+      eval_samples responses per test problem at each temperature (top-k / top-p off).
+    max_new_tokens: response budget for evaluation (the longest worked solution is ~32 tokens).
+    """
+
+    difficulty: Difficulty = Difficulty()
+    n_train: int = 20000
+    n_test: int = 500
+    seed: int = 0
+    teacher: TrainSettings = TrainSettings(TEACHER_SIZE, steps=700, seed=1)
+    student: TrainSettings = TrainSettings(STUDENT_SIZE, steps=500, seed=2)
+    eval_temperatures: tuple[float, ...] = (1.0, 0.6)
+    eval_samples: int = 4
+    max_new_tokens: int = 48
+
+
+def _settings_dict(settings: ToySettings) -> dict:
+    # JSON round trip so that tuples compare equal to the lists read back from manifest.json.
+    return json.loads(json.dumps(dataclasses.asdict(settings)))
+
+
+def toy_paths(out_dir: str | os.PathLike) -> dict[str, str]:
+    """The files build_toy writes under out_dir: {"dir", "train", "test", "tokenizer",
+    "teacher", "student", "manifest"} (absolute paths)."""
+    out = os.path.abspath(os.fspath(out_dir))
+    return {"dir": out, "train": os.path.join(out, "data", "train.jsonl"),
+            "test": os.path.join(out, "data", "test.jsonl"),
+            "tokenizer": os.path.join(out, "tokenizer"), "teacher": os.path.join(out, "teacher"),
+            "student": os.path.join(out, "student"),
+            "manifest": os.path.join(out, "manifest.json")}
+
+
+def _reusable(paths: dict[str, str], settings: ToySettings) -> bool:
+    """True when a finished build with the same settings is in place (manifest.json is written
+    last, so its presence means the build completed)."""
+    if not os.path.isfile(paths["manifest"]):
+        return False
+    try:
+        with open(paths["manifest"]) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{paths['manifest']}: unreadable ({e}); rebuild with force=True "
+                         "(tools/make_toy.py --force)") from None
+    if manifest.get("settings") != _settings_dict(settings):
+        raise ValueError(f"{paths['manifest']}: the toy models there were built with other "
+                         "settings than the ones asked for; rebuild with force=True "
+                         "(tools/make_toy.py --force) or use another output directory")
+    missing = [paths[k] for k in ("train", "test", "teacher", "student", "tokenizer")
+               if not os.path.exists(paths[k])]
+    if missing:
+        raise ValueError(f"{paths['manifest']}: the build is incomplete, missing {missing}; "
+                         "rebuild with force=True (tools/make_toy.py --force)")
+    return True
+
+
+def _train_model(name: str, ts: TrainSettings, tokenizer, data, path: str, tokenizer_dir: str,
+                 log_every: int) -> tuple[Transformer, dict]:
+    """SFT of one model from random init, saved with the tokenizer files; returns (model,
+    {"parameters", "train_seconds", "final_loss"})."""
+    model = Transformer(model_config(ts.size, tokenizer), rngs=nnx.Rngs(ts.seed))
+    n_params = int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+    if log_every:
+        print(f"training the {name} ({n_params} parameters, {ts.steps} steps)", flush=True)
+    result = sft_train(model, *data, steps=ts.steps, batch_size=ts.batch_size, lr=ts.lr,
+                       warmup=ts.warmup, seed=ts.seed, log_every=log_every)
+    save_hf(model, path, copy_files_from=tokenizer_dir)
+    return model, {"parameters": n_params, "train_seconds": round(result["seconds"], 2),
+                   "final_loss": round(float(np.mean(result["losses"][-20:])), 4)}
+
+
+def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
+              settings: ToySettings = ToySettings(), verbose: bool = True) -> dict[str, str]:
+    """Builds (or reuses) the toy setup under out_dir and returns toy_paths(out_dir).
+
+    Writes data/train.jsonl and data/test.jsonl (read them with
+    scope_jax.data.load_examples(path, spec=TOY_SPEC)), tokenizer/ (AutoTokenizer), teacher/ and
+    student/ (Hugging Face Qwen3 checkpoints with the tokenizer files, trained from random init
+    by SFT on the worked solutions with sft_train), and manifest.json last: the settings, the
+    timings and the measured accuracies on the test split (greedy, and sampled at
+    settings.eval_temperatures).
+    A complete build with the same settings is reused unless force=True; one made with other
+    settings, or a broken one, raises ValueError asking for force=True. With force=True the
+    files above are deleted first (nothing else in out_dir is touched).
+    """
+    paths = toy_paths(out_dir)
+    if not force and _reusable(paths, settings):
+        if verbose:
+            print(f"reusing the toy models in {paths['dir']} (force=True rebuilds them)")
+        return paths
+    start = time.perf_counter()
+    for key in ("manifest", "train", "test", "tokenizer", "teacher", "student"):
+        p = paths[key]
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
+
+    train, test = split_examples(settings.n_train, settings.n_test, settings.seed,
+                                 settings.difficulty)
+    write_jsonl(train, paths["train"])
+    write_jsonl(test, paths["test"])
+    tokenizer = train_tokenizer(tokenizer_corpus(train))
+    tokenizer.save_pretrained(paths["tokenizer"])
+    data = encode_sft(train, tokenizer)
+    prompt_lengths = data[2].argmax(1)
+    seconds = {"data_and_tokenizer": round(time.perf_counter() - start, 2)}
+    log_every = 100 if verbose else 0
+
+    models, info = {}, {}
+    for name in ("teacher", "student"):
+        models[name], info[name] = _train_model(name, getattr(settings, name), tokenizer, data,
+                                                paths[name], paths["tokenizer"], log_every)
+
+    t = time.perf_counter()
+    accuracy, mixed = {}, {}
+    ev = dict(max_new_tokens=settings.max_new_tokens)
+    for name, model in models.items():
+        accuracy[name] = {"greedy": evaluate(model, tokenizer, test, **ev)["accuracy"]}
+        for i, temp in enumerate(settings.eval_temperatures):
+            r = evaluate(model, tokenizer, test, temperature=temp,
+                         num_samples=settings.eval_samples, seed=settings.seed + 1000 + i, **ev)
+            accuracy[name][f"T={temp}"] = r["accuracy"]
+            mixed[f"{name} T={temp}"] = r["mixed"]
+        if verbose:
+            print(f"{name}: accuracy on {len(test)} test problems {accuracy[name]}", flush=True)
+    seconds["evaluation"] = round(time.perf_counter() - t, 2)
+    seconds["total"] = round(time.perf_counter() - start, 2)
+
+    manifest = {
+        "settings": _settings_dict(settings),
+        "instruction": TOY_INSTRUCTION,
+        "paths": {k: os.path.relpath(v, paths["dir"]) for k, v in paths.items() if k != "dir"},
+        "models": info,
+        "accuracy": accuracy,
+        "accuracy_note": (f"on data/test.jsonl ({len(test)} problems): greedy, and the mean over "
+                          f"{settings.eval_samples} samples per problem at each temperature "
+                          "(no top-k / top-p); verifier scope_jax.verifiers.math.verify"),
+        "fraction_of_problems_with_mixed_samples": mixed,
+        "max_prompt_tokens": int(prompt_lengths.max()),
+        "max_response_tokens": int((data[2].sum(1)).max()),
+        "max_new_tokens": settings.max_new_tokens,
+        "seconds": seconds,
+        "backend": f"jax {jax.__version__} on {jax.default_backend()} "
+                   f"({os.cpu_count()} CPU cores visible)",
+    }
+    tmp = paths["manifest"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, paths["manifest"])
+    if verbose:
+        print(f"toy setup written to {paths['dir']} in {seconds['total']:.0f} s")
+    return paths

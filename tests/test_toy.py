@@ -1,0 +1,334 @@
+"""The toy task (scope_jax/toy.py) and its builder (tools/make_toy.py).
+
+The worked solutions are checked against this file's own expression parser (no eval); the
+built checkpoints are checked against transformers (logits and greedy generations).
+"""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import given, settings as hyp_settings, strategies as st
+
+from scope_jax import toy
+from scope_jax.data import build_prompt, load_examples
+
+# ------------------------------------------------------------------------------ reference parser
+
+
+def _lex(text):
+    tokens = re.findall(r"\d+|[-+*()]", text)
+    if "".join(tokens) != text:
+        raise ValueError(f"unexpected characters in {text!r}")
+    return tokens
+
+
+def _evaluate(text):
+    """Value of an expression of non-negative integers, + - * and parentheses, with the usual
+    precedence (recursive descent)."""
+    tokens, pos = _lex(text), 0
+
+    def peek():
+        return tokens[pos] if pos < len(tokens) else None
+
+    def take():
+        nonlocal pos
+        pos += 1
+        return tokens[pos - 1]
+
+    def factor():
+        tok = take()
+        if tok == "(":
+            value = expr()
+            assert take() == ")"
+            return value
+        assert tok.isdigit(), tok
+        return int(tok)
+
+    def term():
+        value = factor()
+        while peek() == "*":
+            take()
+            value *= factor()
+        return value
+
+    def expr():
+        value = term()
+        while peek() in ("+", "-"):
+            if take() == "+":
+                value += term()
+            else:
+                value -= term()
+        return value
+
+    value = expr()
+    assert pos == len(tokens), f"trailing tokens in {text!r}"
+    return value
+
+
+def test_reference_parser():
+    assert _evaluate("(7+5)*3-4") == 32
+    assert _evaluate("7+5*3-4") == 18
+    assert _evaluate("2*(3+4)*5") == 70
+    assert _evaluate("10-3-2") == 5
+
+
+_STEP = re.compile(r"(\d+)([-+*])(\d+)=(\d+)\.")
+
+
+@pytest.mark.parametrize("difficulty", [toy.Difficulty(),
+                                        toy.Difficulty(min_ops=1, max_ops=5, max_operand=20,
+                                                       max_value=500, max_factor=20),
+                                        toy.Difficulty(ops="+-", max_value=30)])
+def test_worked_solutions_are_correct(difficulty):
+    for e in toy.make_examples(400, seed=7, difficulty=difficulty):
+        m = re.fullmatch(r"Compute (.+)\.", e["problem"])
+        assert m, e
+        expr = m.group(1)
+        assert _evaluate(expr) == int(e["answer"]), e
+        numbers = [int(x) for x in re.findall(r"\d+", expr)]
+        *steps, boxed = e["solution"].split(" ")
+        assert boxed == f"\\boxed{{{e['answer']}}}", e
+        assert difficulty.min_ops <= len(steps) <= difficulty.max_ops
+        assert len(numbers) == len(steps) + 1
+        value = numbers[0]
+        for k, step in enumerate(steps):
+            s = _STEP.fullmatch(step)
+            assert s, (step, e)
+            a, op, b, c = int(s.group(1)), s.group(2), int(s.group(3)), int(s.group(4))
+            assert (a, b) == (value, numbers[k + 1]), e  # left to right through the problem
+            assert op in difficulty.ops
+            assert c == {"+": a + b, "-": a - b, "*": a * b}[op], e
+            assert 0 <= c <= difficulty.max_value
+            assert 1 <= b <= difficulty.max_operand
+            if op == "*":
+                assert a <= difficulty.max_factor and b <= difficulty.max_factor
+            value = c
+        assert value == int(e["answer"])
+
+
+def test_generator_is_deterministic():
+    a = toy.make_examples(100, seed=3)
+    assert a == toy.make_examples(100, seed=3)
+    assert a[:10] == toy.make_examples(10, seed=3)
+    assert a != toy.make_examples(100, seed=4)
+    assert all(set(e) == {"problem", "answer", "solution"} for e in a)
+    train, test = toy.split_examples(300, 50, seed=3)
+    assert (train, test) == toy.split_examples(300, 50, seed=3)
+    assert not {e["problem"] for e in train} & {e["problem"] for e in test}
+    assert len(train) == 300 and len(test) == 50
+
+
+def test_difficulty_validation():
+    with pytest.raises(ValueError, match="min_ops"):
+        toy.Difficulty(min_ops=3, max_ops=2)
+    with pytest.raises(ValueError, match="ops"):
+        toy.Difficulty(ops="+/")
+    with pytest.raises(ValueError, match="max_value"):
+        toy.Difficulty(max_operand=9, max_value=5)
+
+
+def test_jsonl_loads_with_the_data_pipeline(tmp_path):
+    examples = toy.make_examples(20, seed=1)
+    path = toy.write_jsonl(examples, tmp_path / "d" / "train.jsonl")
+    loaded = load_examples(path, spec=toy.TOY_SPEC)
+    assert [(x.problem, x.answer) for x in loaded] == [(e["problem"], e["answer"])
+                                                       for e in examples]
+    assert loaded[3].source.endswith("train.jsonl:4")
+
+
+# ------------------------------------------------------------------------------ tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return toy.train_tokenizer(toy.tokenizer_corpus(toy.make_examples(500, seed=11)))
+
+
+def test_tokenizer_round_trips_task_strings(tokenizer):
+    examples = toy.make_examples(300, seed=12, difficulty=toy.Difficulty(max_ops=5, max_value=999))
+    for e in examples:
+        for text in (e["problem"], e["solution"], toy.prompt_text(e["problem"], tokenizer)):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert tokenizer.decode(ids) == text
+        # digits are always single tokens (numbers are spelled digit by digit)
+        tokens = tokenizer.convert_ids_to_tokens(
+            tokenizer(e["solution"], add_special_tokens=False)["input_ids"])
+        assert all(len(t) == 1 for t in tokens if any(ch.isdigit() for ch in t)), tokens
+
+
+@hyp_settings(max_examples=150, deadline=None)
+@given(st.text(max_size=40))
+def test_tokenizer_round_trips_any_text(text):
+    tok = _shared_tokenizer()
+    if any(s in text for s in toy.SPECIAL_TOKENS):
+        return
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+_TOK = []
+
+
+def _shared_tokenizer():  # hypothesis tests cannot take function-scoped fixtures
+    if not _TOK:
+        _TOK.append(toy.train_tokenizer(toy.tokenizer_corpus(toy.make_examples(200, seed=5))))
+    return _TOK[0]
+
+
+def test_special_tokens_and_chat_template(tokenizer, tmp_path):
+    assert [tokenizer.convert_tokens_to_ids(s) for s in toy.SPECIAL_TOKENS] == [0, 1, 2, 3]
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 3
+    assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id == 0
+    assert tokenizer.bos_token is None
+    text = build_prompt("Compute 1+2.", tokenizer, instruction=toy.TOY_INSTRUCTION)
+    assert text == "<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n"
+    two_turns = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], tokenize=False)
+    assert two_turns == "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == 2 and ids.count(2) == 2 and ids.count(3) == 1  # specials are single tokens
+
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    again = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert again(text, add_special_tokens=False)["input_ids"] == ids
+    assert build_prompt("Compute 1+2.", again, instruction=toy.TOY_INSTRUCTION) == text
+    assert again.eos_token_id == 3 and again.pad_token_id == 0
+
+
+def test_encode_sft_masks_exactly_the_response(tokenizer):
+    examples = toy.make_examples(8, seed=2)
+    ids, attn, resp = toy.encode_sft(examples, tokenizer)
+    assert ids.dtype == np.int32 and ids.shape == attn.shape == resp.shape
+    for i, e in enumerate(examples):
+        n = int(attn[i].sum())
+        assert attn[i, :n].all() and not attn[i, n:].any()  # right padding
+        assert (ids[i, n:] == tokenizer.pad_token_id).all()
+        assert tokenizer.decode(ids[i, resp[i]]) == e["solution"] + "<|im_end|>"
+        start = int(resp[i].argmax())
+        assert resp[i, start:n].all() and not resp[i, n:].any()
+        assert tokenizer.decode(ids[i, :start]) == toy.prompt_text(e["problem"], tokenizer)
+    with pytest.raises(ValueError, match="length"):
+        toy.encode_sft(examples, tokenizer, length=10)
+
+
+# ------------------------------------------------------------------------------ training / build
+
+
+def test_sft_loss_falls_on_a_fixed_batch(tokenizer):
+    from flax import nnx
+
+    from scope_jax.models import Transformer
+
+    ids, attn, resp = toy.encode_sft(toy.make_examples(16, seed=4), tokenizer)
+    size = toy.ModelSize(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                         intermediate_size=64)
+    model = Transformer(toy.model_config(size, tokenizer), rngs=nnx.Rngs(0))
+    out = toy.sft_train(model, ids, attn, resp, steps=60, batch_size=16, lr=1e-2, warmup=5,
+                        seed=0)
+    assert np.isfinite(out["losses"]).all()
+    # random init: about log(V) nats per token; the same 16 sequences are memorised fast
+    assert out["losses"][0] > 4.0 and out["losses"][-1] < 0.5 * out["losses"][0]
+
+
+_TINY = toy.ToySettings(
+    n_train=128, n_test=8,
+    teacher=toy.TrainSettings(toy.ModelSize(32, 2, 2, 1, 64), steps=12, batch_size=16, seed=1),
+    student=toy.TrainSettings(toy.ModelSize(32, 1, 2, 1, 64), steps=6, batch_size=16, seed=2),
+    eval_temperatures=(1.0,), eval_samples=2, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    return toy.build_toy(out, settings=_TINY, verbose=False)
+
+
+def test_build_toy_writes_loadable_checkpoints(built):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from scope_jax.models import load_hf
+
+    with open(built["manifest"]) as f:
+        manifest = json.load(f)
+    assert manifest["settings"]["teacher"]["steps"] == 12
+    for name in ("teacher", "student"):
+        acc = manifest["accuracy"][name]
+        assert set(acc) == {"greedy", "T=1.0"} and all(0.0 <= v <= 1.0 for v in acc.values())
+    assert manifest["models"]["teacher"]["parameters"] > manifest["models"]["student"]["parameters"]
+    test = load_examples(built["test"], spec=toy.TOY_SPEC)
+    assert len(test) == 8 and len(load_examples(built["train"], spec=toy.TOY_SPEC)) == 128
+
+    for name in ("teacher", "student"):
+        path = built[name]
+        tok = AutoTokenizer.from_pretrained(path)
+        assert tok.chat_template == toy.CHAT_TEMPLATE and tok.eos_token_id == 3
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        assert hf.config.model_type == "qwen3" and hf.config.tie_word_embeddings
+        ids, attn, _ = toy.encode_sft([{"problem": e.problem, "solution": "1+2=3. \\boxed{3}"}
+                                       for e in test], tok)
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor(ids, dtype=torch.long),
+                     attention_mask=torch.tensor(attn, dtype=torch.long)).logits.numpy()
+        ours = np.asarray(load_hf(path)(ids, attention_mask=attn))
+        np.testing.assert_allclose(ours[attn], ref[attn], atol=1e-4, rtol=1e-4)
+
+
+def test_evaluate_matches_transformers_greedy_generation(built):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from scope_jax.models import load_hf
+
+    path = built["teacher"]
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    examples = [json.loads(line) for line in open(built["test"])]
+    result = toy.evaluate(load_hf(path), tok, examples, max_new_tokens=12)
+    for e, ours in zip(examples, result["responses"]):
+        prompt = tok(toy.prompt_text(e["problem"], tok), add_special_tokens=False,
+                     return_tensors="pt")
+        with torch.no_grad():
+            out = hf.generate(**prompt, max_new_tokens=12, do_sample=False, eos_token_id=3,
+                              pad_token_id=0)
+        ref = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert ours == ref
+
+
+def test_build_toy_reuses_and_refuses_other_settings(built):
+    mtime = os.path.getmtime(built["manifest"])
+    out = built["dir"]
+    assert toy.build_toy(out, settings=_TINY, verbose=False) == built
+    assert os.path.getmtime(built["manifest"]) == mtime  # nothing was rebuilt
+    other = dataclasses.replace(_TINY, n_test=9)
+    with pytest.raises(ValueError, match="other settings"):
+        toy.build_toy(out, settings=other, verbose=False)
+
+
+def test_build_toy_force_rebuilds_an_incomplete_build(tmp_path):
+    first = dataclasses.replace(_TINY, n_train=64, n_test=4)
+    paths = toy.build_toy(tmp_path, settings=first, verbose=False)
+    (tmp_path / "unrelated.txt").write_text("kept")
+    shutil.rmtree(paths["student"])  # e.g. deleted by hand
+    with pytest.raises(ValueError, match="incomplete"):
+        toy.build_toy(tmp_path, settings=first, verbose=False)
+    toy.build_toy(tmp_path, settings=_TINY, force=True, verbose=False)
+    with open(paths["manifest"]) as f:
+        assert json.load(f)["settings"]["n_test"] == _TINY.n_test
+    assert len(load_examples(paths["test"], spec=toy.TOY_SPEC)) == _TINY.n_test
+    assert os.path.isfile(os.path.join(paths["student"], "model.safetensors"))
+    assert (tmp_path / "unrelated.txt").read_text() == "kept"
+
+
+def test_make_toy_cli_rejects_bad_steps(capsys):
+    from tools import make_toy
+
+    with pytest.raises(SystemExit):
+        make_toy.main(["--out", "unused", "--teacher-steps", "0"])
+    assert "--teacher-steps must be >= 1" in capsys.readouterr().err

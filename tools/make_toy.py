@@ -1,0 +1,46 @@
+"""Build the toy setup: arithmetic data, a tokenizer, and a teacher and a student trained from
+scratch (SFT on worked solutions), saved as Hugging Face checkpoints.
+
+    python -m tools.make_toy --out runs/toy [--force]
+
+Reuses a finished build in --out with the same settings; --force rebuilds it. Writes
+{out}/data/{train,test}.jsonl, {out}/tokenizer, {out}/teacher, {out}/student and
+{out}/manifest.json (settings, timings, measured accuracies). See scope_jax/toy.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from scope_jax import toy
+
+
+def main(argv=None) -> dict[str, str]:
+    """Parses the command line, builds (or reuses) the toy setup and prints its accuracies."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/toy", help="output directory (default runs/toy)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if a build exists")
+    parser.add_argument("--teacher-steps", type=int, default=None,
+                        help="SFT steps of the teacher (default: ToySettings)")
+    parser.add_argument("--student-steps", type=int, default=None,
+                        help="SFT steps of the student (default: ToySettings)")
+    args = parser.parse_args(argv)
+    settings = toy.ToySettings()
+    for name, steps in (("teacher", args.teacher_steps), ("student", args.student_steps)):
+        if steps is not None:
+            if steps < 1:
+                parser.error(f"--{name}-steps must be >= 1, got {steps}")
+            settings = dataclasses.replace(
+                settings, **{name: dataclasses.replace(getattr(settings, name), steps=steps)})
+    paths = toy.build_toy(args.out, force=args.force, settings=settings)
+    with open(paths["manifest"]) as f:
+        manifest = json.load(f)
+    print(json.dumps({"accuracy": manifest["accuracy"], "seconds": manifest["seconds"],
+                      "paths": paths}, indent=2))
+    return paths
+
+
+if __name__ == "__main__":
+    main()
