@@ -22,14 +22,19 @@ def get_config(variant: str = ""):
     c.data.spec = "generic"
     c.data.instruction = ""  # the toy prompt is the problem alone (scope_jax.toy.TOY_INSTRUCTION)
     c.data.max_prompt_len = 64
-    c.num_steps = 40
-    c.checkpoint_every = 10
+    c.num_steps = 100
+    c.checkpoint_every = 25
     c.prompts_per_step = 16
     c.num_samples = 8
     c.sampling.max_new_tokens = 48
-    c.sampling.temperature = 1.0
-    c.recompute_old_logprobs = False  # float32 sampler and trainer agree to ~1e-6 on CPU
+    c.sampling.temperature = 0.6  # the paper's rollout temperature
+    c.recompute_old_logprobs = False  # float32 sampler and trainer agree to ~1e-5 on CPU
+    # Tiny models are fragile under Adam's first, sign-like steps: a low rate, a short warm-up
+    # and a faster second-moment estimate (b2) keep 100 steps stable (3e-4 and up degraded the
+    # student in every method tried; see the README's toy section).
     c.optim.lr = 1e-4
+    c.optim.warmup_steps = 10
+    c.optim.b2 = 0.99
     c.verifier.num_workers = 2
     c.model.dtype = "float32"  # bf16 matmuls are slow on CPU
     c.model.teacher_dtype = "float32"

@@ -330,6 +330,16 @@ def _collect(rows: Iterator[tuple[Any, str, int, str, str]], spec: FieldSpec, on
     return ExampleList(out, skipped)
 
 
+def write_jsonl(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> str:
+    """Writes one JSON object per line (UTF-8), creating parent directories. Returns the path."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
 def _jsonl_rows(path: str):
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):

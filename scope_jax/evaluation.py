@@ -444,13 +444,8 @@ def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
 
 
 def write_jsonl(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> str:
-    """Write one JSON object per line (UTF-8), creating parent directories. Returns the path."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return path
+    """Per-problem records as JSONL (scope_jax.data.write_jsonl). Returns the path."""
+    return data_lib.write_jsonl(path, records)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> str:

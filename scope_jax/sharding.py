@@ -146,6 +146,22 @@ def make_mesh(config: Mapping[str, int] | Any = None, devices: Sequence[Any] | N
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def mesh_from_flag(text: str | None) -> Mesh | None:
+    """A command-line mesh such as "fsdp=4,tensor=2" (one size may be -1) -> make_mesh(...).
+
+    Empty or None: None (one device). Raises ValueError naming the bad part.
+    """
+    if not text:
+        return None
+    sizes = {}
+    for part in text.split(","):
+        axis, _, size = part.partition("=")
+        if not size.strip().lstrip("-").isdigit():
+            raise ValueError(f"mesh {text!r}: expected axis=size pairs like fsdp=4,tensor=2, got {part!r}")
+        sizes[axis.strip()] = int(size)
+    return make_mesh(sizes)
+
+
 def param_logical_axes(model: Any) -> Any:
     """nnx.State of the model's parameters with each leaf replaced by its logical axes tuple."""
     from flax import nnx

@@ -34,6 +34,7 @@ from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from scope_jax import data
 from scope_jax.data import FieldSpec, build_prompt
 from scope_jax.losses import kd_loss, token_logprobs
 from scope_jax.models import ModelConfig, Transformer, save_hf
@@ -151,14 +152,9 @@ def split_examples(n_train: int, n_test: int, seed: int, difficulty: Difficulty 
 
 
 def write_jsonl(examples: Sequence[dict[str, str]], path: str | os.PathLike) -> str:
-    """Writes one JSON object per line (UTF-8); returns the path. Read back with
-    scope_jax.data.load_examples(path, spec=TOY_SPEC)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for e in examples:
-            f.write(json.dumps(e, ensure_ascii=False) + "\n")
-    return path
+    """Writes the examples as JSONL (scope_jax.data.write_jsonl); returns the path. Read back
+    with scope_jax.data.load_examples(path, spec=TOY_SPEC)."""
+    return data.write_jsonl(path, examples)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ def _cli(setup, workdir, algo, *extra, steps=2):
             f"--config.workdir={workdir}", "--config.toy_dir=", f"--config.student={setup / 'student'}",
             f"--config.teacher={setup / 'teacher'}", f"--config.data.train_files={setup / 'data' / 'train.jsonl'}",
             f"--config.num_steps={steps}", "--config.prompts_per_step=2", "--config.num_samples=4",
-            "--config.sampling.max_new_tokens=8", "--config.verifier.num_workers=1", *extra]
+            "--config.sampling.max_new_tokens=8", "--config.verifier.num_workers=1",
+            "--config.optim.warmup_steps=0", *extra]
 
 
 def _env():
@@ -77,7 +78,9 @@ def test_cli_trains_every_algorithm(setup, tmp_path, algo):
     exported = load_file(str(wd / "export" / "model.safetensors"))
     initial = load_file(str(setup / "student" / "model.safetensors"))
     assert set(exported) == set(initial)
-    assert any(not np.allclose(exported[k], initial[k]) for k in initial), "the export must hold trained weights"
+    # GRPO on a random model sees only zero rewards (zero advantages), so only weight decay
+    # moves its weights: compare exactly.
+    assert any(not np.array_equal(exported[k], initial[k]) for k in initial), "the export must hold trained weights"
 
 
 def test_kill9_then_resume_reproduces_uninterrupted_run(setup, tmp_path):
@@ -278,7 +281,11 @@ def test_two_processes_match_one_process(setup, tmp_path):
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen(_cli(setup, tmp_path / "two", "scope", *common), cwd=ROOT, env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    errs = [p.communicate(timeout=300)[1].decode() for p in procs]
+    try:
+        errs = [p.communicate(timeout=600)[1].decode() for p in procs]
+    finally:  # a process whose peer died waits on collectives forever: never leave it behind
+        for p in procs:
+            p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [0, 1] and all(r["rollouts"] == 4 for r in two)  # 4 of 8 per host

@@ -81,16 +81,11 @@ def describe(model) -> str:
     return "\n".join(head + lines)
 
 
-def _parse_mesh(text: str | None):
-    if not text:
-        return None
-    sizes = {}
-    for part in text.split(","):
-        key, _, val = part.partition("=")
-        if not val:
-            raise SystemExit(f"--mesh: expected axis=size pairs like fsdp=2,tensor=4, got {part!r}")
-        sizes[key.strip()] = int(val)
-    return shd.make_mesh(sizes)
+def _mesh(text: str | None):
+    try:
+        return shd.mesh_from_flag(text)
+    except ValueError as e:
+        raise SystemExit(f"--mesh: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = jnp.dtype(args.dtype)
     start = time.time()
-    model = load_hf(args.path, dtype=dtype, mesh=_parse_mesh(args.mesh))
+    model = load_hf(args.path, dtype=dtype, mesh=_mesh(args.mesh))
     print(f"loaded {args.path} in {time.time() - start:.1f}s: {model.config}")
     print(describe(model))
 

@@ -114,17 +114,12 @@ def parse_fields(text: str | None):
 
 def parse_mesh(text: str | None):
     """--mesh 'fsdp=4,tensor=2' -> a scope_jax.sharding mesh (None: one device)."""
-    if not text:
-        return None
     from scope_jax import sharding as shd
 
-    sizes = {}
-    for part in text.split(","):
-        axis, _, size = part.partition("=")
-        if not size.lstrip("-").isdigit():
-            raise SystemExit(f"--mesh: expected axis=size pairs like fsdp=4,tensor=2, got {part!r}")
-        sizes[axis.strip()] = int(size)
-    return shd.make_mesh(sizes)
+    try:
+        return shd.mesh_from_flag(text)
+    except ValueError as e:
+        raise SystemExit(f"--mesh: {e}") from None
 
 
 def generation_eos(path: str) -> list[int]:
