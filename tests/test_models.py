@@ -17,7 +17,8 @@ from flax import nnx
 from safetensors.torch import load_file, save_file
 
 from scope_jax import sharding as shd
-from scope_jax.models import Cache, CheckpointError, ModelConfig, Transformer, load_hf, save_hf
+from scope_jax.models import (Cache, CheckpointError, DecodeCache, ModelConfig, Transformer, load_hf,
+                              save_hf)
 from tests.tiny_hf import make_tiny_checkpoint, make_tiny_model
 from tools.check_checkpoint import greedy_continue
 from tools.check_checkpoint import main as check_main
@@ -102,9 +103,11 @@ def test_padded_batch_matches_transformers(case):
         np.testing.assert_allclose(out[b, real[b]], alone, atol=ATOL, rtol=0)
 
 
-def test_forward_cached_prefill_and_decode(case):
+@pytest.mark.parametrize("layout", ["cache", "decode_cache"])
+def test_forward_cached_prefill_and_decode(case, layout):
     """Left-padded prompts of different lengths, then decode steps, through a jitted, donated
-    step: each step's logits equal transformers' full forward over the unpadded prefix."""
+    step: each step's logits equal transformers' full forward over the unpadded prefix. Both
+    cache layouts (Cache, and the sampler's per-layer DecodeCache) must give them."""
     _, hf, model = case
     lengths, bucket, steps = [5, 8], 8, 3
     prompts = [_ids((n,), seed=10 + n) for n in lengths]
@@ -123,9 +126,15 @@ def test_forward_cached_prefill_and_decode(case):
         return nnx.merge(graphdef, state).forward_cached(ids, positions, cache, index, kv_mask)
 
     step = jax.jit(step, donate_argnums=(3,))
-    cache = model.init_cache(b, s)
-    assert isinstance(cache, Cache) and cache.k.shape == (
-        model.config.num_layers, b, s, model.config.num_kv_heads, model.config.head_dim)
+    cfg = model.config
+    if layout == "cache":
+        cache = model.init_cache(b, s)
+        assert isinstance(cache, Cache) and cache.k.shape == (
+            cfg.num_layers, b, s, cfg.num_kv_heads, cfg.head_dim)
+    else:
+        cache = model.init_decode_cache(b, s)
+        assert isinstance(cache, DecodeCache) and len(cache.k) == cfg.num_layers
+        assert cache.k[0].shape == (cfg.num_kv_heads, b, cfg.head_dim, s)
     logits, cache = step(state, jnp.asarray(ids), jnp.asarray(positions), cache, 0,
                          jnp.asarray(kv_mask))
     for i, p in enumerate(prompts):
@@ -137,6 +146,7 @@ def test_forward_cached_prefill_and_decode(case):
         logits, cache = step(state, jnp.asarray(cont[:, t:t + 1]), jnp.asarray(pos), cache,
                              jnp.int32(bucket + t), jnp.asarray(kv_mask))
         assert logits.shape == (b, 1, VOCAB)
+        assert isinstance(cache, Cache if layout == "cache" else DecodeCache)
         for i, p in enumerate(prompts):
             ref = _hf_logits(hf, np.concatenate([p, cont[i, :t + 1]])[None])[0, -1]
             np.testing.assert_allclose(np.asarray(logits[i, 0]), ref, atol=ATOL, rtol=0)

@@ -4,7 +4,9 @@
 """
 
 from scope_jax.models.hf import CheckpointError, load_hf, save_hf
-from scope_jax.models.model import CACHE_LOGICAL_AXES, Cache, ModelConfig, Transformer
+from scope_jax.models.model import (CACHE_LOGICAL_AXES, DECODE_CACHE_LOGICAL_AXES, Cache, DecodeCache,
+                                    ModelConfig, Transformer)
 
-__all__ = ["CACHE_LOGICAL_AXES", "Cache", "CheckpointError", "ModelConfig", "Transformer",
+__all__ = ["CACHE_LOGICAL_AXES", "DECODE_CACHE_LOGICAL_AXES", "Cache", "CheckpointError", "DecodeCache",
+           "ModelConfig", "Transformer",
            "load_hf", "save_hf"]
