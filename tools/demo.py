@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--toy-dir", default="runs/toy")
-    p.add_argument("--steps", type=int, default=100, help="training steps per method")
+    p.add_argument("--steps", type=int, default=200, help="training steps per method")
     p.add_argument("--k", type=int, default=16, help="samples per problem in the evaluation")
     p.add_argument("--problems", type=int, default=200, help="test problems to evaluate")
     p.add_argument("--temperature", type=float, default=0.6, help="evaluation sampling temperature (paper: 0.6)")
