@@ -19,7 +19,6 @@ Hugging Face checkpoint (config.student). Data order and PRNG keys are pure func
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math

@@ -11,12 +11,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from scope_jax import losses, toy, train
+from scope_jax import toy, train
 from scope_jax import sharding as shd
 
 sys.path.insert(0, os.path.dirname(__file__))
