@@ -47,6 +47,10 @@ def base() -> ml_collections.ConfigDict:
     c.sampling.top_p = 1.0
     c.sampling.eos_ids = ml_collections.config_dict.placeholder(list)  # None: tokenizer's eos
     c.recompute_old_logprobs = True  # pi_old from the training forward (verl), not the sampler
+    # The student's log-probs (pi_theta, pi_old, GRPO's reference) are of softmax(logits / T):
+    # None = the rollout temperature (the behaviour policy; verl divides the logits by it too).
+    c.logprob_temperature = ml_collections.config_dict.placeholder(float)
+    c.teacher_temperature = 1.0  # the teacher scores with its own distribution
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-5  # constant

@@ -28,7 +28,6 @@ def get_config(variant: str = ""):
     c.num_samples = 8
     c.sampling.max_new_tokens = 48
     c.sampling.temperature = 0.6  # the paper's rollout temperature
-    c.recompute_old_logprobs = False  # float32 sampler and trainer agree to ~1e-5 on CPU
     # Tiny models are fragile under Adam's first, sign-like steps: a low rate, a short warm-up
     # and a faster second-moment estimate (b2) keep 100 steps stable (3e-4 and up degraded the
     # student in every method tried; see the README's toy section).

@@ -180,6 +180,34 @@ def summarize(n, c, k: int, *, num_resamples: int = 1000, confidence: float = 0.
     }
 
 
+def paired_difference(base: tuple[Sequence[int], Sequence[int]],
+                      other: tuple[Sequence[int], Sequence[int]], k: int, *,
+                      num_resamples: int = 1000, confidence: float = 0.95,
+                      seed: int = 0) -> dict[str, Any]:
+    """How much `other` beats `base` on the same problems, with paired bootstrap intervals.
+
+    base, other: (n int [P], c int [P]) per-problem sample and correct counts of two models on
+    the same P problems in the same order (EvalResult.counts()). The interval resamples
+    problems jointly for both models, so the problem-to-problem spread that both share (easy
+    vs hard problems) cancels: it is much tighter than comparing the two separate intervals.
+    Returns {"num_problems", "k", "avg_at_k_diff", "avg_at_k_diff_ci", "pass_at_k_diff",
+    "pass_at_k_diff_ci", "wins", "losses"} (diffs are other - base; wins / losses: problems
+    where other's Avg@k is higher / lower), JSON-ready.
+    """
+    (na, ca), (nb, cb) = _counts(*base), _counts(*other)
+    if na.shape != nb.shape:
+        raise ValueError(f"paired_difference: {na.size} vs {nb.size} problems; both models must "
+                         "be evaluated on the same problems")
+    d_avg = cb / nb - ca / na
+    d_pass = pass_at_k(nb, cb, k) - pass_at_k(na, ca, k)
+    ci = dict(num_resamples=num_resamples, confidence=confidence, seed=seed)
+    return {"num_problems": int(na.size), "k": int(k),
+            "avg_at_k_diff": float(d_avg.mean()), "avg_at_k_diff_ci": list(bootstrap_ci(d_avg, **ci)),
+            "pass_at_k_diff": float(d_pass.mean()),
+            "pass_at_k_diff_ci": list(bootstrap_ci(d_pass, **ci)),
+            "wins": int((d_avg > 0).sum()), "losses": int((d_avg < 0).sum())}
+
+
 def macro_summary(counts: Sequence[tuple[Sequence[int], Sequence[int]]], k: int, *,
                   num_resamples: int = 1000, confidence: float = 0.95,
                   seed: int = 0) -> dict[str, Any]:

@@ -9,17 +9,17 @@ donation needed, no per-token dispatch). Programs are cached by jax.jit per (mod
 batch size, prompt bucket, settings, mesh).
 
 Which log-probs should a loss take?
-  * `policy_logprobs` -- log pi_old(a_t | x, a_<t) under the policy itself at temperature 1
-    with no truncation. SCOPE's importance ratio rho = pi_theta / pi_old and the
-    student-perplexity weights w^stu are defined with pi_old = the policy being optimised
-    (PAPER.md sections 2-3), so these are the values the losses take. They equal a
-    teacher-forced forward pass over prompt + response (tested to 1e-4). The released verl
-    code recomputes them with the training forward pass instead; use either.
+  * `policy_logprobs` -- log-probs under the policy itself at temperature 1 with no
+    truncation. They equal a teacher-forced forward pass over prompt + response (tested to
+    1e-4), so a trainer whose policy is the raw model (rollouts at temperature 1) can use them
+    as pi_old without another forward pass.
   * `logprobs` -- log-probs under the distribution actually sampled from (after temperature,
-    top-k, top-p). Only an exact importance ratio against the behaviour distribution needs
-    them (e.g. for diagnostics of the sampling/training mismatch). For greedy decoding the
-    sampled distribution is a point mass, so `logprobs` then holds the policy log-probs of the
-    greedy token instead (the same values as `policy_logprobs`).
+    top-k, top-p). With top-k / top-p off they are log softmax(logits / T), the behaviour
+    policy of PAPER.md sections 2-3 at rollout temperature T. The trainer (as verl) takes
+    pi_theta and pi_old at T and recomputes pi_old with its own forward pass
+    (scope_jax.train.policy_temperature). For greedy decoding the sampled distribution is a
+    point mass, so `logprobs` then holds the policy log-probs of the greedy token instead (the
+    same values as `policy_logprobs`).
 """
 from __future__ import annotations
 

@@ -99,16 +99,36 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
 # --------------------------------------------------------------------------------------------
 
 
-def response_logprobs(model, input_ids, attention_mask, num_response: int, chunk_size: int = 512):
-    """log p of each response token under `model`, float32 [B, M].
+def response_logprobs(model, input_ids, attention_mask, num_response: int, chunk_size: int = 512,
+                      temperature: float = 1.0):
+    """log softmax(logits / temperature) of each response token under `model`, float32 [B, M].
 
     The hidden state at position P + t - 1 predicts response token t; only the M hidden
-    states that predict response tokens go through the vocabulary-tiled log-softmax.
+    states that predict response tokens go through the vocabulary-tiled log-softmax. The
+    lm_head has no bias, so dividing the hidden states by the temperature divides the logits.
     """
     hidden = model.hidden(input_ids, attention_mask=attention_mask)
     p = input_ids.shape[1] - num_response
     h = hidden[:, p - 1: p - 1 + num_response]
+    if temperature != 1.0:
+        h = h / jnp.asarray(temperature, h.dtype)
     return losses.token_logprobs(h, model.lm_head_weight(), input_ids[:, p:], chunk_size=chunk_size)
+
+
+def policy_temperature(cfg) -> float:
+    """The temperature of the policy pi_theta / pi_old that the losses see.
+
+    The rollouts are drawn from softmax(logits / T) (T = sampling.temperature), and the paper's
+    pi_old is the behaviour policy that drew them, so the student's log-probs (old, current
+    and GRPO's reference) are taken at T, as verl (the released code) does by dividing the
+    logits by the rollout temperature. config.logprob_temperature overrides it (1.0: the raw
+    policy). KD trains on the teacher's samples by NLL, at 1.0. Greedy sampling (T = 0) uses 1.0.
+    """
+    if cfg.algo == "kd":
+        return 1.0
+    t = cfg.get("logprob_temperature")
+    t = cfg.sampling.temperature if t is None else t
+    return float(t) if t and t > 0 else 1.0
 
 
 def make_loss(cfg) -> Callable:
@@ -177,10 +197,12 @@ def make_train_step(cfg, graphdef, optimizer) -> Callable:
     loss_fn = make_loss(cfg)
     n_micro = int(cfg.micro_batches)
     chunk = int(cfg.model.logprob_chunk)
+    temperature = policy_temperature(cfg)
 
     def micro_loss(params, mb: Rollouts, aux):
         model = nnx.merge(graphdef, params)
-        lp = response_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], chunk)
+        lp = response_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], chunk,
+                               temperature)
         return loss_fn(lp, mb, aux)[0]
 
     def step(state: TrainState, batch: Rollouts):
@@ -370,8 +392,8 @@ def train(cfg) -> dict:
     step_fn = jax.jit(make_train_step(cfg, graphdef, optimizer), donate_argnums=0,
                       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
     chunk = int(cfg.model.logprob_chunk)
-    score = jax.jit(lambda gd, p, ids, mask, m: response_logprobs(nnx.merge(gd, p), ids, mask, m, chunk),
-                    static_argnums=(0, 4))
+    score = jax.jit(lambda gd, p, ids, mask, m, t: response_logprobs(nnx.merge(gd, p), ids, mask, m, chunk, t),
+                    static_argnums=(0, 4, 5))
     t_graph, t_params = nnx.split(teacher) if teacher is not None else (None, None)
     eos = tokenizer.eos_token_id if cfg.sampling.eos_ids is None else list(cfg.sampling.eos_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -468,6 +490,7 @@ def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, 
     prompts, golds = [p for p, _ in items], [a for _, a in items]
     key = jax.random.fold_in(base_key, step)
     kd = cfg.algo == "kd"
+    temp = policy_temperature(cfg)
     policy = nnx.merge(t_graph, t_params) if kd else nnx.merge(graphdef, params)
     s = cfg.sampling
     out = sampling.generate(policy, prompts, num_samples=cfg.num_samples, max_new_tokens=s.max_new_tokens,
@@ -487,9 +510,13 @@ def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, 
         old = zeros
         teacher_lp = zeros
     else:
-        old = score(graphdef, params, ids, mask, m) if cfg.recompute_old_logprobs else out.policy_logprobs
-        teacher_lp = score(t_graph, t_params, ids, mask, m) if cfg.algo in ("scope", "opd") else zeros
-    ref_lp = score(graphdef, ref_params, ids, mask, m) if ref_params is not None else zeros
+        # The sampler's policy_logprobs are at temperature 1; at any other policy temperature
+        # the behaviour log-probs come from the training forward pass.
+        old = (out.policy_logprobs if temp == 1.0 and not cfg.recompute_old_logprobs
+               else score(graphdef, params, ids, mask, m, temp))
+        teacher_lp = (score(t_graph, t_params, ids, mask, m, float(cfg.teacher_temperature))
+                      if cfg.algo in ("scope", "opd") else zeros)
+    ref_lp = score(graphdef, ref_params, ids, mask, m, temp) if ref_params is not None else zeros
     batch = Rollouts(input_ids=ids, attention_mask=mask, response_mask=out.response_mask,
                      old_logprobs=old, teacher_logprobs=teacher_lp, ref_logprobs=ref_lp,
                      correct=jnp.asarray(correct), group_ids=out.group_ids)

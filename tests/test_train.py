@@ -182,6 +182,35 @@ def test_loss_falls_on_a_fixed_batch(setup, algo):
     assert float(m["loss"]) < first - 0.1 * abs(first), (first, float(m["loss"]))
 
 
+def test_policy_logprobs_are_the_behaviour_policy_at_the_rollout_temperature(setup):
+    # pi_old must be the distribution the rollouts were drawn from (PAPER.md section 2):
+    # at temperature T (top-k / top-p off) that is softmax(logits / T), the sampler's `logprobs`.
+    from scope_jax import sampling
+    from scope_jax.models import load_hf
+
+    model = load_hf(setup / "student")
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    out = sampling.generate(model, prompts, num_samples=3, max_new_tokens=6, temperature=0.6,
+                            key=jax.random.key(0), eos_ids=[3], pad_id=0)
+    ids, mask = sampling.full_sequences(out)
+    m = out.tokens.shape[1]
+    cfg = _cfg("scope")
+    cfg.sampling.temperature = 0.6
+    assert train.policy_temperature(cfg) == 0.6
+    resp = np.asarray(out.response_mask)
+    at_t = train.response_logprobs(model, ids, mask, m, temperature=train.policy_temperature(cfg))
+    np.testing.assert_allclose(np.asarray(at_t)[resp], np.asarray(out.logprobs)[resp], atol=1e-4)
+    raw = train.response_logprobs(model, ids, mask, m)
+    np.testing.assert_allclose(np.asarray(raw)[resp], np.asarray(out.policy_logprobs)[resp], atol=1e-4)
+    assert np.abs(np.asarray(raw - at_t)[resp]).max() > 1e-2  # the two differ: the test can fail
+    cfg.logprob_temperature = 1.0
+    assert train.policy_temperature(cfg) == 1.0
+    cfg.logprob_temperature, cfg.sampling.temperature = None, 0.0  # greedy rollouts: the raw policy
+    assert train.policy_temperature(cfg) == 1.0
+    cfg.algo, cfg.sampling.temperature = "kd", 0.6  # KD is NLL of the teacher's samples
+    assert train.policy_temperature(cfg) == 1.0
+
+
 def test_micro_batches_give_the_full_batch_update(setup):
     mesh = shd.make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
     batch = _batch(setup, seed=3)

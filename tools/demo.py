@@ -12,7 +12,8 @@
    split with scope_jax.evaluation (k samples per problem at the paper's evaluation settings:
    temperature 0.6, top-p 0.95, top-k 20) and prints one table; writes
    {out}/results.json (keys student, grpo, opd, scope, teacher, each with avg_at_k, pass_at_k,
-   k and their 95% bootstrap intervals) and {out}/pass_at_k.png.
+   k and their 95% bootstrap intervals; "comparisons": paired differences such as scope-student
+   with intervals from resampling the same problems for both models) and {out}/pass_at_k.png.
 """
 
 from __future__ import annotations
@@ -48,14 +49,28 @@ def _train(method: str, paths: dict, args) -> str:
     return export
 
 
+def _exact_solution_rate(records: list[dict], solutions: list[str]) -> float:
+    """Fraction of all samples that are the gold worked solution, character for character.
+
+    The verifier only checks the final \\boxed{} answer, and on this toy a wrong step can land on
+    the right answer ("4+1=4. 4-3=2." for 4+1-3 = 2); this rate counts only the samples that
+    are right for the right reasons.
+    """
+    hits = sum(r.strip() == solutions[rec["index"]] for rec in records for r in rec["responses"])
+    return hits / sum(rec["n"] for rec in records)
+
+
 def _evaluate(models: dict[str, str], args) -> dict:
     from scope_jax import data, evaluation, toy
     from scope_jax.models import load_hf
     from scope_jax.verifiers import Verifier
     from transformers import AutoTokenizer
 
-    examples = data.load_examples(os.path.join(args.toy_dir, "data", "test.jsonl"), toy.TOY_SPEC)[: args.problems]
-    results, curves = {}, {}
+    test_file = os.path.join(args.toy_dir, "data", "test.jsonl")
+    examples = data.load_examples(test_file, toy.TOY_SPEC)[: args.problems]
+    with open(test_file) as f:  # the worked solutions, in file order (toy.write_jsonl wrote them)
+        solutions = [json.loads(line)["solution"] for line in f][: args.problems]
+    results, curves, counts = {}, {}, {}
     with Verifier(num_workers=2) as verifier:
         for name, path in models.items():
             t0 = time.perf_counter()
@@ -67,14 +82,38 @@ def _evaluate(models: dict[str, str], args) -> dict:
             s = res.summary
             results[name] = {key: s[key] for key in ("avg_at_k", "pass_at_k", "k", "avg_at_k_ci", "pass_at_k_ci",
                                                      "num_problems") if key in s}
+            results[name]["exact_solution_rate"] = _exact_solution_rate(res.records, solutions)
             results[name]["checkpoint"] = path
             curves[name] = s["pass_curve"]
+            counts[name] = res.counts()
             logging.info("eval %s: Avg@%d %.3f Pass@%d %.3f (%.0f s)", name, args.k, s["avg_at_k"], args.k,
                          s["pass_at_k"], time.perf_counter() - t0)
             results[name]["_summary"] = s
     plot = evaluation.plot_pass_curves(curves, os.path.join(args.out, "pass_at_k.png"),
                                        title=f"toy task, {len(examples)} problems, T={args.temperature}")
-    return results, plot
+    return results, plot, counts
+
+
+# Paired comparisons printed and saved: (model, baseline).
+PAIRS = (("grpo", "student"), ("opd", "student"), ("scope", "student"), ("scope", "opd"), ("scope", "grpo"))
+
+
+def _compare(counts: dict, k: int) -> dict:
+    """Paired bootstrap differences (same problems, resampled jointly) for PAIRS."""
+    from scope_jax import evaluation
+
+    return {f"{a}-{b}": evaluation.paired_difference(counts[b], counts[a], k) for a, b in PAIRS}
+
+
+def _format_comparisons(comparisons: dict) -> str:
+    pct = lambda x: f"{100 * x:+.1f}"
+    lines = ["paired differences (same problems; 95% bootstrap intervals, in points):"]
+    for name, d in comparisons.items():
+        (alo, ahi), (plo, phi) = d["avg_at_k_diff_ci"], d["pass_at_k_diff_ci"]
+        lines.append(f"  {name:<14} Avg@{d['k']} {pct(d['avg_at_k_diff'])} [{pct(alo)}, {pct(ahi)}]   "
+                     f"Pass@{d['k']} {pct(d['pass_at_k_diff'])} [{pct(plo)}, {pct(phi)}]   "
+                     f"problems better / worse: {d['wins']} / {d['losses']}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -101,16 +140,20 @@ def main(argv=None) -> int:
     for method in METHODS:
         models[method] = _train(method, paths, args)
     models["teacher"] = paths["teacher"]
-    results, plot = _evaluate(models, args)
+    results, plot, counts = _evaluate(models, args)
+    comparisons = _compare(counts, args.k)
     summaries = {name: r.pop("_summary") for name, r in results.items()}
     table = evaluation.format_table({name: {"toy test": s} for name, s in summaries.items()})
     os.makedirs(args.out, exist_ok=True)
     out = {"settings": {"steps": args.steps, "k": args.k, "problems": args.problems, "temperature": args.temperature,
                         "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1)},
-           "plot": plot, **results}
+           "plot": plot, **results, "comparisons": comparisons}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(out, f, indent=2)
     print(table)
+    print(_format_comparisons(comparisons))
+    print("samples that are the gold worked solution (right answer for the right reasons): " +
+          ", ".join(f"{name} {100 * r['exact_solution_rate']:.1f}%" for name, r in results.items()))
     print(f"results: {os.path.join(args.out, 'results.json')}\nplot:    {plot}")
     return 0
 

@@ -691,8 +691,11 @@ class Verifier:
                         code = w.proc.exitcode
                         if w.task is None:  # died while starting
                             raise RuntimeError(
-                                f"verifier worker failed to start (exit code {code}); run "
-                                "scope_jax.verifiers.math.verify in a plain process to see why")
+                                f"verifier worker failed to start (exit code {code}); its "
+                                "traceback is on stderr. Workers are started with forkserver, "
+                                "which re-imports the calling script: a script that starts "
+                                "training or a Verifier at import time needs an "
+                                "`if __name__ == '__main__':` guard")
                         idx = w.task[0]
                         w.task = None
                         self._replace(i)
