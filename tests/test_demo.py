@@ -1,0 +1,31 @@
+"""The demo's own bookkeeping (tools/demo.py); the training and evaluation it calls are tested
+in test_train.py and test_evaluation.py, and `make demo` itself runs the whole thing."""
+
+import numpy as np
+import pytest
+
+from tools import demo
+
+
+def test_exact_solution_rate_counts_only_the_gold_worked_solution():
+    solutions = ["4+1=5. 5-3=2. \\boxed{2}", "2*3=6. \\boxed{6}"]
+    records = [
+        {"index": 0, "n": 3, "responses": ["4+1=5. 5-3=2. \\boxed{2}",   # right for the right reasons
+                                           "4+1=4. 4-3=2. \\boxed{2}",   # right answer, wrong steps
+                                           " 4+1=5. 5-3=2. \\boxed{2}\n"]},  # whitespace only
+        {"index": 1, "n": 1, "responses": ["2*3=5. \\boxed{5}"]},
+    ]
+    assert demo._exact_solution_rate(records, solutions) == pytest.approx(2 / 4)
+
+
+def test_comparisons_are_paired_differences_against_the_named_baseline():
+    rng = np.random.default_rng(0)
+    n = np.full(50, 8)
+    counts = {name: (n, rng.binomial(8, p, size=50)) for name, p in
+              (("student", 0.2), ("grpo", 0.2), ("opd", 0.4), ("scope", 0.5))}
+    out = demo._compare(counts, k=8)
+    assert set(out) == {f"{a}-{b}" for a, b in demo.PAIRS}
+    d = out["scope-student"]
+    assert d["avg_at_k_diff"] == pytest.approx((counts["scope"][1] - counts["student"][1]).mean() / 8)
+    text = demo._format_comparisons(out)
+    assert "scope-student" in text and f"{100 * d['avg_at_k_diff']:+.1f}" in text
