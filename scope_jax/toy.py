@@ -42,8 +42,9 @@ from scope_jax.sampling import generate, response_lists
 from scope_jax.verifiers.math import verify
 
 # JSONL rows written by write_jsonl carry "problem", "answer" and "solution"; the trainer and the
-# evaluator read them with scope_jax.data.load_examples(path, spec=TOY_SPEC).
-TOY_SPEC = FieldSpec(problem="problem", answer="answer")
+# evaluator read them with scope_jax.data.load_examples(path, spec=TOY_SPEC), which keeps the
+# worked solution in Example.meta["solution"].
+TOY_SPEC = FieldSpec(problem="problem", answer="answer", meta=("solution",))
 
 # The prompt is the problem itself ("Compute ...."): the paper's long instruction ("Please reason
 # step by step, and put your final answer within \boxed{}.") would triple the prompt length of

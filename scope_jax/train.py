@@ -156,18 +156,23 @@ def make_loss(cfg) -> Callable:
                 normalize_std=g.normalize_std, advantages=aux["advantages"],
                 normalizers=aux["normalizers"])
         # kd: NLL of the teacher's samples (only the verified ones when kd_only_correct).
-        mask = b.response_mask & (b.correct[:, None] if cfg.kd_only_correct else True)
-        return losses.kd_loss(lp, mask, normalizers=aux["normalizers"])
+        return losses.kd_loss(lp, loss_mask(cfg, b), normalizers=aux["normalizers"])
 
     return loss
+
+
+def loss_mask(cfg, b: Rollouts) -> jax.Array:
+    """bool [B, M]: the response tokens the loss counts (KD with kd_only_correct: only the
+    verified rollouts'); the loss and its full-batch denominators must use the same mask."""
+    if cfg.algo == "kd" and cfg.kd_only_correct:
+        return b.response_mask & b.correct[:, None]
+    return b.response_mask
 
 
 def full_batch_constants(cfg, b: Rollouts) -> dict:
     """What micro-batches must share: weights, advantages and denominators of the whole batch."""
     s = cfg.scope
-    mask = b.response_mask
-    if cfg.algo == "kd" and cfg.kd_only_correct:
-        mask = mask & b.correct[:, None]
+    mask = loss_mask(cfg, b)
     aux = {"normalizers": losses.loss_normalizers(mask, b.correct, b.group_ids),
            "weights": None, "advantages": None}
     if cfg.algo == "scope":
@@ -366,7 +371,7 @@ def train(cfg) -> dict:
         from scope_jax import toy
 
         toy.build_toy(cfg.toy_dir)
-    mesh = shd.make_mesh(cfg.mesh.to_dict() if hasattr(cfg.mesh, "to_dict") else cfg.mesh)
+    mesh = shd.make_mesh(cfg.mesh)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.student)
     loader = _load_prompts(cfg, tokenizer)
     student, teacher = _load_models(cfg, mesh)
@@ -560,7 +565,7 @@ def dry_run(cfg) -> dict:
     jax.eval_shape (no weights are created); reports parameters and bytes per device."""
     from scope_jax.models import ModelConfig, Transformer
 
-    mesh = shd.make_mesh(cfg.mesh.to_dict())
+    mesh = shd.make_mesh(cfg.mesh)
     report = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": int(mesh.size)}
     m = cfg.model
     graphdefs = {}
@@ -583,7 +588,7 @@ def dry_run(cfg) -> dict:
     optimizer = make_optimizer(cfg)
     state = TrainState(params=params, opt_state=jax.eval_shape(optimizer.init, params),
                        step=jax.ShapeDtypeStruct((), jnp.int32))
-    b = cfg.prompts_per_step * cfg.num_samples // jax.process_count()
+    b = cfg.prompts_per_step * cfg.num_samples  # global: the step takes the global batch
     p, r = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     batch = Rollouts(

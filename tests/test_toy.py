@@ -136,8 +136,8 @@ def test_jsonl_loads_with_the_data_pipeline(tmp_path):
     examples = toy.make_examples(20, seed=1)
     path = toy.write_jsonl(examples, tmp_path / "d" / "train.jsonl")
     loaded = load_examples(path, spec=toy.TOY_SPEC)
-    assert [(x.problem, x.answer) for x in loaded] == [(e["problem"], e["answer"])
-                                                       for e in examples]
+    assert [(x.problem, x.answer, x.meta["solution"]) for x in loaded] == [
+        (e["problem"], e["answer"], e["solution"]) for e in examples]
     assert loaded[3].source.endswith("train.jsonl:4")
 
 

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -60,17 +59,20 @@ def _exact_solution_rate(records: list[dict], solutions: list[str]) -> float:
     return hits / sum(rec["n"] for rec in records)
 
 
-def _evaluate(models: dict[str, str], args) -> dict:
+def _evaluate(models: dict[str, str], test_file: str, args) -> tuple[dict, dict, str, dict]:
+    """Evaluates every model on the first args.problems of test_file.
+
+    Returns (results: name -> JSON-ready metrics, summaries: name -> evaluation summary,
+    plot path, counts: name -> (n [P], c [P]) for paired comparisons).
+    """
     from scope_jax import data, evaluation, toy
     from scope_jax.models import load_hf
     from scope_jax.verifiers import Verifier
     from transformers import AutoTokenizer
 
-    test_file = os.path.join(args.toy_dir, "data", "test.jsonl")
     examples = data.load_examples(test_file, toy.TOY_SPEC)[: args.problems]
-    with open(test_file) as f:  # the worked solutions, in file order (toy.write_jsonl wrote them)
-        solutions = [json.loads(line)["solution"] for line in f][: args.problems]
-    results, curves, counts = {}, {}, {}
+    solutions = [e.meta["solution"] for e in examples]
+    results, summaries, curves, counts = {}, {}, {}, {}
     with Verifier(num_workers=2) as verifier:
         for name, path in models.items():
             t0 = time.perf_counter()
@@ -81,17 +83,17 @@ def _evaluate(models: dict[str, str], args) -> dict:
             evaluation.write_jsonl(os.path.join(args.out, "eval", f"{name}.jsonl"), res.records)
             s = res.summary
             results[name] = {key: s[key] for key in ("avg_at_k", "pass_at_k", "k", "avg_at_k_ci", "pass_at_k_ci",
-                                                     "num_problems") if key in s}
+                                                     "num_problems")}
             results[name]["exact_solution_rate"] = _exact_solution_rate(res.records, solutions)
             results[name]["checkpoint"] = path
             curves[name] = s["pass_curve"]
             counts[name] = res.counts()
             logging.info("eval %s: Avg@%d %.3f Pass@%d %.3f (%.0f s)", name, args.k, s["avg_at_k"], args.k,
                          s["pass_at_k"], time.perf_counter() - t0)
-            results[name]["_summary"] = s
+            summaries[name] = s
     plot = evaluation.plot_pass_curves(curves, os.path.join(args.out, "pass_at_k.png"),
                                        title=f"toy task, {len(examples)} problems, T={args.temperature}")
-    return results, plot, counts
+    return results, summaries, plot, counts
 
 
 # Paired comparisons printed and saved: (model, baseline).
@@ -140,16 +142,13 @@ def main(argv=None) -> int:
     for method in METHODS:
         models[method] = _train(method, paths, args)
     models["teacher"] = paths["teacher"]
-    results, plot, counts = _evaluate(models, args)
+    results, summaries, plot, counts = _evaluate(models, paths["test"], args)
     comparisons = _compare(counts, args.k)
-    summaries = {name: r.pop("_summary") for name, r in results.items()}
     table = evaluation.format_table({name: {"toy test": s} for name, s in summaries.items()})
-    os.makedirs(args.out, exist_ok=True)
     out = {"settings": {"steps": args.steps, "k": args.k, "problems": args.problems, "temperature": args.temperature,
                         "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1)},
            "plot": plot, **results, "comparisons": comparisons}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    evaluation.write_json(os.path.join(args.out, "results.json"), out)
     print(table)
     print(_format_comparisons(comparisons))
     print("samples that are the gold worked solution (right answer for the right reasons): " +
