@@ -406,9 +406,8 @@ def test_tools_eval_end_to_end(checkpoint, tmp_path, capsys):
                 bare = tokenizer.apply_chat_template([{"role": "user", "content": ex.problem}],
                                                      add_generation_prompt=True, tokenize=True)
                 assert r["prompt_tokens"] == len(bare["input_ids"])  # --no-instruction
-            sources = [dataclasses.replace(ex, source=r["source"])
-                       for ex, r in zip(examples, records)]
-            assert [s.split(":")[0] for s in (x.source for x in sources)] == [str(data)] * 3
+            # The source each record must carry: the file and its 1-based line.
+            sources = [dataclasses.replace(ex, source=f"{data}:{i + 1}") for i, ex in enumerate(examples)]
             _check_records(records, sources, k=4, max_new=12)
     with open(out / "pass_at_k.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

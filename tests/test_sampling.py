@@ -267,7 +267,8 @@ def test_greedy_sum_model_positions_mask_and_eos():
         np.testing.assert_array_equal(out.logprobs[row], out.policy_logprobs[row])
         assert np.all(np.asarray(out.policy_logprobs[row, :n]) < 0)
     assert reasons == {FINISH_EOS, FINISH_LENGTH}  # the prompts exercise both
-    assert sampling.finish_reason_names(out)[0] in ("eos", "length")
+    assert sampling.finish_reason_names(out) == [
+        "eos" if sum_model_reference(p, 12, eos_ids, vocab)[1] == FINISH_EOS else "length" for p in prompts]
     assert sampling.response_lists(out)[1] == sum_model_reference(prompts[1], 12, eos_ids)[0]
     np.testing.assert_array_equal(out.prompt_lengths, [len(p) for p in prompts])
 
