@@ -186,16 +186,46 @@ def full_batch_constants(cfg, b: Rollouts) -> dict:
     return aux
 
 
-def _split_rows(tree, n: int):
-    """[B, ...] leaves -> [n, B / n, ...] (micro-batches for lax.scan)."""
-    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), tree)
+def _strided_micro_batches(tree, n: int):
+    """[B, ...] leaves -> [n, B / n, ...]: micro-batch j holds rows j, j + n, j + 2n, ...
+
+    Strided, not contiguous (as MaxText): the rows of a batch are split over the batch shards
+    in contiguous blocks, so a contiguous slice would sit on a few shards while the others
+    idle; rows j, j + n, ... spread each micro-batch over every shard, and the reshape below
+    is local to each shard (no collective). check_partition makes B / n a multiple of the
+    batch shards so that every shard gets the same number of rows.
+    """
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), tree)
+
+
+def batch_shards(mesh) -> int:
+    """How many ways the rollout rows are split: the product of the mesh's batch axes."""
+    return int(math.prod(mesh.shape[a] for a in sampling.BATCH_AXES if a in mesh.shape))
+
+
+def check_partition(cfg, mesh, rows: int) -> None:
+    """Refuses, with what to set, a batch the step cannot split evenly over micro-batches and
+    batch shards (each micro-batch must give every batch shard the same number of rows)."""
+    n, shards = int(cfg.micro_batches), batch_shards(mesh)
+    if n < 1:
+        raise ValueError(f"config.micro_batches={n}: must be >= 1")
+    if rows % n:
+        raise ValueError(f"config.micro_batches={n} does not divide the batch of {rows} rollouts "
+                         f"(prompts_per_step x num_samples); choose a divisor of {rows}")
+    if (rows // n) % shards:
+        ok = [m for m in range(1, rows + 1) if rows % m == 0 and (rows // m) % shards == 0]
+        raise ValueError(
+            f"config.micro_batches={n} gives {rows // n} rows per micro-batch, not a multiple of "
+            f"the {shards} batch shards (mesh data x fsdp = {dict(mesh.shape)}), so some chips "
+            f"would idle or hold the whole micro-batch; use micro_batches in {ok}")
 
 
 def make_train_step(cfg, graphdef, optimizer) -> Callable:
     """(state, batch) -> (state, metrics), pure; jit it with the state donated.
 
-    Gradients are accumulated over cfg.micro_batches row slices with the full batch's weights,
-    advantages and denominators, so the update equals the one-shot update on the whole batch.
+    Gradients are accumulated over cfg.micro_batches strided row slices (see
+    _strided_micro_batches) with the full batch's weights, advantages and denominators, so the
+    update equals the one-shot update on the whole batch.
     A step whose loss or gradient norm is not finite leaves params and optimizer state as they
     were (metrics["skipped"] = 1); the host loop counts such steps.
     """
@@ -205,6 +235,8 @@ def make_train_step(cfg, graphdef, optimizer) -> Callable:
     temperature = policy_temperature(cfg)
 
     def micro_loss(params, mb: Rollouts, aux):
+        # Each micro-batch stays split over the batch shards (rows), whatever XLA infers.
+        mb = jax.tree.map(lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
         model = nnx.merge(graphdef, params)
         lp = response_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], chunk,
                                temperature)
@@ -221,7 +253,8 @@ def make_train_step(cfg, graphdef, optimizer) -> Callable:
             return jax.tree.map(jnp.add, acc, (val, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        (loss, grads), _ = jax.lax.scan(body, zeros, (_split_rows(batch, n_micro), _split_rows(row_aux, n_micro)))
+        micro = _strided_micro_batches((batch, row_aux), n_micro)
+        (loss, grads), _ = jax.lax.scan(body, zeros, micro)
         # Routing metrics (weights, ESS, PPLs, prompt kinds) over the whole batch; they do not
         # depend on the current log-probs, so evaluate them at pi_old.
         metrics = loss_fn(batch.old_logprobs, batch, aux)[1]
@@ -239,6 +272,148 @@ def make_train_step(cfg, graphdef, optimizer) -> Callable:
         return new_state, metrics
 
     return step
+
+
+def state_shardings(optimizer, param_shardings, mesh, params) -> TrainState:
+    """TrainState of NamedShardings: the optimizer's per-parameter leaves (Adam's moments)
+    take their parameter's sharding, its other leaves (counts) are replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    replicated = NamedSharding(mesh, P())
+    opt = jax.eval_shape(optimizer.init, params)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, opt, param_shardings,
+                                   transform_non_params=lambda _: replicated)
+    return TrainState(params=param_shardings, opt_state=opt_sh, step=replicated)
+
+
+def batch_sharding(mesh):
+    """Rollout rows split over the mesh's batch axes (as the sampler splits them)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return NamedSharding(mesh, P(sampling.BATCH_AXES))
+
+
+def build_step(cfg, graphdef, optimizer, state_sh: TrainState, mesh) -> Callable:
+    """The jitted update train() runs: the state donated, fixed shardings in and out (so step 1
+    reuses step 0's executable). Call it, and lower it, under jax.set_mesh(mesh), which makes
+    the model's activation sharding constraints take effect."""
+    return jax.jit(make_train_step(cfg, graphdef, optimizer), donate_argnums=0,
+                   in_shardings=(state_sh, batch_sharding(mesh)), out_shardings=(state_sh, None))
+
+
+def abstract_batch(rows: int, seq_len: int, response_len: int) -> Rollouts:
+    """ShapeDtypeStructs of a Rollouts batch: rows x seq_len tokens, the last response_len of
+    which are the response positions."""
+    if not 0 < response_len < seq_len:
+        raise ValueError(f"response_len={response_len} must be in [1, seq_len={seq_len})")
+    sd = jax.ShapeDtypeStruct
+    return Rollouts(
+        input_ids=sd((rows, seq_len), jnp.int32), attention_mask=sd((rows, seq_len), jnp.bool_),
+        response_mask=sd((rows, response_len), jnp.bool_),
+        old_logprobs=sd((rows, response_len), jnp.float32),
+        teacher_logprobs=sd((rows, response_len), jnp.float32),
+        ref_logprobs=sd((rows, response_len), jnp.float32),
+        correct=sd((rows,), jnp.bool_), group_ids=sd((rows,), jnp.int32))
+
+
+def abstract_model(cfg, role: str, mesh, num_layers: int | None = None):
+    """(graphdef, params as sharded ShapeDtypeStructs, param shardings) of cfg.<role>'s
+    architecture (its config.json, else cfg.arch.<role>; num_layers overrides the depth),
+    built without weights."""
+    from scope_jax.models import ModelConfig, Transformer
+
+    m = cfg.model
+    arch = _hf_config(cfg, role)
+    if num_layers is not None:
+        arch = dict(arch, num_hidden_layers=int(num_layers))
+    mc = ModelConfig.from_hf(arch, source=f"config.arch.{role}")
+    dtype = _dtype(m.dtype if role == "student" else m.teacher_dtype)
+    pdt = _dtype(m.param_dtype) if role == "student" else dtype
+    remat = m.remat if role == "student" else False
+    abstract = nnx.eval_shape(lambda: Transformer(mc, dtype=dtype, param_dtype=pdt, rngs=nnx.Rngs(0),
+                                                  remat=remat))
+    graphdef, state = nnx.split(abstract)
+    params = nnx.to_pure_dict(state)
+    shardings = nnx.to_pure_dict(shd.model_shardings(abstract, mesh))
+    params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), params, shardings)
+    return graphdef, params, shardings
+
+
+def lower_step(cfg, *, rows: int, seq_len: int, response_len: int | None = None,
+               mesh=None) -> jax.stages.Lowered:
+    """Lowers, without weights, exactly the jitted update train() runs on cfg.mesh.
+
+    Same jit (build_step), shardings, mesh context and micro-batching; the student's
+    architecture comes from cfg.student's config.json or cfg.arch.student.
+
+    Args:
+      rows: rollouts in the step's batch (train() passes prompts_per_step x num_samples).
+      seq_len: tokens per row as the step sees them (prompt bucket + trimmed response).
+      response_len: response positions of each row (default: min(max_new_tokens, seq_len - 1)).
+      mesh: default shd.make_mesh(cfg.mesh).
+    Returns:
+      jax.stages.Lowered; .compile() gives memory_analysis() / cost_analysis() per device.
+    """
+    mesh = shd.make_mesh(cfg.mesh) if mesh is None else mesh
+    check_partition(cfg, mesh, rows)
+    graphdef, params, param_sh = abstract_model(cfg, "student", mesh)
+    optimizer = make_optimizer(cfg)
+    state_sh = state_shardings(optimizer, param_sh, mesh, params)
+    opt = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                       jax.eval_shape(optimizer.init, params), state_sh.opt_state)
+    state = TrainState(params=params, opt_state=opt,
+                       step=jax.ShapeDtypeStruct((), jnp.int32, sharding=state_sh.step))
+    response_len = min(int(cfg.sampling.max_new_tokens), seq_len - 1) if response_len is None else response_len
+    with jax.set_mesh(mesh):
+        return build_step(cfg, graphdef, optimizer, state_sh, mesh).lower(
+            state, abstract_batch(rows, seq_len, response_len))
+
+
+def make_score(cfg) -> Callable:
+    """score(graphdef, params, input_ids, attention_mask, num_response, temperature) ->
+    float32 [B, num_response]: response_logprobs of a no-gradient pass (pi_old, the teacher,
+    GRPO's reference), jitted (graphdef, num_response and temperature static).
+
+    The rows go through in cfg.micro_batches strided micro-batches, as the train step takes
+    them, so a scoring pass holds one micro-batch's activations, not the whole batch's.
+    """
+    chunk, n = int(cfg.model.logprob_chunk), int(cfg.micro_batches)
+
+    def score(graphdef, params, ids, mask, num_response, temperature):
+        model = nnx.merge(graphdef, params)
+
+        def one(xs):
+            ids_mb, mask_mb = (shd.constrain(x, ("batch", None)) for x in xs)
+            return response_logprobs(model, ids_mb, mask_mb, num_response, chunk, temperature)
+
+        out = jax.lax.map(one, _strided_micro_batches((ids, mask), n))  # [n, B / n, M]
+        return out.swapaxes(0, 1).reshape(ids.shape[0], num_response)  # back to row order
+
+    return jax.jit(score, static_argnums=(0, 4, 5))
+
+
+def lower_score(cfg, role: str, *, rows: int, seq_len: int, response_len: int, mesh=None,
+                num_layers: int | None = None) -> jax.stages.Lowered:
+    """Lowers, without weights, the scoring pass train() runs for cfg.<role> ("teacher" or
+    "student": pi_old and GRPO's reference) on rows x seq_len tokens (see make_score)."""
+    mesh = shd.make_mesh(cfg.mesh) if mesh is None else mesh
+    check_partition(cfg, mesh, rows)
+    graphdef, params, _ = abstract_model(cfg, role, mesh, num_layers)
+    rows_sh = batch_sharding(mesh)
+    ids = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=rows_sh)
+    mask = jax.ShapeDtypeStruct((rows, seq_len), jnp.bool_, sharding=rows_sh)
+    with jax.set_mesh(mesh):
+        return make_score(cfg).lower(graphdef, params, ids, mask, response_len, 1.0)
+
+
+def response_bucket(length: int, cap: int, minimum: int = 16) -> int:
+    """The response positions a step keeps when its longest response has `length` tokens: the
+    smallest of 2^k and 1.5 * 2^k that holds it (at least `minimum`, at most `cap`), so the
+    train step compiles for about two shapes per doubling of the response length."""
+    b = minimum
+    while b < length:
+        b = b * 3 // 2 if b & (b - 1) == 0 else b // 3 * 4  # 2^k -> 1.5 * 2^k -> 2^(k+1)
+    return min(b, cap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,6 +547,7 @@ def train(cfg) -> dict:
 
         toy.build_toy(cfg.toy_dir)
     mesh = shd.make_mesh(cfg.mesh)
+    check_partition(cfg, mesh, cfg.prompts_per_step * cfg.num_samples)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.student)
     loader = _load_prompts(cfg, tokenizer)
     student, teacher = _load_models(cfg, mesh)
@@ -391,14 +567,10 @@ def train(cfg) -> dict:
              ckpt.directory if restored is not None else cfg.student)
     metrics_out = _Metrics(os.path.join(cfg.workdir, "metrics.jsonl"), start) if jax.process_index() == 0 else None
 
-    # Fixed shardings in and out, so step 1 reuses step 0's executable (an inferred P() vs the
-    # loaded P(None,) would otherwise compile the step twice).
-    state, state_sh, batch_sh = _place(state, mesh)
-    step_fn = jax.jit(make_train_step(cfg, graphdef, optimizer), donate_argnums=0,
-                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
-    chunk = int(cfg.model.logprob_chunk)
-    score = jax.jit(lambda gd, p, ids, mask, m, t: response_logprobs(nnx.merge(gd, p), ids, mask, m, chunk, t),
-                    static_argnums=(0, 4, 5))
+    state_sh = state_shardings(optimizer, nnx.to_pure_dict(shd.model_shardings(student, mesh)), mesh, params)
+    state, batch_sh = jax.device_put(state, state_sh), batch_sharding(mesh)
+    step_fn = _under_mesh(build_step(cfg, graphdef, optimizer, state_sh, mesh), mesh)
+    score = _under_mesh(make_score(cfg), mesh)
     t_graph, t_params = nnx.split(teacher) if teacher is not None else (None, None)
     eos = tokenizer.eos_token_id if cfg.sampling.eos_ids is None else list(cfg.sampling.eos_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -449,23 +621,13 @@ def train(cfg) -> dict:
     return last
 
 
-def _place(state: TrainState, mesh):
-    """Commits every state leaf to a NamedSharding on `mesh` (replicated where it had none).
-
-    Returns (state, state shardings, batch shardings): rollout rows are split over the
-    data-parallel axes, as the sampler splits them.
-    """
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    def sharding(x):
-        sh = getattr(x, "sharding", None)
-        if isinstance(sh, NamedSharding) and sh.mesh == mesh:
-            return NamedSharding(mesh, P(*sh.spec))
-        return NamedSharding(mesh, P())
-
-    state_sh = jax.tree.map(sharding, state)
-    rows = NamedSharding(mesh, P(sampling.BATCH_AXES))
-    return jax.device_put(state, state_sh), state_sh, rows
+def _under_mesh(fn: Callable, mesh) -> Callable:
+    """fn called under jax.set_mesh(mesh), where the model's activation sharding constraints
+    (scope_jax.sharding.constrain) take effect; without a mesh in context they do nothing."""
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+    return call
 
 
 def _progress(start: int, total: int):
@@ -501,6 +663,7 @@ def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, 
     out = sampling.generate(policy, prompts, num_samples=cfg.num_samples, max_new_tokens=s.max_new_tokens,
                             temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p or None,
                             eos_ids=eos, pad_id=pad, key=key, mesh=mesh if mesh.size > 1 else None)
+    out, shape_info = _trim_responses(out, s.max_new_tokens)
     # Each process decodes and verifies its own rollouts (the verifier work is spread over hosts).
     texts = tokenizer.batch_decode(response_lists(out), skip_special_tokens=True)
     results = verifier.verify_batch(texts, [g for g in golds for _ in range(cfg.num_samples)])
@@ -530,8 +693,28 @@ def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, 
         "rollouts": int(len(results)),
         "finished_eos": float(np.mean(sampling.local_rows(out.finish_reason) == sampling.FINISH_EOS)),
         "verifier_timeouts": float(reasons.count("timeout")),
+        **shape_info,
     }
     return batch, info
+
+
+def _trim_responses(out, max_new_tokens: int):
+    """Cuts the rollouts' response positions to response_bucket(longest response), so the
+    scoring passes and the step process what the rollouts hold, not prompt bucket +
+    max_new_tokens. Returns (out, {"seq_len": the step's tokens per row, "padding": this host's
+    share of padding positions}); seq_len is the same on every host (global longest)."""
+    lengths, prompts = sampling.local_rows(out.lengths), sampling.local_rows(out.prompt_lengths)
+    longest = int(lengths.max())
+    if jax.process_count() > 1:  # every host must cut to the same shape
+        from jax.experimental import multihost_utils
+
+        longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+    m = response_bucket(longest, int(max_new_tokens))
+    out = out.replace(tokens=out.tokens[:, :m], response_mask=out.response_mask[:, :m],
+                      logprobs=out.logprobs[:, :m], policy_logprobs=out.policy_logprobs[:, :m])
+    seq_len = out.prompt_ids.shape[1] + m
+    real = float(lengths.sum() + prompts.sum())
+    return out, {"seq_len": float(seq_len), "padding": 1.0 - real / (len(lengths) * seq_len)}
 
 
 def _export(cfg, graphdef, params, tokenizer, save_hf) -> None:
@@ -561,44 +744,22 @@ def _hf_config(cfg, role: str) -> dict:
 
 
 def dry_run(cfg) -> dict:
-    """Builds the mesh, the parameter shardings and the shapes of one train step with
-    jax.eval_shape (no weights are created); reports parameters and bytes per device."""
-    from scope_jax.models import ModelConfig, Transformer
-
+    """Builds the mesh and the parameter shardings, and lowers the train step train() runs
+    (lower_step: no weights are created, nothing is compiled); reports parameters and bytes
+    per device. tools/scale_check.py compiles the same step for memory, FLOPs and collectives."""
     mesh = shd.make_mesh(cfg.mesh)
     report = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": int(mesh.size)}
-    m = cfg.model
-    graphdefs = {}
     for role in ("student", "teacher") if cfg.algo != "grpo" else ("student",):
-        mc = ModelConfig.from_hf(_hf_config(cfg, role))
-        dtype = _dtype(m.dtype if role == "student" else m.teacher_dtype)
-        pdt = _dtype(m.param_dtype) if role == "student" else dtype
-        abstract = nnx.eval_shape(lambda: Transformer(mc, dtype=dtype, param_dtype=pdt, rngs=nnx.Rngs(0), remat=m.remat))
-        shardings = shd.model_shardings(abstract, mesh)
-        graphdef, state = nnx.split(abstract)
-        graphdefs[role] = (graphdef, nnx.to_pure_dict(state))
-        leaves = jax.tree.leaves(nnx.to_pure_dict(state))
-        shard_leaves = jax.tree.leaves(nnx.to_pure_dict(shardings))
+        _, params, shardings = abstract_model(cfg, role, mesh)
+        leaves, shard_leaves = jax.tree.leaves(params), jax.tree.leaves(shardings)
         per_device = sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
                          for x, s in zip(leaves, shard_leaves))
         report[role] = {"params": int(sum(math.prod(x.shape) for x in leaves)),
                         "param_bytes_per_device": int(per_device)}
-
-    graphdef, params = graphdefs["student"]
-    optimizer = make_optimizer(cfg)
-    state = TrainState(params=params, opt_state=jax.eval_shape(optimizer.init, params),
-                       step=jax.ShapeDtypeStruct((), jnp.int32))
-    b = cfg.prompts_per_step * cfg.num_samples  # global: the step takes the global batch
-    p, r = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
-    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
-    batch = Rollouts(
-        input_ids=jax.ShapeDtypeStruct((b, p + r), jnp.int32),
-        attention_mask=jax.ShapeDtypeStruct((b, p + r), jnp.bool_),
-        response_mask=jax.ShapeDtypeStruct((b, r), jnp.bool_),
-        old_logprobs=f32(b, r), teacher_logprobs=f32(b, r), ref_logprobs=f32(b, r),
-        correct=jax.ShapeDtypeStruct((b,), jnp.bool_), group_ids=jax.ShapeDtypeStruct((b,), jnp.int32))
-    with jax.set_mesh(mesh):
-        new_state, metrics = jax.eval_shape(make_train_step(cfg, graphdef, optimizer), state, batch)
-    report["batch"] = {"rollouts": b, "sequence": p + r, "micro_batches": int(cfg.micro_batches)}
+    rows = cfg.prompts_per_step * cfg.num_samples  # global: the step takes the global batch
+    p, r = sampling.prompt_bucket(cfg.data.max_prompt_len), int(cfg.sampling.max_new_tokens)
+    lowered = lower_step(cfg, rows=rows, seq_len=p + r, response_len=r, mesh=mesh)
+    new_state, metrics = lowered.out_info
+    report["batch"] = {"rollouts": rows, "sequence": p + r, "micro_batches": int(cfg.micro_batches)}
     report["train_step"] = {"metrics": sorted(metrics), "state_leaves": len(jax.tree.leaves(new_state))}
     return report

@@ -233,11 +233,10 @@ def test_one_device_and_eight_devices_give_the_same_step(setup):
     for mesh in (shd.make_mesh({"fsdp": 1}, devices=jax.devices()[:1]), shd.make_mesh({"data": 2, "fsdp": 4})):
         cfg = _cfg("scope")
         graphdef, opt, state = _state(setup, cfg, mesh)
-        state, state_sh, rows = train._place(state, mesh)
-        step = jax.jit(train.make_train_step(cfg, graphdef, opt), in_shardings=(state_sh, rows),
-                       out_shardings=(state_sh, None))
+        state_sh = train.state_shardings(opt, jax.tree.map(lambda x: x.sharding, state.params), mesh, state.params)
+        step = train.build_step(cfg, graphdef, opt, state_sh, mesh)
         with jax.set_mesh(mesh):
-            state, m = step(state, jax.device_put(batch, rows))
+            state, m = step(jax.device_put(state, state_sh), jax.device_put(batch, train.batch_sharding(mesh)))
         out.append((float(m["loss"]), jax.device_get(state.params)))
     assert out[1][0] == pytest.approx(out[0][0], rel=1e-5)
     for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1])):

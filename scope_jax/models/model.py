@@ -24,6 +24,13 @@ from flax import nnx
 
 from scope_jax.sharding import constrain
 
+# Remat policies of the scanned decoder layers (the names follow MaxText's remat_policy).
+REMAT_POLICIES = {
+    "none": None,  # no scan-level checkpoint: every layer's activations are kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep the layer input only
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # + matmul outputs
+}
+
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 # Logical axes of Cache.k / Cache.v: [layers, batch, cache_length, kv_heads, head_dim].
@@ -477,14 +484,21 @@ class Transformer(nnx.Module):
       rngs: initialisation randomness (normal(0.02) kernels, unit norms, zero biases).
       rules: logical-axis rules for activation sharding constraints (default
         scope_jax.sharding.DEFAULT_RULES); constraints apply only under jax.set_mesh.
-      remat: rematerialise each decoder layer in the backward pass (training memory).
+      remat: what each decoder layer keeps for the backward pass of a forward without a
+        cache: a REMAT_POLICIES name ("full": only the layer's input, everything else is
+        recomputed; "minimal": also the matmul outputs; "none": everything), or a bool
+        (True = "full", False = "none"). Cached (sampling) forwards never rematerialise.
       attention_chunk: queries per attention block (see attend); bounds the attention scores'
         memory for long sequences. None: all queries at once.
     """
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs, rules=None, remat: bool = False,
+                 rngs: nnx.Rngs, rules=None, remat: bool | str = False,
                  attention_chunk: int | None = 1024):
+        if isinstance(remat, bool):
+            remat = "full" if remat else "none"
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}; expected a bool or one of {sorted(REMAT_POLICIES)}")
         self.config, self.dtype, self.param_dtype, self.remat = config, dtype, param_dtype, remat
         self.rules = None if rules is None else tuple(
             (k, tuple(v) if isinstance(v, list) else v) for k, v in
@@ -511,30 +525,47 @@ class Transformer(nnx.Module):
         x = constrain(x, ("batch", "length", "act_embed"), self.rules)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
 
-        def call(layer, x, kv):
-            return layer(x, cos, sin, mask, kv)
-
-        if self.remat:
-            call = nnx.remat(call)
+        if kv_all is None:
+            return self.norm(self._scan_layers(x, cos, sin, mask)), None
+        # Cached forwards (prefill and decode steps) run the layers as a Python loop: each layer
+        # keeps its own cache arrays (see DecodeCache) and there is no backward pass to save for.
         per_layer = isinstance(kv_all, DecodeCache)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            if kv_all is None:
-                kv = None
-            elif per_layer:
-                kv = (kv_all.k[i], kv_all.v[i], None, index)
-            else:
-                kv = (kv_all[0], kv_all[1], i, index)
-            x, kv = call(layer, x, kv)
+            kv = (kv_all.k[i], kv_all.v[i], None, index) if per_layer else (kv_all[0], kv_all[1], i, index)
+            x, kv = layer(x, cos, sin, mask, kv)
             if per_layer:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-            elif kv is not None:
+            else:
                 kv_all = kv
             x = constrain(x, ("batch", "length", "act_embed"), self.rules)
         if per_layer:
             kv_all = DecodeCache(k=tuple(new_k), v=tuple(new_v))
         return self.norm(x), kv_all
+
+    def _scan_layers(self, x, cos, sin, mask):
+        """The decoder layers as one lax.scan over their stacked parameters: x [B, T, H] -> same.
+
+        Parameters stay one module per layer (the Hugging Face layout, and the sampler's fast
+        per-layer decode path); the forward stacks them ([L, ...], sharded like each layer's
+        parameter on the other axes) and scans one compiled layer body over them, so compile
+        time does not grow with depth, and under remat the backward pass keeps only what the
+        policy saves per layer (with "full": the [B, T, H] layer input) instead of every
+        layer's activations. The stacked copy costs one extra parameter set per device.
+        """
+        graphdef = nnx.graphdef(self.layers[0])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(l) for l in self.layers))
+
+        def body(x, layer_state):
+            y, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, mask)
+            return constrain(y, ("batch", "length", "act_embed"), self.rules), None
+
+        policy = REMAT_POLICIES[self.remat]
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, stacked)
+        return x
 
     def lm_head_weight(self) -> jax.Array:
         """Unembedding matrix [H, V] in the compute dtype (embed_tokens.T when tied)."""
