@@ -85,7 +85,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype of the student
     c.model.param_dtype = "float32"
     c.model.teacher_dtype = "bfloat16"
-    c.model.remat = True
+    c.model.remat_policy = "full"  # decoder-layer remat: full | minimal | none (models.REMAT_POLICIES)
     c.model.logprob_chunk = 512  # vocabulary tile of losses.token_logprobs
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})

@@ -37,6 +37,6 @@ def get_config(variant: str = ""):
     c.verifier.num_workers = 2
     c.model.dtype = "float32"  # bf16 matmuls are slow on CPU
     c.model.teacher_dtype = "float32"
-    c.model.remat = False
+    c.model.remat_policy = "none"  # tiny models: keep every activation
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     return common.apply_variant(c, variant)

@@ -329,7 +329,7 @@ def abstract_model(cfg, role: str, mesh, num_layers: int | None = None):
     mc = ModelConfig.from_hf(arch, source=f"config.arch.{role}")
     dtype = _dtype(m.dtype if role == "student" else m.teacher_dtype)
     pdt = _dtype(m.param_dtype) if role == "student" else dtype
-    remat = m.remat if role == "student" else False
+    remat = m.remat_policy if role == "student" else False
     abstract = nnx.eval_shape(lambda: Transformer(mc, dtype=dtype, param_dtype=pdt, rngs=nnx.Rngs(0),
                                                   remat=remat))
     graphdef, state = nnx.split(abstract)
@@ -491,7 +491,7 @@ def _load_models(cfg, mesh):
 
     m = cfg.model
     student = load_hf(cfg.student, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype), mesh=mesh,
-                      remat=m.remat)
+                      remat=m.remat_policy)
     teacher = None
     if cfg.algo in ("scope", "opd", "kd"):
         teacher = load_hf(cfg.teacher, dtype=_dtype(m.teacher_dtype), mesh=mesh)

@@ -23,7 +23,7 @@ def _cfg(micro_batches=1, mesh=None, remat="full"):
     c.student, c.teacher = "", ""
     c.arch = {"student": dict(TINY), "teacher": dict(TINY)}
     c.micro_batches = micro_batches
-    c.model.remat = remat
+    c.model.remat_policy = remat
     c.mesh = mesh or {"data": 2, "fsdp": 4, "tensor": 1}
     return c
 

@@ -260,7 +260,7 @@ def run(cfg, *, layers: list[int], rows: int, seq_len: int, response_len: int, t
         compiled = train.lower_step(c, rows=rows, seq_len=seq_len, response_len=response_len, mesh=mesh).compile()
         r = compiled_report(compiled)
         r["compile_s"] = time.perf_counter() - t0
-        ideal = ideal_flops(c.arch.student, rows, seq_len, response_len, c.model.remat not in (False, "none"))
+        ideal = ideal_flops(c.arch.student, rows, seq_len, response_len, c.model.remat_policy != "none")
         r["ideal_flops_per_chip"] = {k: v / mesh.size for k, v in ideal.items()}
         r["flops_vs_ideal"] = r["matmul_flops"] / r["ideal_flops_per_chip"]["total"]
         if teacher and cfg.algo in ("scope", "opd", "kd"):

@@ -521,7 +521,10 @@ class Transformer(nnx.Module):
     def _run(self, input_ids, positions, mask, kv_all=None, index=None):
         """Embed, run the layers, final norm. Returns ([B, T, H] compute dtype, kv_all)."""
         ids = jnp.asarray(input_ids, jnp.int32)
-        x = jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
+        # The table's FSDP-sharded embed axis is gathered before the lookup (as any FSDP weight
+        # before its use); looking up in the sharded table makes XLA gather the rows instead.
+        table = constrain(self.embed_tokens[...], ("vocab", None), self.rules)
+        x = jnp.take(table, ids, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "length", "act_embed"), self.rules)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
 
