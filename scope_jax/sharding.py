@@ -38,6 +38,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    # positions of the token log-prob pass: its rows are replicated over 'tensor', so the
+    # vocabulary-sized work is split by position there instead of repeated on every chip
+    ("logprob_length", "tensor"),
     # KV cache [layers, batch, cache_length, kv_heads, head_dim]
     ("layers", None),
     ("cache_length", None),

@@ -109,10 +109,16 @@ def response_logprobs(model, input_ids, attention_mask, num_response: int, chunk
     """
     hidden = model.hidden(input_ids, attention_mask=attention_mask)
     p = input_ids.shape[1] - num_response
-    h = hidden[:, p - 1: p - 1 + num_response]
+    # The rows are split over the batch axes and repeated over 'tensor': split the positions
+    # over 'tensor' too, and give each chip the whole (gathered) lm_head, so that no chip
+    # repeats another's vocabulary-sized work (the vocabulary tiles slice the lm_head freely).
+    h = shd.constrain(hidden[:, p - 1: p - 1 + num_response], ("batch", "logprob_length", None))
+    targets = shd.constrain(input_ids[:, p:], ("batch", "logprob_length"))
     if temperature != 1.0:
         h = h / jnp.asarray(temperature, h.dtype)
-    return losses.token_logprobs(h, model.lm_head_weight(), input_ids[:, p:], chunk_size=chunk_size)
+    w = shd.constrain(model.lm_head_weight(), (None, None))
+    return shd.constrain(losses.token_logprobs(h, w, targets, chunk_size=chunk_size),
+                         ("batch", "logprob_length"))
 
 
 def policy_temperature(cfg) -> float:
