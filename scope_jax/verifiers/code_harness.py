@@ -401,6 +401,10 @@ def run_function(task: dict, deadline: float) -> dict:
         def candidate(*args, **kwargs):
             return prog.call(args, kwargs)
 
+        # As in HumanEval's harness, where the test runs in the program's namespace, the entry
+        # point's global name is the program's function (HumanEval/33's check calls it).
+        ns[task["entry_point"]] = candidate
+
         try:
             ns["check"](candidate)
         except AssertionError as e:
