@@ -208,6 +208,13 @@ HOSTILE = {
     "killpg": ("import os, signal\ndef add(x, y):\n    os.killpg(0, signal.SIGKILL)\n", "fail", ""),
     "kill_all": ("import os\nos.kill(-1, 9)\ndef add(x, y):\n    return x + y\n", "fail", ""),
     "print_forever": ("while True:\n    print('x' * 1000)\n", "fail", "output limit"),
+    "print_stderr_forever": ("import sys\nwhile True:\n    sys.stderr.write('x' * 1000)\n", "fail",
+                             "output limit"),
+    "sleep": ("import time\ndef add(x, y):\n    time.sleep(100)\n", "timeout", ""),
+    "daemon": ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+               "        time.sleep(1)\n        for p in PATHS:\n            try:\n"
+               "                open(p, 'w').write('pwned')\n            except OSError:\n"
+               "                pass\n    os._exit(0)\ndef add(x, y):\n    return None\n", "fail", ""),
     "recursion": ("def add(x, y):\n    return add(x, y)\n", "fail", "RecursionError"),
     "deep_recursion_crash": ("import sys\nsys.setrecursionlimit(10 ** 8)\n"
                              "def add(x, y):\n    return add(x, y)\n", None, ""),

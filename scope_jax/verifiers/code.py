@@ -75,7 +75,8 @@ class CodeTests:
       whose stdout must match ``outputs[i]`` (whitespace-insensitive, numbers within 1e-6).
     Limits: time_limit_s is the wall-clock budget of the whole item (all calls or all cases;
       also the CPU limit of each run); memory_limit_mb the address-space limit of each run;
-      max_processes the processes the program may have at once; max_output_bytes the stdout
+      max_processes the processes (threads included) the program may have at once, counted
+      with the sandbox's own two; max_output_bytes the stdout
       read from each run (stdio: at least twice the expected output).
     """
 
@@ -85,7 +86,7 @@ class CodeTests:
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     task_id: str = ""
-    time_limit_s: float = 10.0
+    time_limit_s: float = 5.0
     memory_limit_mb: int = 1024
     max_processes: int = 16
     max_output_bytes: int = 1 << 20
@@ -323,12 +324,13 @@ def run_sandboxed(program: str, tests: CodeTests) -> tuple[str, str]:
     last = out.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
     got_token, _, verdict_text = last[0].partition(" ")
     if not secrets.compare_digest(got_token.encode(), token.encode()):
+        # Only bwrap and the harness write to this stderr (the program's goes to the harness).
         errtext = err.decode("utf-8", "replace").strip()
-        if errtext.startswith("bwrap:"):
-            return "sandbox_error", errtext[:300]
-        # The harness was killed (by the program: os.kill(os.getppid())) or crashed.
+        if errtext.startswith("bwrap:") or "Traceback" in errtext:
+            return "sandbox_error", errtext[-300:]
+        # The harness was killed: by the program (os.kill(os.getppid()), kill(-1)).
         return "fail", ("the sandbox ended without a verdict (exit status "
-                        f"{proc.returncode}): {errtext[-200:]}")
+                        f"{proc.returncode}): the program killed its checker")
     try:
         verdict = json.loads(verdict_text)
         reason, detail = verdict["reason"], str(verdict.get("detail", ""))

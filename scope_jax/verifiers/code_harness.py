@@ -113,7 +113,8 @@ def communicate(proc, data: bytes, deadline: float, max_stdout: int, max_stderr:
                 extra_read=None, on_extra=None):
     """Write `data` to proc.stdin (then close it) while reading proc.stdout / proc.stderr, until
     both reach EOF, the deadline (time.monotonic()) passes, or stdout exceeds max_stdout bytes.
-    stderr keeps only its last max_stderr bytes. extra_read: another readable fd whose chunks go
+    stderr keeps only its last max_stderr bytes, and more than max_stdout bytes of it in all
+    also end the exchange with 'output_limit'. extra_read: another readable fd whose chunks go
     to on_extra(chunk) (the control pipe). Returns (stdout bytes, stderr bytes, status) with
     status 'eof', 'timeout' or 'output_limit'. Never waits for the process to exit."""
     sel = selectors.DefaultSelector()
@@ -129,7 +130,7 @@ def communicate(proc, data: bytes, deadline: float, max_stdout: int, max_stderr:
             sel.register(f, selectors.EVENT_READ)
     if extra_read is not None:
         sel.register(extra_read, selectors.EVENT_READ)
-    view, pos, status = memoryview(data), 0, "eof"
+    view, pos, status, err_total = memoryview(data), 0, "eof", 0
     try:
         while any(k.fileobj is not extra_read for k in sel.get_map().values()):
             left = deadline - time.monotonic()
@@ -162,6 +163,9 @@ def communicate(proc, data: bytes, deadline: float, max_stdout: int, max_stderr:
                 else:
                     err += chunk
                     del err[:-max_stderr]
+                    err_total += len(chunk)
+                    if err_total > max_stdout:
+                        return bytes(out), bytes(err), "output_limit"
     finally:
         sel.close()
     return bytes(out), bytes(err), status
@@ -284,7 +288,7 @@ class _Program:
                     got += chunk
                 elif not chunk:
                     f.close()
-                elif f is self.proc.stdout:
+                else:  # stdout or stderr: both count against the output limit
                     self.max_out -= len(chunk)
                     if self.max_out < 0:
                         sel.close()
@@ -438,6 +442,7 @@ def run_stdio(task: dict, deadline: float) -> dict:
             control = prog.drain_control()
         finally:
             prog.kill()
+            _kill_everything_else()  # nothing the program left behind outlives its case
         where = f"case {i + 1} of {len(cases)}"
         if status == "timeout":
             return {"reason": "timeout", "detail": f"time limit exceeded at {where}"}
