@@ -127,6 +127,21 @@ def test_stdin_stdout_tests(verifier):
     assert res[0].reward == 1.0 and all(r.reward == 0.0 for r in res[1:])
 
 
+def test_stdin_stdout_hostile_programs(verifier):
+    tests = CodeTests(inputs=("1 2\n", "3 4\n"), outputs=("3", "7"), time_limit_s=LIMIT_S)
+    right = "a, b = map(int, input().split())\nprint(a + b)\n"
+    kill_parent = "import os\nos.kill(os.getppid(), 9)\n" + right  # then answers correctly
+    fork_bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    flood = "while True:\n    print('3 ' * 1000)\n"
+    alloc = "x = bytearray(10 * 1024 ** 3)\n" + right
+    t0 = time.monotonic()
+    res = verifier.verify_batch([kill_parent, fork_bomb, flood, alloc, right], [tests] * 5)
+    assert time.monotonic() - t0 < 2 * (LIMIT_S + vc.STARTUP_SLACK_S)
+    assert [r.reason for r in res] == ["fail", "timeout", "fail", "memory", "pass"], res
+    assert "killed its parent" in res[0].detail and "output limit" in res[2].detail
+    _assert_no_sandbox_process_left()
+
+
 def test_call_based_tests_with_class_solution(verifier):
     tests = CodeTests.from_calls("two_sum", [[[2, 7, 11, 15], 9], [[3, 2, 4], 6]],
                                  [[[0, 1]], [[1, 2]]], time_limit_s=LIMIT_S)
@@ -172,6 +187,14 @@ def _sandbox_processes() -> list[int]:
             if any(m in cmd for m in markers):
                 pids.append(int(d))
     return pids
+
+
+def _assert_no_sandbox_process_left():
+    # The kernel tears a PID namespace down asynchronously: allow it a moment.
+    deadline = time.monotonic() + 5.0
+    while _sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sandbox_processes() == []
 
 
 # name -> (program, expected reason or None for "any zero-reward reason", text the detail has)
@@ -291,10 +314,7 @@ def test_hostile_program_is_contained(name, verifier, outside):
     with pytest.raises(BlockingIOError):
         server.accept()  # no connection came in from the sandbox
     # Every process of the sandbox is gone, and the pool still works.
-    deadline = time.monotonic() + 5.0
-    while _sandbox_processes() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _sandbox_processes() == []
+    _assert_no_sandbox_process_left()
     (ok,) = verifier.verify_batch(["    return x + y\n"], [tests])
     assert ok.reason == "pass", ok
 

@@ -6,9 +6,10 @@ It is trusted code; the program under test is not, so the program never runs in 
 * This process (the harness) reads the task from stdin: b"<n>\\n" + n bytes of JSON. It makes
   itself non-dumpable, so that no other process of the sandbox can read its memory or open its
   file descriptors through /proc.
-* Each run of the program is a fresh interpreter (exec, not fork, so it inherits none of this
-  process's memory: not the tests, not the expected outputs), with resource limits set before a
-  line of the program runs, its own session, and only pipes to the harness.
+* Each run of the program is a process forked from a "zygote", itself a fork of the harness
+  made before the task was read: so it inherits none of the tests, expected outputs or the
+  token, and costs a fork rather than an interpreter start. Resource limits are set before a
+  line of the program runs; it has its own session and only pipes to the harness.
 * Function tests (HumanEval ``check(candidate)``): the harness executes the problem prompt and
   the test code itself and calls ``check`` with a proxy; each call of the proxy is sent to the
   program's process as Python literals and its result comes back as a literal
@@ -31,61 +32,75 @@ import os
 import re
 import selectors
 import signal
-import subprocess
+import socket
 import sys
 import time
 
-# The program's bootstrap: set limits, read the program from the control pipe, run it.
-# argv[1] is a JSON object: rlimits {name: value}, ctl_in / ctl_out fds, mode, entry_point.
+# The program's side. It runs in a process forked from the zygote (a fork of the harness made
+# before the task was read, so it holds no test, expected output or token): fds 0-2 are the
+# program's stdio, 3 the control input, 4 the control output. The first control line is the
+# configuration: rlimits {name: value}, mode, entry_point, program.
 CHILD = r'''
 import ast, builtins, json, os, resource, sys
-cfg = json.loads(sys.argv[1])
-for _name, _value in cfg["rlimits"].items():
-    resource.setrlimit(getattr(resource, _name), (_value, _value))
-_rin = os.fdopen(cfg["ctl_in"], "rb")
-_wout = cfg["ctl_out"]
+_rin = os.fdopen(3, "rb")
 def _send(kind, payload=""):
     data = (kind + " " + json.dumps(payload) + "\n").encode()
     while data:
-        data = data[os.write(_wout, data):]
+        data = data[os.write(4, data):]
 def _exc(e):
     return [type(e).__name__, str(e)[:300]]
-_src = json.loads(_rin.readline())
+def _exit(code):
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except BaseException:
+            pass
+    os._exit(code)
+cfg = json.loads(_rin.readline())
+for _name, _value in cfg["rlimits"].items():
+    resource.setrlimit(getattr(resource, _name), (_value, _value))
+_src = cfg.pop("program")
 try:
     _code = compile(_src, "<program>", "exec")
 except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as e:
     _send("syntax", _exc(e))
-    os._exit(3)
+    _exit(3)
 del _src
 _ns = {"__name__": "__main__" if cfg["mode"] == "stdio" else "__program__",
        "__builtins__": builtins}
 if cfg["mode"] == "stdio":
     try:
         exec(_code, _ns)
-    except SystemExit:
-        raise
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            _exit(0 if e.code is None else e.code & 255)
+        print(e.code, file=sys.stderr)
+        _exit(1)
     except BaseException as e:
         _send("exc", _exc(e))
-        raise
-else:
+        import traceback
+        traceback.print_exc()
+        _exit(1)
+    _exit(0)
+try:
+    exec(_code, _ns)
+    _fn = _ns.get(cfg["entry_point"])
+    if _fn is None and isinstance(_ns.get("Solution"), type):  # LeetCode style (TACO)
+        _fn = getattr(_ns["Solution"](), cfg["entry_point"], None)
+    if not callable(_fn):
+        raise NameError("the program does not define " + repr(cfg["entry_point"]))
+except BaseException as e:
+    _send("exc", _exc(e))
+    _exit(1)
+_send("loaded")
+for _line in _rin:
+    _args, _kwargs = ast.literal_eval(json.loads(_line))
     try:
-        exec(_code, _ns)
-        _fn = _ns.get(cfg["entry_point"])
-        if _fn is None and isinstance(_ns.get("Solution"), type):  # LeetCode style (TACO)
-            _fn = getattr(_ns["Solution"](), cfg["entry_point"], None)
-        if not callable(_fn):
-            raise NameError("the program does not define " + repr(cfg["entry_point"]))
+        _value = _fn(*_args, **_kwargs)
+        _send("ok", repr(_value))
     except BaseException as e:
         _send("exc", _exc(e))
-        os._exit(1)
-    _send("loaded")
-    for _line in _rin:
-        _args, _kwargs = ast.literal_eval(json.loads(_line))
-        try:
-            _value = _fn(*_args, **_kwargs)
-            _send("ok", repr(_value))
-        except BaseException as e:
-            _send("exc", _exc(e))
+_exit(0)
 '''
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -214,26 +229,123 @@ class _Fatal(BaseException):
         self.reason, self.detail = reason, detail
 
 
-class _Program:
-    """One run of the program in a fresh interpreter: control pipes, limits, deadline."""
+class _Zygote:
+    """A fork of the harness made before the task is read; it forks one process per run of the
+    program, so a run costs a fork instead of an interpreter start, and inherits nothing
+    secret. Protocol over a socket pair, one run at a time: the harness sends b"run" with the
+    run's five fds (stdin, stdout, stderr, control in, control out); the zygote answers the
+    run's pid, then its exit code when it ends (negative: killed by that signal)."""
 
-    def __init__(self, task: dict, mode: str, deadline: float):
-        self.deadline = deadline
+    def __init__(self):
+        self.sock, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self.sock.close()
+                _serve(theirs)
+            finally:
+                os._exit(0)
+        theirs.close()
+        self.pid, self.buf, self.dead = pid, b"", False
+
+    def alive(self) -> bool:
+        """False once the zygote has died: only the program (its child) can have killed it,
+        and a program that kills its parent fails, whatever it answers."""
+        if not self.dead:
+            try:
+                self.dead = os.waitpid(self.pid, os.WNOHANG) != (0, 0)
+            except ChildProcessError:
+                self.dead = True
+        return not self.dead
+
+    def spawn(self, fds, deadline: float) -> int:
+        try:
+            socket.send_fds(self.sock, [b"run"], fds)
+        except OSError:
+            self.dead = True
+            raise _Fatal("fail", "the program killed its parent process") from None
+        return self.read_int(deadline)
+
+    def read_int(self, deadline: float) -> int:
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sel = selectors.DefaultSelector()
+            sel.register(self.sock, selectors.EVENT_READ)
+            ready = sel.select(left)
+            sel.close()
+            if ready:
+                chunk = self.sock.recv(64)
+                if not chunk:  # the zygote has exited: it can only have been killed
+                    self.dead = True
+                    raise _Fatal("fail", "the program killed its parent process")
+                self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return int(line)
+
+
+def _serve(sock) -> None:
+    """The zygote's loop (see _Zygote)."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # not the harness's stdin (the token) nor its stdout (the verdict)
+        os.dup2(devnull, fd)
+    while True:
+        msg, fds, _, _ = socket.recv_fds(sock, 16, 5)
+        if not msg or len(fds) != 5:
+            return
+        pid = os.fork()
+        if pid == 0:
+            try:
+                sock.close()
+                os.setsid()
+                for target, fd in enumerate(fds):
+                    os.dup2(fd, target)
+                os.closerange(5, 1 << 16)
+                exec(compile(CHILD, "<child>", "exec"), {"__name__": "__child__"})
+            finally:
+                os._exit(1)
+        for fd in fds:
+            os.close(fd)
+        sock.sendall(b"%d\n" % pid)
+        _, status = os.waitpid(pid, 0)
+        sock.sendall(b"%d\n" % os.waitstatus_to_exitcode(status))
+
+
+class _Program:
+    """One run of the program (a process forked by the zygote): its pipes, limits, deadline.
+    Has stdin / stdout / stderr file objects for communicate()."""
+
+    def __init__(self, task: dict, mode: str, deadline: float, zygote: _Zygote):
+        self.deadline, self.zygote = deadline, zygote
         self.max_out = int(task["max_output_bytes"])
-        r_in, self.w_in = os.pipe()
-        self.r_out, w_out = os.pipe()
-        cfg = {"rlimits": task["rlimits"], "ctl_in": r_in, "ctl_out": w_out, "mode": mode,
-               "entry_point": task.get("entry_point", "")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", CHILD, json.dumps(cfg)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            pass_fds=(r_in, w_out), start_new_session=True, cwd="/tmp",
-            env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"})
-        os.close(r_in)
-        os.close(w_out)
+        pipes = [os.pipe() for _ in range(5)]  # stdin, stdout, stderr, control in, control out
+        theirs = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][0], pipes[4][1]]
+        self.returncode = None
+        try:
+            self.pid = zygote.spawn(theirs, deadline)
+        except TimeoutError:
+            raise _Fatal("timeout", "time limit exceeded") from None
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        self.stdin = os.fdopen(pipes[0][1], "wb", buffering=0)
+        self.stdout = os.fdopen(pipes[1][0], "rb", buffering=0)
+        self.stderr = os.fdopen(pipes[2][0], "rb", buffering=0)
+        self.w_in, self.r_out = pipes[3][1], pipes[4][0]
+        if mode == "function":
+            self.stdin.close()
         self.ctl = bytearray()
         self.fatal = None  # the first _Fatal raised by a call, kept in case check() swallows it
-        self._send_line(json.dumps(task["program"]).encode() + b"\n")
+        cfg = {"rlimits": task["rlimits"], "mode": mode, "program": task["program"],
+               "entry_point": task.get("entry_point", "")}
+        self._send_line(json.dumps(cfg).encode() + b"\n")
+
+    def wait(self, deadline: float) -> int:
+        """The exit code (negative: the signal); raises TimeoutError at the deadline."""
+        if self.returncode is None:
+            self.returncode = self.zygote.read_int(deadline)
+        return self.returncode
 
     def _send_line(self, data: bytes) -> None:
         try:
@@ -269,7 +381,7 @@ class _Program:
                 raise _Fatal("fail", "the program's reply exceeds the output limit")
             got = bytearray()
             sel = selectors.DefaultSelector()
-            for f in (self.proc.stdout, self.proc.stderr):
+            for f in (self.stdout, self.stderr):
                 if f is not None and not f.closed:
                     sel.register(f, selectors.EVENT_READ)
             sel.register(self.r_out, selectors.EVENT_READ)
@@ -306,8 +418,8 @@ class _Program:
 
     def _died(self) -> _Fatal:
         try:
-            code = self.proc.wait(timeout=max(0.05, self.deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+            code = self.wait(max(self.deadline, time.monotonic() + 0.05))
+        except TimeoutError:
             self.kill()
             return _Fatal("fail", "the program closed its control pipe")
         if code == -signal.SIGXCPU:
@@ -361,14 +473,17 @@ class _Program:
         return b"".join(chunks)
 
     def kill(self) -> None:
-        """Kill the program's session and close every pipe to it."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        self.proc.kill()
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+        """Kill the program's session, wait for the zygote to reap it, close every pipe."""
+        if self.returncode is None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                self.wait(time.monotonic() + 10.0)
+            except (TimeoutError, _Fatal):
+                pass
+        for f in (self.stdin, self.stdout, self.stderr):
             if f is not None and not f.closed:
                 try:
                     f.close()
@@ -391,9 +506,12 @@ def _load_failure(kind: str, payload) -> dict:
     return {"reason": "fail", "detail": f"loading the program failed: {text}"[:300]}
 
 
-def run_function(task: dict, deadline: float) -> dict:
+def run_function(task: dict, deadline: float, zygote: _Zygote) -> dict:
     """HumanEval-style tests: check(candidate) runs here, the candidate in the program."""
-    prog = _Program(task, "function", deadline)
+    try:
+        prog = _Program(task, "function", deadline, zygote)
+    except _Fatal as e:
+        return {"reason": e.reason, "detail": e.detail}
     try:
         kind, payload = prog.next_message()
         if kind != "loaded":
@@ -417,6 +535,11 @@ def run_function(task: dict, deadline: float) -> dict:
             return {"reason": "fail", "detail": f"{type(e).__name__}: {e}"[:300]}
         if prog.fatal is not None:  # check() caught the failure of a call; it still counts
             raise prog.fatal
+        # Once the zygote has reported the program's exit, a SIGKILL the program sent it before
+        # can no longer be pending: it would have ended the zygote first (EOF instead).
+        prog.kill()
+        if not zygote.alive():
+            return {"reason": "fail", "detail": "the program killed its parent process"}
         return {"reason": "pass", "detail": ""}
     except _Fatal as e:
         return {"reason": e.reason, "detail": e.detail}
@@ -424,25 +547,24 @@ def run_function(task: dict, deadline: float) -> dict:
         prog.kill()
 
 
-def run_stdio(task: dict, deadline: float) -> dict:
+def run_stdio(task: dict, deadline: float, zygote: _Zygote) -> dict:
     """Stdin/stdout tests: a fresh process per case; stops at the first failing case."""
     cases = list(zip(task["inputs"], task["outputs"]))
     for i, (inp, expected) in enumerate(cases):
         prog = _Program(dict(task, max_output_bytes=max(int(task["max_output_bytes"]),
                                                           2 * len(expected) + 4096)),
-                        "stdio", deadline)
+                        "stdio", deadline, zygote)
         try:
-            out, err, status = communicate(prog.proc, inp.encode(), deadline, prog.max_out,
+            out, err, status = communicate(prog, inp.encode(), deadline, prog.max_out,
                                            extra_read=prog.r_out, on_extra=prog.ctl.extend)
             if status == "eof":
                 try:
-                    code = prog.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
+                    code = prog.wait(deadline)
+                except TimeoutError:
                     status = "timeout"
             control = prog.drain_control()
         finally:
             prog.kill()
-            _kill_everything_else()  # nothing the program left behind outlives its case
         where = f"case {i + 1} of {len(cases)}"
         if status == "timeout":
             return {"reason": "timeout", "detail": f"time limit exceeded at {where}"}
@@ -464,6 +586,8 @@ def run_stdio(task: dict, deadline: float) -> dict:
             return {"reason": "fail", "detail": f"exit status {code} at {where}: {tail[0]}"[:300]}
         if not outputs_match(out.decode("utf-8", "replace"), expected):
             return {"reason": "fail", "detail": f"wrong answer at {where}"}
+    if not zygote.alive():
+        return {"reason": "fail", "detail": "the program killed its parent process"}
     return {"reason": "pass", "detail": f"{len(cases)} cases"}
 
 
@@ -487,12 +611,16 @@ def main() -> None:
         raise SystemExit("code_harness: not in a fresh PID namespace; run it through "
                          "scope_jax.verifiers.code")
     _non_dumpable()
+    zygote = _Zygote()  # before the task is read
     n = int(_read_line(0))
     task = json.loads(_read_exact(0, n))
     deadline = time.monotonic() + float(task["time_limit_s"])
     try:
         run = run_function if task["kind"] == "function" else run_stdio
-        verdict = run(task, deadline)
+        try:
+            verdict = run(task, deadline, zygote)
+        except _Fatal as e:
+            verdict = {"reason": e.reason, "detail": e.detail}
     except Exception as e:  # a harness or test-code failure, not the program's
         verdict = {"reason": "sandbox_error", "detail": f"harness: {type(e).__name__}: {e}"[:300]}
     _kill_everything_else()
