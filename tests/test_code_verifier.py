@@ -253,11 +253,19 @@ HOSTILE = {
                      "    except OSError:\n        pass\n"
                      "print('0' * 32, '{\"reason\": \"pass\"}')\ndef add(x, y):\n    return None\n",
                      "fail", ""),
-    "read_harness_memory": ("import os\ndef add(x, y):\n    out = []\n"
-                            "    for p in ['/proc/%d/mem' % os.getppid(), '/proc/%d/fd/0' % os.getppid(),"
-                            " '/proc/%d/environ' % os.getppid()]:\n        try:\n"
-                            "            open(p, 'rb').read(10)\n            out.append('read ' + p)\n"
-                            "        except OSError as e:\n            out.append(type(e).__name__)\n"
+    # The checker is PID 1 of the sandbox, the process server the program's parent: neither's
+    # memory, fds (stdin holds the token, stdout takes the verdict) or ptrace is reachable.
+    "read_harness_memory": ("import ctypes, os\ndef add(x, y):\n    out = []\n"
+                            "    libc = ctypes.CDLL(None, use_errno=True)\n"
+                            "    for pid in (1, os.getppid()):\n"
+                            "        for what in ('mem', 'fd/0', 'fd/1', 'environ'):\n"
+                            "            try:\n"
+                            "                open('/proc/%d/%s' % (pid, what), 'rb').close()\n"
+                            "                out.append('opened %d/%s' % (pid, what))\n"
+                            "            except OSError as e:\n"
+                            "                out.append(type(e).__name__)\n"
+                            "        if libc.ptrace(16, pid, 0, 0) == 0:  # PTRACE_ATTACH\n"
+                            "            out.append('attached %d' % pid)\n"
                             "    raise ValueError(out)\n", "fail", "PermissionError"),
 }
 
@@ -301,6 +309,8 @@ def test_hostile_program_is_contained(name, verifier, outside):
     if name == "fork_count":
         forked = int(res.detail.split("forked ")[1].split()[0].strip("'\""))
         assert forked < tests.max_processes
+    if name == "read_harness_memory":
+        assert "opened" not in res.detail and "attached" not in res.detail
     if name == "list_root":
         for hidden in ("work", "root", "home", "farm", "opt", "mnt", "var"):
             assert f"'{hidden}'" not in res.detail

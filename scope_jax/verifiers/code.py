@@ -251,8 +251,11 @@ def _sandbox() -> _Sandbox:
             "bubblewrap (bwrap) is not installed; code verification runs programs only inside "
             "it. Install it: `sudo apt-get install -y bubblewrap` (or set SCOPE_BWRAP)")
     python, prefix = _python_inside()
-    argv = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--ro-bind", "/usr", "/usr"]
+    # --as-pid-1: the harness itself is PID 1 of the sandbox. bwrap's own reaper would be a
+    # dumpable process holding the harness's stdin (the token) and stdout (the verdict), which
+    # the program could ptrace; and as PID 1 the harness cannot be killed from inside.
+    argv = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--as-pid-1",
+            "--cap-drop", "ALL", "--ro-bind", "/usr", "/usr"]
     for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(d):
             argv += ["--symlink", os.readlink(d), d]

@@ -592,7 +592,7 @@ def run_stdio(task: dict, deadline: float, zygote: _Zygote) -> dict:
 
 
 def _kill_everything_else() -> None:
-    # In the sandbox's PID namespace, kill(-1) reaches every process but init and this one:
+    # This is PID 1 of the sandbox's PID namespace; kill(-1) reaches every other process in it:
     # whatever the program left behind (daemons, fork bombs) is gone before the token is read.
     for _ in range(2):
         try:
@@ -607,7 +607,7 @@ def _kill_everything_else() -> None:
 
 
 def main() -> None:
-    if os.getpid() > 2:  # kill(-1) below must only ever run in the sandbox's own PID namespace
+    if os.getpid() != 1:  # kill(-1) below must only ever run in the sandbox's own PID namespace
         raise SystemExit("code_harness: not in a fresh PID namespace; run it through "
                          "scope_jax.verifiers.code")
     _non_dumpable()
