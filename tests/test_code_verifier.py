@@ -206,6 +206,15 @@ HOSTILE = {
                    "            if os.fork() == 0:\n                time.sleep(30)\n"
                    "                os._exit(0)\n            n += 1\n    except OSError:\n"
                    "        pass\n    raise ValueError('forked %d' % n)\n", "fail", "forked"),
+    "fill_disk": ("import os\ndef add(x, y):\n    most = 0\n"
+                  "    for d in ('/tmp', '/dev/shm', '/dev', '/', '/usr', '/proc'):\n        n = 0\n"
+                  "        try:\n            for i in range(30):\n"
+                  "                with open(os.path.join(d, 'f%d' % i), 'wb') as f:\n"
+                  "                    for _ in range(8):\n"
+                  "                        f.write(b'x' * (1 << 20))\n"
+                  "                        n += 1\n        except OSError:\n            pass\n"
+                  "        most = max(most, n)\n    raise ValueError('most %d MB' % most)\n",
+                  "fail", "most"),
     "infinite_loop": ("def add(x, y):\n    while True:\n        pass\n", "timeout", ""),
     "alloc_10gb": ("def add(x, y):\n    b = bytearray(10 * 1024 ** 3)\n    return x + y\n",
                    "memory", ""),
@@ -309,6 +318,8 @@ def test_hostile_program_is_contained(name, verifier, outside):
     if name == "fork_count":
         forked = int(res.detail.split("forked ")[1].split()[0].strip("'\""))
         assert forked < tests.max_processes
+    if name == "fill_disk":  # /tmp (64 MB) is the largest writable place
+        assert int(res.detail.split("most ")[1].split()[0]) <= 64
     if name == "read_harness_memory":
         assert "opened" not in res.detail and "attached" not in res.detail
     if name == "list_root":

@@ -76,7 +76,8 @@ class CodeTests:
     Limits: time_limit_s is the wall-clock budget of the whole item (all calls or all cases;
       also the CPU limit of each run); memory_limit_mb the address-space limit of each run;
       max_processes the processes (threads included) the program may have at once, counted
-      with the sandbox's own two; max_output_bytes the stdout
+      with the sandbox's own two (each may use memory_limit_mb: RLIMIT_AS is per process, and
+      a cgroup, which would bound the sum, needs privileges); max_output_bytes the stdout
       read from each run (stdio: at least twice the expected output).
     """
 
@@ -88,7 +89,7 @@ class CodeTests:
     task_id: str = ""
     time_limit_s: float = 5.0
     memory_limit_mb: int = 1024
-    max_processes: int = 16
+    max_processes: int = 8
     max_output_bytes: int = 1 << 20
 
     def __post_init__(self):
@@ -106,9 +107,9 @@ class CodeTests:
                                  f"outputs (>= 1), got {len(self.inputs)} and {len(self.outputs)}")
             if not all(isinstance(x, str) for x in self.inputs + self.outputs):
                 raise ValueError(f"{where}: inputs and outputs must be strings")
-        if not self.time_limit_s > 0 or self.memory_limit_mb < 64 or self.max_processes < 4:
+        if not self.time_limit_s > 0 or self.memory_limit_mb < 64 or self.max_processes < 3:
             raise ValueError(f"{where}: limits out of range (time_limit_s > 0, memory_limit_mb "
-                             ">= 64, max_processes >= 4)")
+                             ">= 64, max_processes >= 3)")
 
     @property
     def kind(self) -> str:
@@ -264,7 +265,10 @@ def _sandbox() -> _Sandbox:
     argv += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     if prefix is not None:
         argv += ["--ro-bind", prefix, prefix]
+    # Every writable place is a size-limited tmpfs (its pages are host memory): /tmp and
+    # /dev/shm; /dev itself (a tmpfs of device nodes) and / are read-only.
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(64 << 20), "--tmpfs", "/tmp",
+             "--size", str(16 << 20), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
              "--remount-ro", "/", "--chdir", "/tmp", "--",
              python, "-I", "-S", "-c", _HARNESS_SRC]
     kwargs: dict = {"env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"},
