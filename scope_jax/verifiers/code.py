@@ -9,9 +9,11 @@ The program is untrusted. It runs only inside bubblewrap (``bwrap``, Debian pack
 ``bubblewrap``), never in this process and never unsandboxed:
 
 * fresh user, PID, network, IPC, UTS and cgroup namespaces (``--unshare-all``): no network, no
-  view of other processes; ``--die-with-parent`` and ``--new-session``;
+  view of other processes; ``--die-with-parent``, ``--new-session``, and ``--as-pid-1`` (the
+  checker is PID 1, so no bwrap reaper holds its pipes);
 * a read-only view of /usr (and /lib*, /bin, /sbin links), /etc/ld.so.cache, and the Python
-  installation when it lives outside /usr; a private /proc, /dev and a size-limited /tmp. The
+  installation when it lives outside /usr; a private /proc, a read-only /dev, and two
+  size-limited tmpfs, /tmp (64 MB) and /dev/shm (16 MB), the only writable places. The
   project, the working directory, /work, /root and the home directory are not mounted at all;
 * when the verifier runs as root, the sandbox runs as the user ``nobody`` (as root no capability
   would be dropped and RLIMIT_NPROC would not apply);

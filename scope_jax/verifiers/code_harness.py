@@ -349,7 +349,7 @@ class _Program:
 
     def _send_line(self, data: bytes) -> None:
         try:
-            os.write(self.w_in, data) if len(data) < 4096 else self._write_all(data)
+            self._write_all(data)  # never blocks past the deadline, even on a full pipe
         except (BrokenPipeError, OSError):
             pass  # it died; the next read reports how
 
