@@ -46,7 +46,8 @@ def verifier():
     ("```py\nx = 1\n```", "x = 1\n"),
     ("```\nx = 1\n```\n```bash\nls\n```", "x = 1\n"),  # untagged block; other languages skipped
     ("```python\nx = 1\n```\n```\ny = 2\n```", "x = 1\n"),  # a python tag beats an untagged one
-    ("  ```python\n  x = 1\n  ```", "x = 1\n"),  # indented fence: dedented
+    ("  ```python\n  x = 1\n  ```", "x = 1\n"),  # indented fence: its indent removed
+    ("```python\n    return a\n```", "    return a\n"),  # a fenced completion keeps its own
     ("```python\nx = 1\n", "x = 1\n"),  # unclosed (truncated) block
     ("    return a + b\n", "    return a + b\n"),  # no fence: the raw text (a completion)
     ("```python\n\n```", None),
@@ -105,12 +106,14 @@ def test_humaneval_chat_style_full_definition_and_broken_versions(verifier):
             "def has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
             "    return any(abs(a - b) < threshold for i, a in enumerate(numbers)\n"
             "               for b in numbers[i + 1:])\n```\nDone.")
+    fenced_body = f"```python\n{p['canonical_solution']}```"
     off_by_one = full.replace("< threshold", "<= threshold - 0.5")
     typo = full.replace("return any", "return any(")
-    res = verifier.verify_batch([full, off_by_one, typo, "no code, only words."],
-                                [tests] * 4)
-    assert [r.reason for r in res] == ["pass", "fail", "syntax", "syntax"]
-    assert [r.reward for r in res] == [1.0, 0.0, 0.0, 0.0]
+    echo = p["prompt"] + p["canonical_solution"]  # a base model repeating the prompt
+    res = verifier.verify_batch([full, fenced_body, echo, off_by_one, typo,
+                                 "no code, only words."], [tests] * 6)
+    assert [r.reason for r in res] == ["pass", "pass", "pass", "fail", "syntax", "syntax"]
+    assert [r.reward for r in res] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
 
 
 # ----------------------------------------------------------------------------- stdio and calls

@@ -45,7 +45,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from typing import Any, Sequence
 
@@ -179,7 +178,8 @@ _PYTHON_TAGS = ("python", "py", "python3")
 
 def extract_code(response: str) -> str | None:
     """The program in a response: the last ```python (or ```py / ```python3) fenced block;
-    else the last untagged ``` block; else the raw text (completion style). A fence left open
+    else the last untagged ``` block; else the raw text (completion style). Lines keep their
+    indentation (a completion's body stays indented) less that of an indented fence. A fence left open
     at the end (a truncated response) still counts as a block. Blocks in other languages are
     skipped. One pass over the lines (linear time). Returns None when nothing but whitespace
     remains."""
@@ -187,22 +187,25 @@ def extract_code(response: str) -> str | None:
         raise TypeError(f"response: expected str, got {type(response).__name__}")
     blocks: list[tuple[str, list[str]]] = []
     current: tuple[str, list[str]] | None = None
+    indent = ""
     for line in response.splitlines(keepends=True):
         s = line.strip()
         if current is None:
             if s.startswith("```"):
                 current = (s[3:].strip().lower(), [])
+                indent = line[:len(line) - len(line.lstrip())]
         elif s.startswith("```") and not s.strip("`"):
             blocks.append(current)
             current = None
         else:
-            current[1].append(line)
+            # A fence indented in a list indents its lines too; a function body keeps its own.
+            current[1].append(line[len(indent):] if line.startswith(indent) else line)
     if current is not None:
         blocks.append(current)
     tagged = [b for b in blocks if b[0] in _PYTHON_TAGS]
     plain = [b for b in blocks if b[0] == ""]
     if tagged or plain:
-        code = textwrap.dedent("".join((tagged or plain)[-1][1]))
+        code = "".join((tagged or plain)[-1][1])
     else:
         code = response
     return code if code.strip() else None

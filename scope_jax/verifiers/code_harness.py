@@ -1,4 +1,4 @@
-"""The checker that runs INSIDE the code sandbox (standard library only; Python 3.8+).
+"""The checker that runs INSIDE the code sandbox (standard library only; Python 3.9+).
 
 scope_jax.verifiers.code starts it as ``python -I -S -c <this file's text>`` inside bubblewrap.
 It is trusted code; the program under test is not, so the program never runs in this process:
