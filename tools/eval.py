@@ -240,7 +240,8 @@ def main(argv=None) -> int:
     if args.no_instruction and args.instruction is not None:
         raise SystemExit("--instruction and --no-instruction exclude each other")
     instruction = None if args.no_instruction else (args.instruction or data_lib.PAPER_INSTRUCTION)
-    instructions = {label: _instruction_for(exs, instruction, args) for label, exs in examples.items()}
+    instructions = {label: _instruction_for(exs, instruction, args)
+                    for label, exs in examples.items()}
 
     # The verifier pool starts before JAX initialises (its workers come from a fork server).
     verifier = Verifier(num_workers=args.verifier_workers, timeout_s=args.verifier_timeout,

@@ -179,10 +179,10 @@ _PYTHON_TAGS = ("python", "py", "python3")
 def extract_code(response: str) -> str | None:
     """The program in a response: the last ```python (or ```py / ```python3) fenced block;
     else the last untagged ``` block; else the raw text (completion style). Lines keep their
-    indentation (a completion's body stays indented) less that of an indented fence. A fence left open
-    at the end (a truncated response) still counts as a block. Blocks in other languages are
-    skipped. One pass over the lines (linear time). Returns None when nothing but whitespace
-    remains."""
+    indentation (a completion's body stays indented) less that of an indented fence. A fence
+    left open at the end (a truncated response) still counts as a block. Blocks in other
+    languages are skipped. One pass over the lines (linear time). Returns None when nothing but
+    whitespace remains."""
     if not isinstance(response, str):
         raise TypeError(f"response: expected str, got {type(response).__name__}")
     blocks: list[tuple[str, list[str]]] = []
