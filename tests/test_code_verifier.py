@@ -241,6 +241,9 @@ HOSTILE = {
     "kill_parent": ("import os\nos.kill(os.getppid(), 9)\ndef add(x, y):\n    return x + y\n",
                     "fail", ""),
     "killpg": ("import os, signal\ndef add(x, y):\n    os.killpg(0, signal.SIGKILL)\n", "fail", ""),
+    "signal_checker": ("import os, signal\nfor s in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL,"
+                       " signal.SIGSTOP):\n    os.kill(1, s)\ndef add(x, y):\n    return None\n",
+                       "fail", ""),
     "kill_all": ("import os\nos.kill(-1, 9)\ndef add(x, y):\n    return x + y\n", "fail", ""),
     "print_forever": ("while True:\n    print('x' * 1000)\n", "fail", "output limit"),
     "print_stderr_forever": ("import sys\nwhile True:\n    sys.stderr.write('x' * 1000)\n", "fail",

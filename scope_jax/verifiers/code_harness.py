@@ -611,6 +611,9 @@ def main() -> None:
         raise SystemExit("code_harness: not in a fresh PID namespace; run it through "
                          "scope_jax.verifiers.code")
     _non_dumpable()
+    # As PID 1 of its namespace the harness gets only the signals it handles; Python handles
+    # SIGINT (KeyboardInterrupt), which the program could otherwise send it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     zygote = _Zygote()  # before the task is read
     n = int(_read_line(0))
     task = json.loads(_read_exact(0, n))
