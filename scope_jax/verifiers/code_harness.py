@@ -3,9 +3,10 @@
 scope_jax.verifiers.code starts it as ``python -I -S -c <this file's text>`` inside bubblewrap.
 It is trusted code; the program under test is not, so the program never runs in this process:
 
-* This process (the harness) reads the task from stdin: b"<n>\\n" + n bytes of JSON. It makes
-  itself non-dumpable, so that no other process of the sandbox can read its memory or open its
-  file descriptors through /proc.
+* This process (the harness) reads the task from stdin: b"<n>\\n" + n bytes of JSON. It is PID 1
+  of the sandbox (bwrap --as-pid-1), so no signal from the program reaches it, and it makes
+  itself non-dumpable, so that no other process of the sandbox can ptrace it, read its memory
+  or open its file descriptors through /proc.
 * Each run of the program is a process forked from a "zygote", itself a fork of the harness
   made before the task was read: so it inherits none of the tests, expected outputs or the
   token, and costs a fork rather than an interpreter start. Resource limits are set before a
