@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from scope_jax.models.attention import _attend_block, attend, attend_decode, attention  # noqa: F401
 from scope_jax.sharding import constrain
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -414,81 +415,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _attend_block(q, k, v, q_slot, kv_valid, scale):
-    """attend() for one block of queries; see attend for shapes."""
-    b, t, n, d = q.shape
-    kh = k.shape[2]
-    q = q.reshape(b, t, kh, n // kh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    mask = (jnp.arange(k.shape[1], dtype=jnp.int32)[None, :] <= q_slot[:, None])[None]
-    mask = mask & kv_valid[:, None, :]  # [B, T, S]
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, n * d)
-
-
-def attend_decode(q: jax.Array, k_t: jax.Array, v_t: jax.Array, q_slot: jax.Array,
-                  kv_valid: jax.Array, scale: float) -> jax.Array:
-    """attend() for T new queries against a DecodeCache layer's own layout.
-
-    Args:
-      q: [B, T, N, D]; k_t, v_t: [K, B, D, S] (keys and values transposed).
-      q_slot, kv_valid, scale: as in attend.
-    Returns:
-      [B, T, N * D] in v_t's dtype, the same attention as attend.
-
-    The T queries and the G = N // K heads sharing a kv head are folded into one row axis, so
-    both products are plain batched matmuls over (K, B) in the operands' stored layouts
-    ([G*T, D] @ [D, S] and [D, S] @ [S, G*T]): XLA's CPU dot then reads the cache in place,
-    where attend's einsums made it copy each layer's K and V into another order every step.
-    (Values stored [K, B, S, D] with probs @ v measured the same; one layout serves both.)
-    """
-    b, t, n, d = q.shape
-    kh = k_t.shape[0]
-    g = n // kh
-    rows = q.reshape(b, t, kh, g, d).transpose(2, 0, 3, 1, 4).reshape(kh, b, g * t, d)
-    scores = jnp.matmul(rows, k_t, preferred_element_type=jnp.float32) * scale  # [K,B,G*T,S]
-    mask = (jnp.arange(k_t.shape[3], dtype=jnp.int32)[None, :] <= q_slot[:, None])[None]
-    mask = jnp.tile(mask & kv_valid[:, None, :], (1, g, 1))  # [B, G*T, S], rows (g, t)
-    scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_t.dtype)
-    out = jnp.matmul(v_t, probs.swapaxes(-1, -2))  # [K, B, D, G*T]
-    return out.reshape(kh, b, d, g, t).transpose(1, 4, 0, 3, 2).reshape(b, t, n * d)
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_slot: jax.Array, kv_valid: jax.Array,
-           scale: float, chunk: int | None = None) -> jax.Array:
-    """Causal grouped-query attention with a float32 softmax.
-
-    Query t attends to key slot s iff s <= q_slot[t] and kv_valid[b, s].
-
-    Args:
-      q: [B, T, N, D]; k, v: [B, S, K, D] with N a multiple of K (query head h uses kv head
-        h // (N // K), as transformers' repeat_kv).
-      q_slot: int32 [T], the key slot each query occupies (arange(T) without a cache).
-      kv_valid: bool [B, S], False at padding. Rows with no allowed key produce an average of
-        all values instead of NaN (they are padding).
-      chunk: if set and T > chunk, queries are processed ``chunk`` at a time (each chunk
-        rematerialised in the backward pass), so the [B, N, T, S] scores never exist at once:
-        peak memory is O(B * N * chunk * S). The result is the same exact softmax.
-    Returns:
-      [B, T, N * D] in v's dtype.
-    """
-    b, t, n, d = q.shape
-    if chunk is None or t <= chunk:
-        return _attend_block(q, k, v, q_slot, kv_valid, scale)
-    num = -(-t // chunk)
-    pad = num * chunk - t  # padded queries (slot -1) attend to nothing and are cut off below
-    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    q_slot = jnp.pad(q_slot, (0, pad), constant_values=-1)
-    qs = q.reshape(b, num, chunk, n, d).swapaxes(0, 1)
-    slots = q_slot.reshape(num, chunk)
-    block = jax.checkpoint(lambda a: _attend_block(a[0], k, v, a[1], kv_valid, scale))
-    out = jax.lax.map(block, (qs, slots))  # [num, B, chunk, N * D]
-    return out.swapaxes(0, 1).reshape(b, num * chunk, n * d)[:, :t]
-
-
 class Attention(nnx.Module):
     """Self-attention with GQA, optional q/k/v/o biases and optional per-head q/k RMSNorm."""
 
@@ -549,7 +475,8 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
             new_kv = (k_all, v_all)
             k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
-        out = attend(q, k, v, mask[0], mask[1], self.d ** -0.5, self.chunk)
+        out = attention(q, k, v, mask[0], mask[1], self.d ** -0.5, chunk=self.chunk,
+                        rules=self.rules)
         return self.o_proj(out), new_kv
 
 
