@@ -18,7 +18,7 @@ implementation=None picks by jax.default_backend(): splash on TPU, cudnn on GPU 
 fp16 inputs, else xla; attention over a KV cache (S != T) always uses xla. A pick other than
 xla is logged once per process with a warning saying what it was tested on.
 
-tokamax (0.0.12 on PyPI here) was read and not used: its TPU kernel is a vendored copy of the
+tokamax (0.0.12, the newest the package index here serves) was read and not used: its TPU kernel is a vendored copy of the
 same splash kernel, its GPU path for cuDNN is the same jax.nn call, and it needs qwix,
 jaxtyping, einshape and typeguard==2.13.3; its Triton / Mosaic-GPU kernels could not be tested
 without a GPU.
@@ -26,9 +26,8 @@ without a GPU.
 
 from __future__ import annotations
 
-import logging
-
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -196,9 +195,8 @@ def per_shard(kernel, q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Ar
     qs = logical_to_spec(("batch", None, "act_heads", None), rules, shape=q.shape, mesh=mesh)
     ks = logical_to_spec(("batch", None, "act_kv_heads", None), rules, shape=k.shape, mesh=mesh)
     heads = qs[2] if qs[2] == ks[2] else None
-    q_spec = PartitionSpec(qs[0], None, heads, None)
-    kv_spec = PartitionSpec(qs[0], None, heads, None)
-    return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(qs[0], None)),
+    spec = PartitionSpec(qs[0], None, heads, None)  # q, k and v alike
+    return jax.shard_map(kernel, in_specs=(spec, spec, spec, PartitionSpec(qs[0], None)),
                          out_specs=PartitionSpec(qs[0], None, heads), check_vma=False)(
         q, k, v, kv_valid)
 
@@ -209,7 +207,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Arr
 
     Padding becomes segment ids (1 real, 0 padding): a real query sees the real keys up to it,
     a padding query sees padding keys (at least itself, so no softmax row is empty). T is
-    padded to a multiple of the block (a multiple of 128, as the kernel requires).
+    padded to a multiple of 128 (the kernel's lane width) and the block shrunk by 128s until
+    it divides that.
 
     Args:
       q: [B, T, N, D]; k, v: [B, T, K, D]; kv_valid: bool [B, T]; scale: logits scale.
