@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from scope_jax.models.attention import _attend_block, attend, attend_decode, attention  # noqa: F401
 from scope_jax.sharding import constrain
 
 # Remat policies of the scanned decoder layers (the names follow MaxText's remat_policy).
@@ -32,6 +34,18 @@ REMAT_POLICIES = {
 }
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# RoPE scaling types implemented (transformers 5 modeling_rope_utils): rope_type -> (keys that
+# must be present, keys its frequencies may read). Other keys are ignored, as transformers does.
+ROPE_SCALING_KEYS = {
+    "linear": (("factor",), ("factor",)),
+    "dynamic": (("factor",), ("factor",)),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
+              "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+               ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")),
+}
 
 # Logical axes of Cache.k / Cache.v: [layers, batch, cache_length, kv_heads, head_dim].
 CACHE_LOGICAL_AXES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
@@ -67,6 +81,14 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     max_position_embeddings: int = 2048
+    # RoPE scaling as sorted (key, value) pairs, e.g. (("factor", 8.0), ..., ("rope_type",
+    # "llama3")); () is plain RoPE. The keys are transformers' rope_parameters minus rope_theta
+    # (see ROPE_SCALING_KEYS). A dict is accepted and stored as its sorted items (hashable).
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
 
     @classmethod
     def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
@@ -96,14 +118,18 @@ class ModelConfig:
                                           and any(isinstance(v, dict) for v in rope.values())):
             raise NotImplementedError(f"{source}: per-layer-type rope_parameters are not supported")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in (None, "default"):
+        if rope_type not in (None, "default") and rope_type not in ROPE_SCALING_KEYS:
             raise NotImplementedError(
-                f"{source}: rope_type {rope_type!r} is not implemented (only 'default' RoPE)")
+                f"{source}: rope_type {rope_type!r} is not implemented (implemented: 'default', "
+                f"{', '.join(repr(t) for t in ROPE_SCALING_KEYS)})")
         partial = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
         if partial not in (None, 1, 1.0):
             raise NotImplementedError(f"{source}: partial_rotary_factor={partial} is not implemented")
         theta = rope.get("rope_theta", d.get("rope_theta"))
         theta = 10000.0 if theta is None else float(theta)
+        scaling = () if rope_type in (None, "default") else _rope_scaling_from_hf(
+            rope_type, rope, d, "rope_scaling" if d.get("rope_scaling") else "rope_parameters",
+            source)
 
         act = d.get("hidden_act", d.get("hidden_activation", "silu"))
         if act != "silu":
@@ -148,6 +174,7 @@ class ModelConfig:
             eos_token_id=_as_tuple(d.get("eos_token_id")),
             pad_token_id=d.get("pad_token_id"),
             max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
+            rope_scaling=scaling,
         )
 
     @classmethod
@@ -181,7 +208,8 @@ class ModelConfig:
             "rms_norm_eps": self.rms_norm_eps,
             # both spellings: transformers 5 reads rope_parameters, 4.x reads rope_theta
             "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
+                                **dict(self.rope_scaling)},
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "bos_token_id": self.bos_token_id,
@@ -200,9 +228,40 @@ class ModelConfig:
             d["mlp_bias"] = self.mlp_bias
         if self.model_type == "qwen3":
             d["use_sliding_window"] = False
+        if self.rope_scaling:  # transformers 4.x reads the scaling from here
+            d["rope_scaling"] = dict(self.rope_scaling)
         if dtype is not None:
             d["dtype"] = dtype
         return d
+
+
+def _rope_scaling_from_hf(rope_type: str, rope: dict, d: dict, field: str,
+                          source: str) -> tuple[tuple[str, Any], ...]:
+    """ModelConfig.rope_scaling from config.json's chosen RoPE dict ``rope`` (at ``field``).
+
+    Mirrors transformers 5's standardize_rope_params: for llama3 / yarn a top-level
+    original_max_position_embeddings wins over the dict's, else it defaults to
+    max_position_embeddings; a required key that is missing is an error (transformers raises
+    KeyError), other unread keys are dropped (transformers ignores them with a warning).
+    """
+    rope = dict(rope)
+    required, read = ROPE_SCALING_KEYS[rope_type]
+    if "original_max_position_embeddings" in required:
+        if "original_max_position_embeddings" in d:
+            rope["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+        else:
+            rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
+    for key in required:
+        if key not in rope or (rope[key] is None and not (rope_type == "yarn" and key == "factor")):
+            raise ValueError(f"{source}: {field}[{key!r}] is required for rope_type "
+                             f"{rope_type!r} and is missing or null")
+    for key in read:
+        value = rope.get(key)
+        if value is not None and (isinstance(value, bool) != (key == "truncate")
+                                  or not isinstance(value, (int, float))):
+            raise ValueError(f"{source}: {field}[{key!r}] must be a "
+                             f"{'bool' if key == 'truncate' else 'number'}, got {value!r}")
+    return tuple(sorted([("rope_type", rope_type)] + [(k, rope[k]) for k in read if k in rope]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,19 +304,115 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
-    """RoPE tables for the rotate-half convention.
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = (),
+                  max_positions: int = 2048) -> tuple[np.ndarray, float]:
+    """Static RoPE inverse frequencies and the cos/sin factor, as transformers 5 computes them.
+
+    Follows modeling_rope_utils (transformers 5.24) step by step in float32, with its defaults
+    (yarn: beta_fast 32, beta_slow 1, truncate True, attention_factor from factor / mscale;
+    factor None -> max_positions / original_max_position_embeddings).
+
+    Args:
+      head_dim: D (all of it is rotated).
+      theta: rope_theta.
+      scaling: ModelConfig.rope_scaling (sorted (key, value) pairs; () for plain RoPE).
+      max_positions: ModelConfig.max_position_embeddings.
+    Returns:
+      (inv_freq float32 [D // 2], attention_factor). For 'dynamic' these are the frequencies
+      of sequences up to max_positions; rope_cos_sin rescales longer ones.
+    """
+    p = dict(scaling)
+    kind = p.get("rope_type", "default")
+    dim = head_dim
+    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+    if kind == "dynamic":  # transformers' init value: base at seq_len = max_positions (float64)
+        factor = p["factor"]
+        theta = theta * ((factor * max_positions / max_positions) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = np.float32(1.0) / (np.float32(theta) ** exponents)
+    if kind in ("default", "dynamic"):
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / np.float32(p["factor"]), 1.0
+    if kind == "llama3":
+        factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old = p["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old / low, old / high
+        wavelen = np.float32(2 * math.pi) / inv_freq
+        scaled = np.where(wavelen > np.float32(low_wavelen), inv_freq / np.float32(factor), inv_freq)
+        smooth = (np.float32(old) / wavelen - np.float32(low)) / np.float32(high - low)
+        smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+        medium = ~(wavelen < np.float32(high_wavelen)) & ~(wavelen > np.float32(low_wavelen))
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    if kind == "yarn":
+        original = p["original_max_position_embeddings"]
+        factor = p.get("factor")
+        if factor is None:
+            factor = max_positions / original
+        attention_factor = p.get("attention_factor")
+        if attention_factor is None:
+            def mscale(scale, m=1):
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+            m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+            attention_factor = (float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all
+                                else mscale(factor))
+        beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+        def correction_dim(rotations):
+            return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if p.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001  # transformers' guard against a zero-width ramp
+        pos_freqs = np.float32(theta) ** exponents
+        extrapolation = np.float32(1.0) / pos_freqs
+        interpolation = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(lo))
+                       / np.float32(hi - lo), 0, 1)
+        keep = 1 - ramp  # share of the extrapolated (unscaled) frequency
+        return (interpolation * (1 - keep) + extrapolation * keep).astype(np.float32), attention_factor
+    raise NotImplementedError(f"rope_type {kind!r} is not implemented")
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype, scaling: tuple = (),
+                 max_positions: int = 2048) -> tuple[jax.Array, jax.Array]:
+    """RoPE tables for the rotate-half convention, with optional scaling (see rope_inv_freq).
+
+    'dynamic' (NTK) scaling follows transformers 5's dynamic_rope_update for one call: with
+    seq_len = max(positions) + 1 over the whole batch, frequencies are recomputed from theta *
+    (factor * seq_len / max_positions - (factor - 1)) ** (D / (D - 2)) when seq_len >
+    max_positions, else the unscaled ones. transformers computes seq_len the same way in every
+    forward (with or without a cache), so a decode step uses its own position and the cached
+    keys keep the frequencies they were rotated with, as there. Unlike transformers, this has
+    no memory across calls: transformers' rotary module keeps the longest seq_len it has seen
+    and reuses those frequencies for later calls whose seq_len is between max_positions and it.
 
     Args:
       positions: int [B, T].
+      head_dim, theta, scaling, max_positions: ModelConfig.head_dim, rope_theta, rope_scaling,
+        max_position_embeddings.
     Returns:
-      cos, sin: [B, T, head_dim] in ``dtype`` (frequencies computed in float32, as transformers).
+      cos, sin: [B, T, head_dim] in ``dtype`` (computed in float32, as transformers, and
+      multiplied by the scaling's attention factor, which is 1 except for yarn).
     """
-    inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
-                                            / np.float32(head_dim)))
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    inv_freq, attention_factor = rope_inv_freq(head_dim, theta, scaling, max_positions)
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    p = dict(scaling)
+    if p.get("rope_type") == "dynamic":
+        seq_len = jnp.max(positions).astype(jnp.int32) + 1
+        length = jnp.maximum(seq_len, max_positions).astype(jnp.float32)
+        factor = p["factor"]
+        base = theta * ((factor * length / max_positions) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        scaled = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+        inv_freq = jnp.where(seq_len > max_positions, scaled, inv_freq)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if attention_factor != 1.0:
+        cos, sin = cos * np.float32(attention_factor), sin * np.float32(attention_factor)
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -265,81 +420,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-
-
-def _attend_block(q, k, v, q_slot, kv_valid, scale):
-    """attend() for one block of queries; see attend for shapes."""
-    b, t, n, d = q.shape
-    kh = k.shape[2]
-    q = q.reshape(b, t, kh, n // kh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    mask = (jnp.arange(k.shape[1], dtype=jnp.int32)[None, :] <= q_slot[:, None])[None]
-    mask = mask & kv_valid[:, None, :]  # [B, T, S]
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, n * d)
-
-
-def attend_decode(q: jax.Array, k_t: jax.Array, v_t: jax.Array, q_slot: jax.Array,
-                  kv_valid: jax.Array, scale: float) -> jax.Array:
-    """attend() for T new queries against a DecodeCache layer's own layout.
-
-    Args:
-      q: [B, T, N, D]; k_t, v_t: [K, B, D, S] (keys and values transposed).
-      q_slot, kv_valid, scale: as in attend.
-    Returns:
-      [B, T, N * D] in v_t's dtype, the same attention as attend.
-
-    The T queries and the G = N // K heads sharing a kv head are folded into one row axis, so
-    both products are plain batched matmuls over (K, B) in the operands' stored layouts
-    ([G*T, D] @ [D, S] and [D, S] @ [S, G*T]): XLA's CPU dot then reads the cache in place,
-    where attend's einsums made it copy each layer's K and V into another order every step.
-    (Values stored [K, B, S, D] with probs @ v measured the same; one layout serves both.)
-    """
-    b, t, n, d = q.shape
-    kh = k_t.shape[0]
-    g = n // kh
-    rows = q.reshape(b, t, kh, g, d).transpose(2, 0, 3, 1, 4).reshape(kh, b, g * t, d)
-    scores = jnp.matmul(rows, k_t, preferred_element_type=jnp.float32) * scale  # [K,B,G*T,S]
-    mask = (jnp.arange(k_t.shape[3], dtype=jnp.int32)[None, :] <= q_slot[:, None])[None]
-    mask = jnp.tile(mask & kv_valid[:, None, :], (1, g, 1))  # [B, G*T, S], rows (g, t)
-    scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_t.dtype)
-    out = jnp.matmul(v_t, probs.swapaxes(-1, -2))  # [K, B, D, G*T]
-    return out.reshape(kh, b, d, g, t).transpose(1, 4, 0, 3, 2).reshape(b, t, n * d)
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_slot: jax.Array, kv_valid: jax.Array,
-           scale: float, chunk: int | None = None) -> jax.Array:
-    """Causal grouped-query attention with a float32 softmax.
-
-    Query t attends to key slot s iff s <= q_slot[t] and kv_valid[b, s].
-
-    Args:
-      q: [B, T, N, D]; k, v: [B, S, K, D] with N a multiple of K (query head h uses kv head
-        h // (N // K), as transformers' repeat_kv).
-      q_slot: int32 [T], the key slot each query occupies (arange(T) without a cache).
-      kv_valid: bool [B, S], False at padding. Rows with no allowed key produce an average of
-        all values instead of NaN (they are padding).
-      chunk: if set and T > chunk, queries are processed ``chunk`` at a time (each chunk
-        rematerialised in the backward pass), so the [B, N, T, S] scores never exist at once:
-        peak memory is O(B * N * chunk * S). The result is the same exact softmax.
-    Returns:
-      [B, T, N * D] in v's dtype.
-    """
-    b, t, n, d = q.shape
-    if chunk is None or t <= chunk:
-        return _attend_block(q, k, v, q_slot, kv_valid, scale)
-    num = -(-t // chunk)
-    pad = num * chunk - t  # padded queries (slot -1) attend to nothing and are cut off below
-    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    q_slot = jnp.pad(q_slot, (0, pad), constant_values=-1)
-    qs = q.reshape(b, num, chunk, n, d).swapaxes(0, 1)
-    slots = q_slot.reshape(num, chunk)
-    block = jax.checkpoint(lambda a: _attend_block(a[0], k, v, a[1], kv_valid, scale))
-    out = jax.lax.map(block, (qs, slots))  # [num, B, chunk, N * D]
-    return out.swapaxes(0, 1).reshape(b, num * chunk, n * d)[:, :t]
 
 
 class Attention(nnx.Module):
@@ -402,7 +482,8 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
             new_kv = (k_all, v_all)
             k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
-        out = attend(q, k, v, mask[0], mask[1], self.d ** -0.5, self.chunk)
+        out = attention(q, k, v, mask[0], mask[1], self.d ** -0.5, chunk=self.chunk,
+                        rules=self.rules)
         return self.o_proj(out), new_kv
 
 
@@ -526,7 +607,9 @@ class Transformer(nnx.Module):
         table = constrain(self.embed_tokens[...], ("vocab", None), self.rules)
         x = jnp.take(table, ids, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "length", "act_embed"), self.rules)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
+        c = self.config
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, self.dtype, c.rope_scaling,
+                                c.max_position_embeddings)
 
         if kv_all is None:
             return self.norm(self._scan_layers(x, cos, sin, mask)), None

@@ -1,0 +1,278 @@
+"""Causal grouped-query attention: one entry point, a kernel per backend.
+
+    out = attention(q, k, v, q_slot, kv_valid, scale)            # [B, T, N * D]
+
+Implementations (``implementation=``):
+  "xla":    attend(), pure JAX with optional query chunking. The reference; runs everywhere.
+  "splash": jax.experimental.pallas.ops.tpu.splash_attention (TPU flash attention), causal
+            mask plus segment ids made from kv_valid. Tested here only in Pallas interpret
+            mode on CPU (tests/test_attention.py), never compiled for a TPU by this project's
+            tests: head_dim and block-size limits of the Mosaic compiler are not checked.
+  "cudnn":  jax.nn.dot_product_attention(implementation="cudnn") (GPU flash attention). Each
+            row's valid keys are rolled to the front so cuDNN's padding-causal mask with
+            per-row lengths expresses left / right padding. The roll and lengths are tested on
+            CPU through jax.nn.dot_product_attention(implementation="xla"); the cuDNN kernel
+            itself has NOT been run by this project (no GPU here).
+
+implementation=None picks by jax.default_backend(): splash on TPU, cudnn on GPU for bf16 /
+fp16 inputs, else xla; attention over a KV cache (S != T) always uses xla. A pick other than
+xla is logged once per process with a warning saying what it was tested on.
+
+tokamax (0.0.12, the newest the package index here serves) was read and not used: its TPU kernel is a vendored copy of the
+same splash kernel, its GPU path for cuDNN is the same jax.nn call, and it needs qwix,
+jaxtyping, einshape and typeguard==2.13.3; its Triton / Mosaic-GPU kernels could not be tested
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from scope_jax.sharding import logical_to_spec
+
+IMPLEMENTATIONS = ("xla", "splash", "cudnn")
+
+_log = logging.getLogger(__name__)
+_logged: set[tuple[str, str]] = set()
+
+
+def _attend_block(q, k, v, q_slot, kv_valid, scale):
+    """attend() for one block of queries; see attend for shapes."""
+    b, t, n, d = q.shape
+    kh = k.shape[2]
+    q = q.reshape(b, t, kh, n // kh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    mask = (jnp.arange(k.shape[1], dtype=jnp.int32)[None, :] <= q_slot[:, None])[None]
+    mask = mask & kv_valid[:, None, :]  # [B, T, S]
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, n * d)
+
+
+def attend_decode(q: jax.Array, k_t: jax.Array, v_t: jax.Array, q_slot: jax.Array,
+                  kv_valid: jax.Array, scale: float) -> jax.Array:
+    """attend() for T new queries against a DecodeCache layer's own layout.
+
+    Args:
+      q: [B, T, N, D]; k_t, v_t: [K, B, D, S] (keys and values transposed).
+      q_slot, kv_valid, scale: as in attend.
+    Returns:
+      [B, T, N * D] in v_t's dtype, the same attention as attend.
+
+    The T queries and the G = N // K heads sharing a kv head are folded into one row axis, so
+    both products are plain batched matmuls over (K, B) in the operands' stored layouts
+    ([G*T, D] @ [D, S] and [D, S] @ [S, G*T]): XLA's CPU dot then reads the cache in place,
+    where attend's einsums made it copy each layer's K and V into another order every step.
+    (Values stored [K, B, S, D] with probs @ v measured the same; one layout serves both.)
+    """
+    b, t, n, d = q.shape
+    kh = k_t.shape[0]
+    g = n // kh
+    rows = q.reshape(b, t, kh, g, d).transpose(2, 0, 3, 1, 4).reshape(kh, b, g * t, d)
+    scores = jnp.matmul(rows, k_t, preferred_element_type=jnp.float32) * scale  # [K,B,G*T,S]
+    mask = (jnp.arange(k_t.shape[3], dtype=jnp.int32)[None, :] <= q_slot[:, None])[None]
+    mask = jnp.tile(mask & kv_valid[:, None, :], (1, g, 1))  # [B, G*T, S], rows (g, t)
+    scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_t.dtype)
+    out = jnp.matmul(v_t, probs.swapaxes(-1, -2))  # [K, B, D, G*T]
+    return out.reshape(kh, b, d, g, t).transpose(1, 4, 0, 3, 2).reshape(b, t, n * d)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_slot: jax.Array, kv_valid: jax.Array,
+           scale: float, chunk: int | None = None) -> jax.Array:
+    """Causal grouped-query attention with a float32 softmax.
+
+    Query t attends to key slot s iff s <= q_slot[t] and kv_valid[b, s].
+
+    Args:
+      q: [B, T, N, D]; k, v: [B, S, K, D] with N a multiple of K (query head h uses kv head
+        h // (N // K), as transformers' repeat_kv).
+      q_slot: int32 [T], the key slot each query occupies (arange(T) without a cache).
+      kv_valid: bool [B, S], False at padding. Rows with no allowed key produce an average of
+        all values instead of NaN (they are padding).
+      chunk: if set and T > chunk, queries are processed ``chunk`` at a time (each chunk
+        rematerialised in the backward pass), so the [B, N, T, S] scores never exist at once:
+        peak memory is O(B * N * chunk * S). The result is the same exact softmax.
+    Returns:
+      [B, T, N * D] in v's dtype.
+    """
+    b, t, n, d = q.shape
+    if chunk is None or t <= chunk:
+        return _attend_block(q, k, v, q_slot, kv_valid, scale)
+    num = -(-t // chunk)
+    pad = num * chunk - t  # padded queries (slot -1) attend to nothing and are cut off below
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q_slot = jnp.pad(q_slot, (0, pad), constant_values=-1)
+    qs = q.reshape(b, num, chunk, n, d).swapaxes(0, 1)
+    slots = q_slot.reshape(num, chunk)
+    block = jax.checkpoint(lambda a: _attend_block(a[0], k, v, a[1], kv_valid, scale))
+    out = jax.lax.map(block, (qs, slots))  # [num, B, chunk, N * D]
+    return out.swapaxes(0, 1).reshape(b, num * chunk, n * d)[:, :t]
+
+
+
+
+def default_implementation(backend: str, dtype, self_attention: bool) -> str:
+    """The kernel attention(implementation=None) uses.
+
+    Args:
+      backend: jax.default_backend() ('cpu', 'gpu', 'tpu', ...).
+      dtype: the query dtype.
+      self_attention: S == T (no KV cache), the only case the kernels serve.
+    """
+    if not self_attention:
+        return "xla"
+    if backend == "tpu":
+        choice, note = "splash", "tested only in Pallas interpret mode on CPU"
+    elif backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        choice, note = "cudnn", "its padding handling is tested on CPU; the cuDNN kernel was not run"
+    else:
+        return "xla"
+    if (backend, choice) not in _logged:
+        _logged.add((backend, choice))
+        _log.warning("attention: backend %r -> %r kernel (%s); pass implementation='xla' for "
+                     "the reference", backend, choice, note)
+    return choice
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slot: jax.Array, kv_valid: jax.Array,
+              scale: float, *, chunk: int | None = None, implementation: str | None = None,
+              rules=None) -> jax.Array:
+    """Causal grouped-query attention through the kernel for this backend.
+
+    Query t attends to key slot s iff s <= q_slot[t] and kv_valid[b, s] (as attend).
+
+    Args:
+      q: [B, T, N, D]; k, v: [B, S, K, D], N a multiple of K.
+      q_slot: int32 [T]. The kernels ("splash", "cudnn") serve self-attention only: S == T
+        and q_slot == arange(T) (every S == T use in the model has it); S != T with them is
+        an error.
+      kv_valid: bool [B, S]. "cudnn" needs each row's valid keys to be one contiguous span
+        (left and / or right padding); a row that is not gets NaN outputs, loudly.
+      scale: logits scale (head_dim ** -0.5).
+      chunk: query chunk of the "xla" implementation (see attend); ignored by the kernels.
+      implementation: None (auto, see default_implementation), "xla", "splash" or "cudnn".
+      rules: logical-axis rules (default scope_jax.sharding.DEFAULT_RULES); under jax.set_mesh
+        the kernels run per shard (see per_shard).
+    Returns:
+      [B, T, N * D] in v's dtype. Outputs at padded query positions are meaningless and
+      differ between implementations.
+    """
+    self_attention = q.shape[1] == k.shape[1]
+    if implementation is None:
+        implementation = default_implementation(jax.default_backend(), q.dtype, self_attention)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention: implementation {implementation!r} is not one of "
+                         f"{IMPLEMENTATIONS}")
+    if implementation == "xla":
+        return attend(q, k, v, q_slot, kv_valid, scale, chunk)
+    if not self_attention:
+        raise ValueError(f"attention: implementation {implementation!r} serves self-attention "
+                         f"only (S == T); got T={q.shape[1]} queries over S={k.shape[1]} keys")
+    kernel = splash_attention if implementation == "splash" else cudnn_attention
+    return per_shard(functools.partial(kernel, scale=scale), q, k, v, kv_valid, rules)
+
+
+def per_shard(kernel, q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Array,
+              rules=None) -> jax.Array:
+    """kernel(q, k, v, kv_valid) -> [B, T, N * D], run per device under the current mesh.
+
+    A Pallas or cuDNN call is opaque to XLA's partitioner, so under jax.set_mesh it runs in
+    shard_map: rows split like the "batch" activations and heads like "act_heads" /
+    "act_kv_heads" (the rules), the sequence whole. Heads are split only when both query and
+    kv heads split the same way, so each shard keeps whole GQA groups; otherwise they are
+    gathered. No mesh: kernel(q, k, v, kv_valid).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q, k, v, kv_valid)
+    qs = logical_to_spec(("batch", None, "act_heads", None), rules, shape=q.shape, mesh=mesh)
+    ks = logical_to_spec(("batch", None, "act_kv_heads", None), rules, shape=k.shape, mesh=mesh)
+    heads = qs[2] if qs[2] == ks[2] else None
+    spec = PartitionSpec(qs[0], None, heads, None)  # q, k and v alike
+    return jax.shard_map(kernel, in_specs=(spec, spec, spec, PartitionSpec(qs[0], None)),
+                         out_specs=PartitionSpec(qs[0], None, heads), check_vma=False)(
+        q, k, v, kv_valid)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Array,
+                     scale: float, *, block: int = 512, interpret: bool = False) -> jax.Array:
+    """Causal self-attention with the Pallas TPU splash kernel (single device).
+
+    Padding becomes segment ids (1 real, 0 padding): a real query sees the real keys up to it,
+    a padding query sees padding keys (at least itself, so no softmax row is empty). T is
+    padded to a multiple of 128 (the kernel's lane width) and the block shrunk by 128s until
+    it divides that.
+
+    Args:
+      q: [B, T, N, D]; k, v: [B, T, K, D]; kv_valid: bool [B, T]; scale: logits scale.
+      block: query / key block size (capped at the padded length).
+      interpret: run the kernel in Pallas interpret mode (any backend; slow; for tests).
+    Returns:
+      [B, T, N * D] in v's dtype.
+
+    Single device: attention() runs it per shard under a mesh (see per_shard).
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    b, t, n, d = q.shape
+    lanes = 128
+    padded = -(-t // lanes) * lanes
+    block = min(block, padded)
+    while padded % block:
+        block -= lanes
+    pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+    qh = jnp.pad(q * jnp.asarray(scale, q.dtype), pad).transpose(0, 2, 1, 3)  # [B, N, T', D]
+    kh = jnp.pad(k, pad).transpose(0, 2, 1, 3)  # [B, K, T', D]
+    vh = jnp.pad(v, pad).transpose(0, 2, 1, 3)
+    segments = jnp.pad(kv_valid.astype(jnp.int32), ((0, 0), (0, padded - t)))
+    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                          block_q_dq=block, block_kv_dq=block)
+    mask = sa.MultiHeadMask([sa.CausalMask((padded, padded))] * n)
+    kernel = sa.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+    out = jax.vmap(kernel)(qh, kh, vh, sa.SegmentIds(q=segments, kv=segments))
+    return out.transpose(0, 2, 1, 3)[:, :t].reshape(b, t, n * d).astype(v.dtype)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Array,
+                    scale: float, *, implementation: str = "cudnn") -> jax.Array:
+    """Causal self-attention through jax.nn.dot_product_attention's cuDNN flash kernel.
+
+    cuDNN's padding masks take per-row lengths of a prefix, so each row's valid span
+    [start, start + length) is rolled to the front, attended with is_causal and
+    query / key_value_seq_lengths = length, and rolled back. Rows whose valid keys are not
+    one contiguous span come out NaN (a wrong mask must not pass silently); padded query
+    positions come out 0; an all-padding row is given length 1 so the kernel never sees an
+    empty row.
+
+    Args:
+      q: [B, T, N, D]; k, v: [B, T, K, D]; kv_valid: bool [B, T]; scale: logits scale.
+      implementation: passed to jax.nn.dot_product_attention; "xla" runs the same roll and
+        lengths without cuDNN (how the tests check them on CPU).
+    Returns:
+      [B, T, N * D] in v's dtype.
+    """
+    b, t, n, d = q.shape
+    pos = jnp.arange(t, dtype=jnp.int32)
+    start = jnp.argmax(kv_valid, axis=1).astype(jnp.int32)  # first valid slot (0 if none)
+    length = kv_valid.sum(axis=1, dtype=jnp.int32)
+    span = (pos[None] >= start[:, None]) & (pos[None] < (start + length)[:, None])
+    contiguous = jnp.all(span == kv_valid, axis=1)
+    gather = (pos[None] + start[:, None]) % t  # rolled slot i holds original slot gather[i]
+    roll = lambda x: jnp.take_along_axis(x, gather[:, :, None, None], axis=1)
+    out = jax.nn.dot_product_attention(
+        roll(q), roll(k), roll(v), scale=scale, is_causal=True,
+        query_seq_lengths=jnp.maximum(length, 1), key_value_seq_lengths=jnp.maximum(length, 1),
+        implementation=implementation)
+    back = (pos[None] - start[:, None]) % t
+    out = jnp.take_along_axis(out, back[:, :, None, None], axis=1)
+    out = jnp.where(kv_valid[:, :, None, None], out, 0)
+    out = jnp.where(contiguous[:, None, None, None], out, jnp.nan)
+    return out.reshape(b, t, n * d).astype(v.dtype)

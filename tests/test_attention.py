@@ -1,0 +1,195 @@
+"""attention(): every kernel path this machine can run equals the chunked reference.
+
+References: a float64 numpy softmax written here, and jax.nn.dot_product_attention
+(implementation="xla") with an explicit boolean mask. splash runs in Pallas interpret mode;
+the cuDNN path's roll / lengths run through jax.nn's xla implementation (no GPU here, so the
+cuDNN kernel itself is not exercised).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scope_jax.models import attention as attn
+from scope_jax.models.attention import attend, attention, cudnn_attention, splash_attention
+
+B, T, N, K, D = 3, 40, 4, 2, 16  # T not a multiple of splash's 128-lane blocks
+
+
+def _inputs(seed=0, t=T):
+    r = np.random.RandomState(seed)
+    q, k, v = (jnp.asarray(r.randn(B, t, h, D), jnp.float32) for h in (N, K, K))
+    valid = np.ones((B, t), bool)
+    valid[1, :7] = False  # left padding
+    valid[2, :3] = False  # left and right padding: one span in the middle
+    valid[2, t - 5:] = False
+    return q, k, v, jnp.asarray(valid)
+
+
+def _numpy_reference(q, k, v, valid, scale):
+    """float64 causal GQA softmax attention; [B, T, N * D]."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    s = np.einsum("btnd,bsnd->bnts", q, k) * scale
+    t = q.shape[1]
+    allowed = np.tril(np.ones((t, t), bool))[None] & np.asarray(valid)[:, None, :]
+    s = np.where(allowed[:, None], s, -1e30)  # padded query rows: uniform, ignored
+    s = s - s.max(-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnd->btnd", p, v).reshape(q.shape[0], t, -1)
+
+
+def _real(x, valid):
+    return np.asarray(x)[np.asarray(valid)]
+
+
+@pytest.fixture(scope="module")
+def data():
+    q, k, v, valid = _inputs()
+    scale = D ** -0.5
+    return q, k, v, valid, scale, _numpy_reference(q, k, v, valid, scale)
+
+
+def test_reference_and_jax_nn_match_numpy(data):
+    q, k, v, valid, scale, ref = data
+    slots = jnp.arange(T, dtype=jnp.int32)
+    for chunk in (None, 16):  # 16 does not divide 40
+        out = attend(q, k, v, slots, valid, scale, chunk)
+        np.testing.assert_allclose(_real(out, valid), _real(ref, valid), atol=1e-5, rtol=0)
+    mask = jnp.tril(jnp.ones((T, T), bool))[None, None] & valid[:, None, None, :]
+    nn = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+    np.testing.assert_allclose(_real(nn.reshape(B, T, -1), valid), _real(ref, valid), atol=1e-5,
+                               rtol=0)
+
+
+def test_auto_on_cpu_is_the_reference(data):
+    q, k, v, valid, scale, _ = data
+    slots = jnp.arange(T, dtype=jnp.int32)
+    assert jax.default_backend() == "cpu"
+    np.testing.assert_array_equal(np.asarray(attention(q, k, v, slots, valid, scale, chunk=16)),
+                                  np.asarray(attend(q, k, v, slots, valid, scale, 16)))
+
+
+@pytest.mark.parametrize("kernel", ["splash", "cudnn_roll"])
+def test_kernel_matches_reference_on_real_positions(data, kernel):
+    q, k, v, valid, scale, ref = data
+    if kernel == "splash":
+        out = splash_attention(q, k, v, valid, scale, interpret=True)
+    else:
+        out = cudnn_attention(q, k, v, valid, scale, implementation="xla")
+    assert out.shape == (B, T, N * D) and out.dtype == v.dtype
+    np.testing.assert_allclose(_real(out, valid), _real(ref, valid), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", ["splash", "cudnn_roll"])
+def test_kernel_gradients_match_reference(data, kernel):
+    """Gradients of a loss over real positions only (as the trainer's masked losses)."""
+    q, k, v, valid, scale, _ = data
+    w = jnp.asarray(np.random.RandomState(1).randn(B, T, N * D), jnp.float32)
+    w = w * valid[:, :, None]
+    slots = jnp.arange(T, dtype=jnp.int32)
+    if kernel == "splash":
+        fn = lambda q, k, v: splash_attention(q, k, v, valid, scale, interpret=True)
+    else:
+        fn = lambda q, k, v: cudnn_attention(q, k, v, valid, scale, implementation="xla")
+    grads = jax.grad(lambda *a: (fn(*a) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(lambda *a: (attend(*a, slots, valid, scale) * w).sum(), argnums=(0, 1, 2))(
+        q, k, v)
+    for name, g, r in zip("qkv", grads, ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_splash_longer_than_one_block_in_bfloat16():
+    """T = 300 spans three 128-blocks (block capped and padded); bf16 inputs."""
+    q, k, v, valid = _inputs(seed=2, t=300)
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    scale = D ** -0.5
+    out = splash_attention(q, k, v, valid, scale, block=128, interpret=True)
+    assert out.dtype == jnp.bfloat16
+    ref = _numpy_reference(q, k, v, valid, scale)
+    np.testing.assert_allclose(_real(out.astype(jnp.float32), valid), _real(ref, valid),
+                               atol=3e-2, rtol=0)
+
+
+def test_cudnn_path_poisons_non_contiguous_rows(data):
+    """A row with a hole in its valid keys cannot be expressed as cuDNN lengths: NaN, loudly."""
+    q, k, v, valid, scale, ref = data
+    holed = np.asarray(valid).copy()
+    holed[0, 10:12] = False
+    out = np.asarray(cudnn_attention(q, k, v, jnp.asarray(holed), scale, implementation="xla"))
+    assert np.isnan(out[0]).all() and not np.isnan(out[1:]).any()
+    empty = np.asarray(valid).copy()
+    empty[1] = False  # an all-padding row stays finite (length 1 internally)
+    out = np.asarray(cudnn_attention(q, k, v, jnp.asarray(empty), scale, implementation="xla"))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(_real(out, empty), _real(ref, empty), atol=1e-5, rtol=0)
+
+
+def test_kernels_refuse_attention_over_a_cache(data):
+    q, k, v, valid, scale, _ = data
+    slots = jnp.arange(T, dtype=jnp.int32) + 4
+    kc = jnp.pad(k, ((0, 0), (4, 0), (0, 0), (0, 0)))
+    vc = jnp.pad(v, ((0, 0), (4, 0), (0, 0), (0, 0)))
+    valid_c = jnp.pad(valid, ((0, 0), (4, 0)))
+    for impl in ("splash", "cudnn"):
+        with pytest.raises(ValueError, match="self-attention only"):
+            attention(q, kc, vc, slots, valid_c, scale, implementation=impl)
+    with pytest.raises(ValueError, match="'flash' is not one of"):
+        attention(q, k, v, slots, valid, scale, implementation="flash")
+
+
+def test_default_implementation_logs_kernel_picks(caplog, monkeypatch):
+    monkeypatch.setattr(attn, "_logged", set())
+    with caplog.at_level(logging.WARNING, logger="scope_jax.models.attention"):
+        assert attn.default_implementation("cpu", jnp.float32, True) == "xla"
+        assert attn.default_implementation("tpu", jnp.bfloat16, False) == "xla"  # a cache
+        assert not caplog.records
+        assert attn.default_implementation("tpu", jnp.bfloat16, True) == "splash"
+        assert attn.default_implementation("gpu", jnp.float32, True) == "xla"  # cuDNN: 16-bit
+        assert attn.default_implementation("gpu", jnp.bfloat16, True) == "cudnn"
+        assert attn.default_implementation("gpu", jnp.bfloat16, True) == "cudnn"  # logged once
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "'splash'" in messages[0] and "interpret mode" in messages[0]
+    assert "'cudnn'" in messages[1] and "not run" in messages[1]
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_kernels_run_per_shard_under_a_mesh(kv_heads):
+    """Under jax.set_mesh the kernels run in shard_map: rows over ('data', 'fsdp'), heads over
+    'tensor' when query and kv heads both split (kv_heads=2), else heads gathered (MQA)."""
+    from scope_jax.sharding import constrain, make_mesh
+
+    b = 4
+    r = np.random.RandomState(3)
+    q = jnp.asarray(r.randn(b, T, N, D), jnp.float32)
+    k, v = (jnp.asarray(r.randn(b, T, kv_heads, D), jnp.float32) for _ in range(2))
+    valid = np.ones((b, T), bool)
+    valid[1, :9] = False
+    valid[3, 30:] = False
+    valid = jnp.asarray(valid)
+    scale = D ** -0.5
+    ref = _numpy_reference(q, k, v, valid, scale)
+    kernels = {"splash": lambda *a: splash_attention(*a, scale, interpret=True),
+               "cudnn_roll": lambda *a: cudnn_attention(*a, scale, implementation="xla")}
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    for name, kernel in kernels.items():
+        def fn(q, k, v, m):  # activations sharded as the model's attention sees them
+            q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
+            k, v = (constrain(x, ("batch", "length", "act_kv_heads", "head_dim")) for x in (k, v))
+            return constrain(attn.per_shard(kernel, q, k, v, m), ("batch", "length", "act_heads"))
+
+        fn = jax.jit(fn)
+        with jax.set_mesh(mesh):
+            out = fn(q, k, v, valid)
+            hlo = fn.lower(q, k, v, valid).compile().as_text()
+        np.testing.assert_allclose(_real(out, valid), _real(ref, valid), atol=1e-5, rtol=0,
+                                   err_msg=name)
+        assert ("all-gather" in hlo) == (kv_heads == 1), name  # MQA gathers the query heads
