@@ -37,6 +37,7 @@ from flax import nnx
 
 from scope_jax import losses, sampling
 from scope_jax import sharding as shd
+from scope_jax import teacher as teachers
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,9 @@ def _load_models(cfg, mesh):
     student = load_hf(cfg.student, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype), mesh=mesh,
                       remat=m.remat)
     teacher = None
-    if cfg.algo in ("scope", "opd", "kd"):
+    if cfg.get("teacher_url"):  # the teacher lives on its server: not loaded here
+        teachers.check_remote_config(cfg)
+    elif cfg.algo in ("scope", "opd", "kd"):
         teacher = load_hf(cfg.teacher, dtype=_dtype(m.teacher_dtype), mesh=mesh)
     return student, teacher
 
@@ -400,6 +403,8 @@ def train(cfg) -> dict:
     score = jax.jit(lambda gd, p, ids, mask, m, t: response_logprobs(nnx.merge(gd, p), ids, mask, m, chunk, t),
                     static_argnums=(0, 4, 5))
     t_graph, t_params = nnx.split(teacher) if teacher is not None else (None, None)
+    # Who scores the rollouts: the loaded teacher, or the server at config.teacher_url.
+    teacher_scorer = teachers.from_config(cfg, teacher, mesh) if cfg.algo in ("scope", "opd") else None
     eos = tokenizer.eos_token_id if cfg.sampling.eos_ids is None else list(cfg.sampling.eos_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     base_key = jax.random.key(cfg.seed)
@@ -411,8 +416,18 @@ def train(cfg) -> dict:
         progress = _progress(start, cfg.num_steps) if jax.process_index() == 0 else None
         for step in range(start, cfg.num_steps):
             t0 = time.perf_counter()
-            batch, info = _collect(cfg, step, loader, tokenizer, verifier, graphdef, state.params,
-                                   t_graph, t_params, ref_params, score, eos, pad, base_key, mesh)
+            try:
+                batch, info = _collect(cfg, step, loader, tokenizer, verifier, graphdef, state.params,
+                                       t_graph, t_params, ref_params, score, eos, pad, base_key, mesh,
+                                       teacher_scorer=teacher_scorer)
+            except teachers.TeacherError as e:
+                # The teacher's server is gone: keep every finished step, then stop.
+                ckpt.manager.wait_until_finished()
+                if int(state.step) not in ckpt.manager.all_steps():
+                    ckpt.save(state, wait=True)
+                raise teachers.TeacherError(
+                    f"{e}\nstep {step} was not trained; checkpoint {int(state.step)} in {ckpt.directory} "
+                    "holds every finished step: the same command resumes from it") from e
             t1 = time.perf_counter()
             state, m = step_fn(state, jax.device_put(batch, batch_sh))
             m = _to_host(m)
@@ -445,6 +460,8 @@ def train(cfg) -> dict:
     finally:
         signal.signal(signal.SIGTERM, previous)
         verifier.close()
+        if teacher_scorer is not None:
+            teacher_scorer.close()
         ckpt.close()
     return last
 
@@ -487,7 +504,7 @@ def _progress(start: int, total: int):
 
 
 def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, t_params, ref_params,
-             score, eos, pad, base_key, mesh):
+             score, eos, pad, base_key, mesh, *, teacher_scorer=None):
     """Prompts of `step` -> rollouts -> verifier -> teacher / reference / old log-probs."""
     from scope_jax.sampling import full_sequences, response_lists
 
@@ -519,8 +536,7 @@ def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, 
         # the behaviour log-probs come from the training forward pass.
         old = (out.policy_logprobs if temp == 1.0 and not cfg.recompute_old_logprobs
                else score(graphdef, params, ids, mask, m, temp))
-        teacher_lp = (score(t_graph, t_params, ids, mask, m, float(cfg.teacher_temperature))
-                      if cfg.algo in ("scope", "opd") else zeros)
+        teacher_lp = teacher_scorer.score(ids, mask, m).logprobs if cfg.algo in ("scope", "opd") else zeros
     ref_lp = score(graphdef, ref_params, ids, mask, m, temp) if ref_params is not None else zeros
     batch = Rollouts(input_ids=ids, attention_mask=mask, response_mask=out.response_mask,
                      old_logprobs=old, teacher_logprobs=teacher_lp, ref_logprobs=ref_lp,
@@ -569,7 +585,7 @@ def dry_run(cfg) -> dict:
     report = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": int(mesh.size)}
     m = cfg.model
     graphdefs = {}
-    for role in ("student", "teacher") if cfg.algo != "grpo" else ("student",):
+    for role in ("student", "teacher") if cfg.algo != "grpo" and not cfg.get("teacher_url") else ("student",):
         mc = ModelConfig.from_hf(_hf_config(cfg, role))
         dtype = _dtype(m.dtype if role == "student" else m.teacher_dtype)
         pdt = _dtype(m.param_dtype) if role == "student" else dtype
