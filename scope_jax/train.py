@@ -315,13 +315,13 @@ def _dtype(name: str):
 def _load_models(cfg, mesh):
     from scope_jax.models import load_hf
 
+    if cfg.get("teacher_url"):  # refuse what a remote teacher cannot do before reading weights
+        teachers.check_remote_config(cfg)
     m = cfg.model
     student = load_hf(cfg.student, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype), mesh=mesh,
                       remat=m.remat)
     teacher = None
-    if cfg.get("teacher_url"):  # the teacher lives on its server: not loaded here
-        teachers.check_remote_config(cfg)
-    elif cfg.algo in ("scope", "opd", "kd"):
+    if cfg.algo in ("scope", "opd", "kd") and not cfg.get("teacher_url"):  # else it lives on its server
         teacher = load_hf(cfg.teacher, dtype=_dtype(m.teacher_dtype), mesh=mesh)
     return student, teacher
 
