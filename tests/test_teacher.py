@@ -264,6 +264,7 @@ def colocated_run(setup, tmp_path_factory):
     return _metrics(wd)
 
 
+@pytest.mark.slow
 def test_scope_with_remote_teacher_equals_colocated(setup, server, colocated_run, tmp_path):
     # The teacher path is left pointing nowhere: a remote run must not load it.
     args = [a if not a.startswith("--config.teacher=") else "--config.teacher=/nonexistent" for a in _cli(setup, tmp_path)]
@@ -287,6 +288,7 @@ def test_remote_teacher_refuses_other_temperatures_and_kd():
         assert "teacher_url" in str(e.value)
 
 
+@pytest.mark.slow
 def test_server_killed_mid_run_retries_then_checkpoints(setup, colocated_run, tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}/v1"
