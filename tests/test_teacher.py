@@ -11,7 +11,6 @@ import sys
 import time
 
 import httpx
-import jax
 import numpy as np
 import pytest
 
