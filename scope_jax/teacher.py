@@ -13,8 +13,9 @@ True on real tokens; every response starts at column P = T - num_response.
 
 `RemoteTeacher` speaks the subset of the OpenAI completions API that vLLM, SGLang and
 `python -m tools.serve_teacher` (scope_jax.serve) share for scoring: each row goes as its token
-ids (never re-tokenised text) with echo=True, logprobs=max(1, top_k) and max_tokens=1 (vLLM
-before 0.6 and SGLang refuse max_tokens=0 with echo; the one generated token is ignored). It
+ids (never re-tokenised text) with echo=True, logprobs=max(1, top_k) (SGLang returns no prompt
+log-probs for logprobs=0) and max_tokens=1 (some vLLM versions refuse max_tokens=0 with echo;
+the one generated token is ignored). It
 reads vLLM's `prompt_logprobs` (keyed by token id) when the server sends it, else the legacy
 `logprobs.token_logprobs` / `top_logprobs` (ids from vLLM's `return_tokens_as_token_ids`,
 "token_id:N" keys). The server scores at temperature 1 (the raw model), so a remote teacher
