@@ -15,11 +15,10 @@ True on real tokens; every response starts at column P = T - num_response.
 `python -m tools.serve_teacher` (scope_jax.serve) share for scoring: each row goes as its token
 ids (never re-tokenised text) with echo=True, logprobs=max(1, top_k) (SGLang returns no prompt
 log-probs for logprobs=0) and max_tokens=1 (some vLLM versions refuse max_tokens=0 with echo;
-the one generated token is ignored). It
-reads vLLM's `prompt_logprobs` (keyed by token id) when the server sends it, else the legacy
-`logprobs.token_logprobs` / `top_logprobs` (ids from vLLM's `return_tokens_as_token_ids`,
-"token_id:N" keys). The server scores at temperature 1 (the raw model), so a remote teacher
-refuses any other teacher temperature.
+the one generated token is ignored). It reads vLLM's `prompt_logprobs` (keyed by token id) when
+the server sends it, else the legacy `logprobs.token_logprobs` / `top_logprobs` (ids from
+vLLM's `return_tokens_as_token_ids`, "token_id:N" keys). The server scores at temperature 1
+(the raw model), so `from_config` refuses a remote teacher at any other teacher temperature.
 """
 
 from __future__ import annotations
