@@ -24,7 +24,18 @@ def base() -> ml_collections.ConfigDict:
     c.max_nonfinite_steps = 5  # stop after this many skipped (non-finite) steps in a row
 
     c.student = ""  # Hugging Face checkpoint directory (config.json + safetensors)
-    c.teacher = ""
+    c.teacher = ""  # loaded here, co-located with the student (unless teacher_url is set)
+    # An OpenAI-compatible completions server holding the teacher (vLLM, SGLang or
+    # `python -m tools.serve_teacher`), e.g. "http://host:8000/v1"; the teacher is then not loaded
+    # here. It scores at temperature 1 (teacher_temperature must be 1) and cannot sample (no KD).
+    c.teacher_url = ""
+    c.teacher_client = ml_collections.ConfigDict()  # scope_jax.teacher.RemoteTeacher
+    c.teacher_client.model = ""  # served model name; "" = the server's only model (GET /v1/models)
+    c.teacher_client.batch_size = 16  # sequences per request
+    c.teacher_client.max_concurrency = 4  # requests in flight
+    c.teacher_client.timeout_s = 300.0
+    c.teacher_client.retries = 5  # after a connection error, timeout, 408, 429 or 5xx
+    c.teacher_client.backoff_s = 1.0  # wait before retry r: backoff_s * 2**(r - 1), at most 60 s
     c.tokenizer = ""  # default: the student's directory
     c.toy_dir = ""  # when set, scope_jax.toy.build_toy(toy_dir) runs first (builds or reuses)
 

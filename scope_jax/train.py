@@ -37,6 +37,7 @@ from flax import nnx
 
 from scope_jax import losses, sampling
 from scope_jax import sharding as shd
+from scope_jax import teacher as teachers
 
 log = logging.getLogger(__name__)
 
@@ -495,11 +496,13 @@ def _dtype(name: str):
 def _load_models(cfg, mesh):
     from scope_jax.models import load_hf
 
+    if cfg.get("teacher_url"):  # refuse what a remote teacher cannot do before reading weights
+        teachers.check_remote_config(cfg)
     m = cfg.model
     student = load_hf(cfg.student, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype), mesh=mesh,
                       remat=m.remat_policy)
     teacher = None
-    if cfg.algo in ("scope", "opd", "kd"):
+    if cfg.algo in ("scope", "opd", "kd") and not cfg.get("teacher_url"):  # else it lives on its server
         teacher = load_hf(cfg.teacher, dtype=_dtype(m.teacher_dtype), mesh=mesh)
     return student, teacher
 
@@ -578,6 +581,8 @@ def train(cfg) -> dict:
     step_fn = _under_mesh(build_step(cfg, graphdef, optimizer, state_sh, mesh), mesh)
     score = _under_mesh(make_score(cfg), mesh)
     t_graph, t_params = nnx.split(teacher) if teacher is not None else (None, None)
+    # Who scores the rollouts: the loaded teacher, or the server at config.teacher_url.
+    teacher_scorer = teachers.from_config(cfg, teacher, mesh) if cfg.algo in ("scope", "opd") else None
     eos = tokenizer.eos_token_id if cfg.sampling.eos_ids is None else list(cfg.sampling.eos_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     base_key = jax.random.key(cfg.seed)
@@ -589,8 +594,18 @@ def train(cfg) -> dict:
         progress = _progress(start, cfg.num_steps) if jax.process_index() == 0 else None
         for step in range(start, cfg.num_steps):
             t0 = time.perf_counter()
-            batch, info = _collect(cfg, step, loader, tokenizer, verifier, graphdef, state.params,
-                                   t_graph, t_params, ref_params, score, eos, pad, base_key, mesh)
+            try:
+                batch, info = _collect(cfg, step, loader, tokenizer, verifier, graphdef, state.params,
+                                       t_graph, t_params, ref_params, score, eos, pad, base_key, mesh,
+                                       teacher_scorer=teacher_scorer)
+            except teachers.TeacherError as e:
+                # The teacher's server is gone: keep every finished step, then stop.
+                ckpt.manager.wait_until_finished()
+                if int(state.step) not in ckpt.manager.all_steps():
+                    ckpt.save(state, wait=True)
+                raise teachers.TeacherError(
+                    f"{e}\nstep {step} was not trained; checkpoint {int(state.step)} in {ckpt.directory} "
+                    "holds every finished step: the same command resumes from it") from e
             t1 = time.perf_counter()
             state, m = step_fn(state, jax.device_put(batch, batch_sh))
             m = _to_host(m)
@@ -623,6 +638,8 @@ def train(cfg) -> dict:
     finally:
         signal.signal(signal.SIGTERM, previous)
         verifier.close()
+        if teacher_scorer is not None:
+            teacher_scorer.close()
         ckpt.close()
     return last
 
@@ -655,7 +672,7 @@ def _progress(start: int, total: int):
 
 
 def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, t_params, ref_params,
-             score, eos, pad, base_key, mesh):
+             score, eos, pad, base_key, mesh, *, teacher_scorer=None):
     """Prompts of `step` -> rollouts -> verifier -> teacher / reference / old log-probs."""
     from scope_jax.sampling import full_sequences, response_lists
 
@@ -688,8 +705,7 @@ def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, 
         # the behaviour log-probs come from the training forward pass.
         old = (out.policy_logprobs if temp == 1.0 and not cfg.recompute_old_logprobs
                else score(graphdef, params, ids, mask, m, temp))
-        teacher_lp = (score(t_graph, t_params, ids, mask, m, float(cfg.teacher_temperature))
-                      if cfg.algo in ("scope", "opd") else zeros)
+        teacher_lp = teacher_scorer.score(ids, mask, m).logprobs if cfg.algo in ("scope", "opd") else zeros
     ref_lp = score(graphdef, ref_params, ids, mask, m, temp) if ref_params is not None else zeros
     batch = Rollouts(input_ids=ids, attention_mask=mask, response_mask=out.response_mask,
                      old_logprobs=old, teacher_logprobs=teacher_lp, ref_logprobs=ref_lp,
@@ -755,7 +771,7 @@ def dry_run(cfg) -> dict:
     per device. tools/scale_check.py compiles the same step for memory, FLOPs and collectives."""
     mesh = shd.make_mesh(cfg.mesh)
     report = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": int(mesh.size)}
-    for role in ("student", "teacher") if cfg.algo != "grpo" else ("student",):
+    for role in ("student", "teacher") if cfg.algo != "grpo" and not cfg.get("teacher_url") else ("student",):
         _, params, shardings = abstract_model(cfg, role, mesh)
         leaves, shard_leaves = jax.tree.leaves(params), jax.tree.leaves(shardings)
         per_device = sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
