@@ -354,7 +354,7 @@ def from_config(cfg, model=None, mesh=None) -> Teacher:
 
         score = train.make_score(cfg)
         return LocalTeacher(model, temperature=float(cfg.teacher_temperature), chunk_size=int(cfg.model.logprob_chunk),
-                            score=score if mesh is None else train._under_mesh(score, mesh))
+                            score=score if mesh is None else train.under_mesh(score, mesh))
     check_remote_config(cfg)
     c = cfg.teacher_client
     return RemoteTeacher(url, model=c.model, batch_size=c.batch_size, max_concurrency=c.max_concurrency,

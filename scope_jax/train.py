@@ -578,8 +578,8 @@ def train(cfg) -> dict:
 
     state_sh = state_shardings(optimizer, nnx.to_pure_dict(shd.model_shardings(student, mesh)), mesh, params)
     state, batch_sh = jax.device_put(state, state_sh), batch_sharding(mesh)
-    step_fn = _under_mesh(build_step(cfg, graphdef, optimizer, state_sh, mesh), mesh)
-    score = _under_mesh(make_score(cfg), mesh)
+    step_fn = under_mesh(build_step(cfg, graphdef, optimizer, state_sh, mesh), mesh)
+    score = under_mesh(make_score(cfg), mesh)
     t_graph, t_params = nnx.split(teacher) if teacher is not None else (None, None)
     # Who scores the rollouts: the loaded teacher, or the server at config.teacher_url.
     teacher_scorer = teachers.from_config(cfg, teacher, mesh) if cfg.algo in ("scope", "opd") else None
@@ -644,7 +644,7 @@ def train(cfg) -> dict:
     return last
 
 
-def _under_mesh(fn: Callable, mesh) -> Callable:
+def under_mesh(fn: Callable, mesh) -> Callable:
     """fn called under jax.set_mesh(mesh), where the model's activation sharding constraints
     (scope_jax.sharding.constrain) take effect; without a mesh in context they do nothing."""
     def call(*args):

@@ -275,7 +275,7 @@ def run(cfg, *, layers: list[int], rows: int, seq_len: int, response_len: int, t
               f"compile {r['compile_s']:.0f} s", file=sys.stderr)
     if len(layers) >= 2:
         ex = {}
-        for key in ("temp_bytes", "argument_bytes", "matmul_flops", "compile_s"):
+        for key in ("temp_bytes", "argument_bytes", "matmul_flops"):  # compile time: too noisy to fit
             ex[key] = _extrapolate({n: report["steps"][n][key] for n in layers}, depth)
         if all("teacher_score" in report["steps"][n] for n in layers):
             tdepth = int(train._hf_config(cfg, "teacher")["num_hidden_layers"])
