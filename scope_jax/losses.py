@@ -572,6 +572,7 @@ def opd_loss(
     kl: str = "k1",
     clip_eps: float = 0.2,
     per_token_kl: Array | None = None,
+    weights: Array | None = None,
     normalizers: dict[str, Array] | None = None,
 ) -> tuple[Array, Metrics]:
     """Plain on-policy distillation: the sampled-token reverse-KL term on every rollout, uniformly.
@@ -579,7 +580,10 @@ def opd_loss(
     Exactly scope_loss with every rollout on the teacher path and uniform weights: with
     reduction="paper", each prompt's rollouts share weight 1 / N (token sums, mean over
     prompts); with one rollout per prompt (the paper's OPD baseline) that is the mean over
-    prompts of sum_t rho_it * sg[log pi_theta - log pi_T]. Arguments as in scope_loss.
+    prompts of sum_t rho_it * sg[log pi_theta - log pi_T]. Arguments as in scope_loss;
+    weights: optional precomputed [B] per-rollout weights (opd_weights of the full batch) for
+    a call that sees one micro-batch: the 1 / N of a prompt whose rollouts fall in several
+    micro-batches must come from the whole batch, as SCOPE's weights do.
     Returns (loss, metrics) with the same metric keys (the correct-path ones are empty).
     """
     correct = jnp.zeros(jnp.shape(group_ids), bool)
@@ -587,7 +591,17 @@ def opd_loss(
         logprobs, old_logprobs, teacher_logprobs, response_mask, correct, group_ids,
         reduction=reduction, distill=distill, kl=kl, clip_eps=clip_eps,
         teacher_weighting="uniform", per_token_kl=per_token_kl, normalizers=normalizers,
+        weights=None if weights is None else (jnp.zeros_like(weights), weights),
     )
+
+
+def opd_weights(response_mask: Array, group_ids: Array, *, reduction: str = "paper") -> Array:
+    """OPD's uniform per-rollout weights over a whole batch, float32 [B]: 1 / (non-empty rollouts
+    of the prompt) with reduction="paper", 1 with "token_mean"; 0 on empty rows."""
+    b = jnp.shape(group_ids)[0]
+    mask = _mask(response_mask)
+    return scope_weights(jnp.zeros(mask.shape), jnp.zeros(mask.shape), mask, jnp.zeros((b,), bool), group_ids,
+                         teacher_weighting="uniform", normalize="sum" if reduction == "paper" else "mean")[1]
 
 
 def group_advantages(rewards: Array, group_ids: Array, valid: Array | None = None, *,
@@ -693,5 +707,5 @@ __all__ = [
     "sequence_mean_logprob", "sequence_perplexity",
     "group_softmax", "group_count", "num_groups", "group_advantages",
     "scope_weights", "scope_loss", "loss_normalizers", "ppo_clip_objective",
-    "opd_loss", "grpo_loss", "kd_loss",
+    "opd_loss", "opd_weights", "grpo_loss", "kd_loss",
 ]

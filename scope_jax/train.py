@@ -155,7 +155,7 @@ def make_loss(cfg) -> Callable:
             return losses.opd_loss(
                 lp, b.old_logprobs, b.teacher_logprobs, b.response_mask, b.group_ids,
                 reduction=s.reduction, distill=s.distill, kl=s.kl, clip_eps=s.clip_eps,
-                normalizers=aux["normalizers"])
+                weights=aux["weights"], normalizers=aux["normalizers"])
         if algo == "grpo":
             return losses.grpo_loss(
                 lp, b.old_logprobs, b.ref_logprobs if g.kl_coef > 0 else None, b.response_mask,
@@ -187,6 +187,8 @@ def full_batch_constants(cfg, b: Rollouts) -> dict:
             b.old_logprobs, b.teacher_logprobs, mask, b.correct, b.group_ids, s.tau,
             student_weighting=s.student_weighting, teacher_weighting=s.teacher_weighting,
             normalize="sum" if s.reduction == "paper" else "mean")
+    if cfg.algo == "opd":
+        aux["weights"] = losses.opd_weights(mask, b.group_ids, reduction=s.reduction)
     if cfg.algo == "grpo":
         aux["advantages"] = losses.group_advantages(
             b.correct.astype(jnp.float32), b.group_ids, mask.any(-1), normalize_std=cfg.grpo.normalize_std)

@@ -211,12 +211,15 @@ def test_policy_logprobs_are_the_behaviour_policy_at_the_rollout_temperature(set
     assert train.policy_temperature(cfg) == 1.0
 
 
-def test_micro_batches_give_the_full_batch_update(setup):
+@pytest.mark.parametrize("algo", ["scope", "opd", "grpo"])
+def test_micro_batches_give_the_full_batch_update(setup, algo):
+    # Strided micro-batches split every prompt's rollouts: per-prompt weights (SCOPE's, OPD's
+    # 1 / N) and advantages must come from the full batch.
     mesh = shd.make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
     batch = _batch(setup, seed=3)
     results = []
     for n in (1, 2, 4):
-        cfg = _cfg("scope", micro_batches=n)
+        cfg = _cfg(algo, micro_batches=n)
         graphdef, opt, state = _state(setup, cfg, mesh)
         state, m = jax.jit(train.make_train_step(cfg, graphdef, opt))(state, batch)
         results.append((float(m["loss"]), state.params))
