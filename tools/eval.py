@@ -1,4 +1,4 @@
-"""Avg@k / Pass@k of one or more models on one or more benchmarks (PAPER.md section 5).
+"""Avg@k / Pass@k of one or more models on one or more benchmarks (the paper's evaluation protocol).
 
     python -m tools.eval --model student=runs/toy/student --model scope=runs/toy/scope/export \\
         --data runs/toy/data/test.jsonl --fields generic --no-instruction --k 8 \\
@@ -7,7 +7,8 @@
 
 --model: a Hugging Face checkpoint directory (config.json, safetensors, tokenizer with a chat
   template), optionally NAME=PATH; the name defaults to the directory's base name.
---data: a benchmark name (a file stem in --data-dir: math500, aime24, aime25, amc23,
+--data: a benchmark name (a file stem in --data-dir, by default the benchmarks shipped in
+  scope_jax/benchmarks: math500, aime24, aime25, amc23,
   minerva_math, olympiadbench, gsm8k), a .jsonl / .parquet path, optionally LABEL=NAME_OR_PATH.
   Files whose stem is not a known dataset need --fields PROBLEM,ANSWER[,KIND] (KIND: plain,
   boxed_in_solution, gsm8k_hash, list; see scope_jax.data.FieldSpec) or --fields NAME, a
@@ -37,9 +38,10 @@ import re
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA_DIR = os.environ.get("SCOPE_DATA_DIR",
-                                  os.path.join(os.path.dirname(REPO), "shared", "data", "math"))
+from scope_jax import benchmarks  # noqa: E402 - package data only, imports nothing heavy
+
+# The benchmarks shipped in the package (scope_jax/benchmarks/SOURCES.md), unless overridden.
+DEFAULT_DATA_DIR = os.environ.get("SCOPE_DATA_DIR", benchmarks.DIR)
 log = logging.getLogger("tools.eval")
 _LABEL = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
