@@ -183,7 +183,7 @@ def test_loss_falls_on_a_fixed_batch(setup, algo):
 
 
 def test_policy_logprobs_are_the_behaviour_policy_at_the_rollout_temperature(setup):
-    # pi_old must be the distribution the rollouts were drawn from (PAPER.md section 2):
+    # pi_old must be the distribution the rollouts were drawn from (scope_jax/losses.py docstring, Notation):
     # at temperature T (top-k / top-p off) that is softmax(logits / T), the sampler's `logprobs`.
     from scope_jax import sampling
     from scope_jax.models import load_hf
