@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from scope_jax import losses, sampling
+from scope_jax import losses, sampling, tracking
 from scope_jax import sharding as shd
 
 log = logging.getLogger(__name__)
@@ -390,6 +390,7 @@ def train(cfg) -> dict:
     log.info("%s from step %d (%s)", "resuming" if restored is not None else "starting", start,
              ckpt.directory if restored is not None else cfg.student)
     metrics_out = _Metrics(os.path.join(cfg.workdir, "metrics.jsonl"), start) if jax.process_index() == 0 else None
+    board = tracking.MetricsWriter.for_training(cfg, start) if jax.process_index() == 0 else None  # TensorBoard / W&B
 
     # Fixed shardings in and out, so step 1 reuses step 0's executable (an inferred P() vs the
     # loaded P(None,) would otherwise compile the step twice).
@@ -423,6 +424,7 @@ def train(cfg) -> dict:
                    "rollout_s": t1 - t0, "rollouts_per_s": info["rollouts"] / dt}
             if jax.process_index() == 0:
                 metrics_out.write(row)
+                board.write(step, row)
                 progress(step, row)
             last = row
             bad_in_a_row = bad_in_a_row + 1 if m["skipped"] else 0
@@ -446,6 +448,8 @@ def train(cfg) -> dict:
         signal.signal(signal.SIGTERM, previous)
         verifier.close()
         ckpt.close()
+        if board is not None:
+            board.close()
     return last
 
 

@@ -19,7 +19,8 @@ tokens (fewer when the model's max_position_embeddings leaves less after the lon
 Writes DIR/results.json (settings, and per model: per benchmark summary and the macro average
 over benchmarks), DIR/<model>/<benchmark>.jsonl (one record per problem: rewards, reasons,
 extracted answers and clipped responses of all k samples), DIR/pass_at_k.png (Pass@k for
-k = 1..K, one line per model and benchmark) and DIR/table.txt, and prints the table.
+k = 1..K, one line per model and benchmark), DIR/table.txt and TensorBoard events in DIR/<model>/
+(scope_jax.tracking), and prints the table.
 
 results.json: {"argv", "models": {name: path}, "benchmarks": {label: file},
   "results": {model: {benchmark: summary}}, "macro": {model: summary} (two or more benchmarks)}
@@ -200,6 +201,7 @@ def main(argv=None) -> int:
 
     from scope_jax import data as data_lib
     from scope_jax import evaluation as ev
+    from scope_jax import tracking
     from scope_jax.verifiers.math import Verifier
 
     examples = {}
@@ -270,6 +272,7 @@ def main(argv=None) -> int:
         "models": dict(models), "benchmarks": dict(datasets),
         "results": results, "macro": macro,
     })
+    tracking.write_eval_summaries(args.out, results, macro)  # TensorBoard: {out}/<model>/events.*
     with open(os.path.join(args.out, "table.txt"), "w") as f:
         f.write(table + "\n")
     print(table)
