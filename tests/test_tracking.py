@@ -98,10 +98,11 @@ def _write_run(path, rows):
 def test_plot_runs_series_and_png(tmp_path):
     scope = [{"step": s, "loss": 10.0 - s, "accuracy": 0.1 * s, "correct/ess": 1.0 + s,
               "wrong/ess": 2.0, "correct/max_weight": 0.5, "wrong/max_weight": 0.6,
-              "time_s": 2.0, "rollout_s": 1.5} for s in range(5)]
+              "time_s": 2.0, "rollout_s": 1.5, "rollouts_per_s": 4.0} for s in range(5)]
     scope[3]["step"] = 2  # a resumed run repeats step 2: the later row counts
     scope[4]["step"] = 3
-    opd = [{"step": s, "loss": 5.0, "accuracy": 0.2, "time_s": 1.0} for s in range(3)]
+    opd = [{"step": s, "loss": 5.0, "accuracy": 0.2, "time_s": 1.0, "correct/ess": 0.0, "wrong/ess": 8.0}
+           for s in range(3)]
     _write_run(tmp_path / "scope", scope)
     _write_run(tmp_path / "opd", opd)
     runs = {"scope": plot_runs.read_metrics(str(tmp_path / "scope")),
@@ -111,7 +112,8 @@ def test_plot_runs_series_and_png(tmp_path):
     assert list(data) == ["loss", "accuracy", "max weight per path", "ESS per path", "stage times"]
     steps, loss = data["loss"]["scope"]
     assert steps.tolist() == [0, 1, 2, 3] and loss.tolist() == [10.0, 9.0, 7.0, 6.0]
-    assert set(data["ESS per path"]) == {"scope: correct/ess", "scope: wrong/ess"}  # OPD has none
+    # OPD's correct path does not exist (reported as 0): left out; rollouts_per_s is no stage time
+    assert set(data["ESS per path"]) == {"scope: correct/ess", "scope: wrong/ess", "opd: wrong/ess"}
     assert set(data["stage times"]) == {"scope: rollout_s", "scope: time_s", "opd: time_s"}
     smooth = plot_runs.series(runs, smooth=2)["loss"]["scope"][1]
     assert smooth.tolist() == [10.0, 9.5, 8.0, 6.5]  # trailing means, by hand

@@ -6,7 +6,7 @@
 A run is a workdir (its metrics.jsonl) or a .jsonl file, optionally NAME=PATH (the name defaults
 to the directory's base name). Panels, each drawn when some run has its keys: loss, accuracy
 (the verifier's fraction of correct rollouts), max weight and effective sample size per SCOPE
-path (correct/*, wrong/*), and stage times (keys ending in _s: time_s, rollout_s, ...).
+path (correct/*, wrong/*), and stage times (keys ending in _s: time_s, rollout_s, ...; not rollouts_per_s).
 --smooth N plots the trailing mean over N steps.
 """
 
@@ -61,9 +61,12 @@ def series(runs: dict[str, list[dict]], smooth: int = 1) -> dict[str, dict[str, 
 
     A line is labelled by the run name, plus the key when the panel has several keys. Rows
     missing a key are skipped for that key; a resumed run's repeated steps keep the last row.
+    In panels of several keys a line that is 0 at every step is left out (OPD reports its
+    absent correct path's weights as 0).
     """
     out: dict[str, dict] = {}
-    stage_keys = sorted({k for rows in runs.values() for r in rows for k in r if k.endswith("_s")})
+    stage_keys = sorted({k for rows in runs.values() for r in rows for k in r
+                         if k.endswith("_s") and not k.endswith("per_s")})
     panels = list(PANELS) + ([(STAGES, "seconds per step", tuple(stage_keys))] if stage_keys else [])
     for title, _, keys in panels:
         lines = {}
@@ -77,6 +80,8 @@ def series(runs: dict[str, list[dict]], smooth: int = 1) -> dict[str, dict[str, 
                 if not pts:
                     continue
                 steps, values = (np.asarray(v) for v in zip(*pts))
+                if len(keys) > 1 and not values.any():
+                    continue  # e.g. OPD's correct-path weights: reported as 0, there is no such path
                 label = name if len(keys) == 1 else f"{name}: {key}"
                 lines[label] = (steps, _trailing_mean(values, smooth) if smooth > 1 else values)
         if lines:
@@ -91,6 +96,7 @@ def plot_runs(runs: dict[str, list[dict]], out: str, *, smooth: int = 1, title: 
     left alone).
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     data = series(runs, smooth)
     if not data:
@@ -105,6 +111,7 @@ def plot_runs(runs: dict[str, list[dict]], out: str, *, smooth: int = 1, title: 
             ax.plot(x, y, label=label, linewidth=1.2)
         ax.set_title(panel)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabels[panel])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
