@@ -400,6 +400,12 @@ def test_tools_eval_end_to_end(checkpoint, tmp_path, capsys):
             summary = results["results"][model][bench]
             assert summary["num_problems"] == 3 and summary["k"] == 4
             assert summary["avg_at_k"] == pytest.approx(np.mean([r["c"] / 4 for r in records]))
+            # TensorBoard events, one run per model (read back by tensorboard itself)
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+            acc = EventAccumulator(str(out / model))
+            acc.Reload()
+            assert [e.value for e in acc.Scalars(f"{bench}/avg_at_k")] == [pytest.approx(summary["avg_at_k"])]
             tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
             for r, ex in zip(records, examples):
                 assert r["problem"] == ex.problem
