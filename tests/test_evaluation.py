@@ -441,5 +441,7 @@ def test_tools_eval_resolves_benchmark_names(tmp_path, monkeypatch):
     for name in ("math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k"):
         label, path = eval_tool.resolve_data(name, eval_tool.DEFAULT_DATA_DIR)
         assert label == name and os.path.isfile(path) and path.startswith(package_dir), path
+    args = eval_tool.build_parser().parse_args(["--model", "m", "--benchmarks", "math500", "--out", "o"])
+    assert args.data == ["math500"] and args.data_dir == eval_tool.DEFAULT_DATA_DIR
     with pytest.raises(SystemExit, match="config.json"):
         eval_tool.resolve_model(str(tmp_path))

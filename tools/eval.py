@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m tools.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True, help="PATH or NAME=PATH")
-    ap.add_argument("--data", action="append", required=True,
+    ap.add_argument("--data", "--benchmarks", action="append", required=True,
                     help="benchmark name, file, or LABEL=NAME_OR_FILE")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
