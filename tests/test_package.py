@@ -89,7 +89,7 @@ def test_wheel_with_core_dependencies_runs_the_jitted_loss(tmp_path):
     shutil.copytree(os.path.join(ROOT, "scope_jax"), src / "scope_jax",
                     ignore=shutil.ignore_patterns("__pycache__"))
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
                     "-w", str(dist), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = list(dist.glob("scope_jax-*.whl"))
     with zipfile.ZipFile(wheel) as z:
