@@ -101,12 +101,14 @@ def test_wheel_with_core_dependencies_runs_the_jitted_loss(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = str(venv / "bin" / "python")
     (tmp_path / "constraints.txt").write_text("\n".join(_core_pins()) + "\n")
-    install = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                              "-c", str(tmp_path / "constraints.txt"), str(wheel)],
-                             capture_output=True, text=True, timeout=900)
-    assert install.returncode == 0, install.stderr[-3000:]
+    # Without PYTHONPATH: a checkout on it (with an editable install's egg-info) would make pip
+    # think scope_jax is installed already, and the script import the checkout.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
     env["JAX_PLATFORMS"] = "cpu"
+    install = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                              "-c", str(tmp_path / "constraints.txt"), str(wheel)],
+                             env=env, capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stderr[-3000:]
     out = subprocess.run([py, "-c", SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
