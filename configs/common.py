@@ -92,6 +92,13 @@ def base() -> ml_collections.ConfigDict:
     c.verifier.num_workers = 2
     c.verifier.timeout_s = 5.0
 
+    # Metrics: {workdir}/metrics.jsonl and TensorBoard events beside it (scope_jax.tracking);
+    # W&B too when wandb_project is set (needs `pip install wandb`).
+    c.logging = ml_collections.ConfigDict()
+    c.logging.wandb_project = ""
+    c.logging.wandb_entity = ""
+    c.logging.run_name = ""  # default: W&B's own
+
     c.model = ml_collections.ConfigDict()
     c.model.dtype = "bfloat16"  # compute dtype of the student
     c.model.param_dtype = "float32"

@@ -6,8 +6,8 @@
     python -m tools.train --config configs/paper_qwen3_1p7b.py:grpo ...   # variants: configs/common.py
     python -m tools.train --config configs/paper_qwen3_1p7b.py --dry_run
 
-Same hyper-parameters as setup 1 (PAPER.md section 5); evaluation of this student uses
-repetition penalty 1.08 in the paper (not implemented by scope_jax.sampling yet).
+Same hyper-parameters as setup 1 (the paper's setup: scope_jax/losses.py docstring); evaluation
+of this student uses repetition penalty 1.08 in the paper (not implemented by scope_jax.sampling yet).
 """
 
 import ml_collections

@@ -7,8 +7,9 @@
                                                                        # see configs/common.py
     python -m tools.train --config configs/paper_r1_1p5b.py --dry_run  # shapes + shardings, no weights
 
-Hyper-parameters: PAPER.md section 5 (AdamW lr 5e-5 constant, wd 0.01, 256 prompts x 8
-rollouts, one update per batch, max prompt 4,096, max response 12,288, temperature 0.6, tau 1).
+Hyper-parameters: the paper's setup (scope_jax/losses.py docstring): AdamW lr 5e-5 constant,
+wd 0.01, 256 prompts x 8 rollouts, one update per batch, max prompt 4,096, max response 12,288,
+temperature 0.6, tau 1.
 The mesh is written for a 256-chip TPU slice: FSDP over 64 x tensor 4 (run on every host; the
 prompt batch is split across hosts).
 """

@@ -122,7 +122,7 @@ class FieldSpec:
                              f"got {self.problem_kind!r}")
 
 
-# Field mapping of every shipped dataset (see ../shared/data/math/SOURCES.md), as data.
+# Field mapping of every shipped dataset (see scope_jax/benchmarks/SOURCES.md), as data.
 SPECS: dict[str, FieldSpec] = {
     "math500": FieldSpec("problem", "answer", meta=("unique_id", "subject", "level")),
     "aime24": FieldSpec("problem", "answer", meta=("id",)),

@@ -14,7 +14,7 @@ Two layers:
 
 Metrics are fractions in [0, 1] in every record and summary; only ``format_table`` prints
 percentages. The paper's settings are the defaults: k = 32, temperature 0.6, top-p 0.95,
-top-k 20 (PAPER.md section 5).
+top-k 20 (the paper's setup: scope_jax/losses.py docstring).
 """
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ def paired_difference(base: tuple[Sequence[int], Sequence[int]],
 def macro_summary(counts: Sequence[tuple[Sequence[int], Sequence[int]]], k: int, *,
                   num_resamples: int = 1000, confidence: float = 0.95,
                   seed: int = 0) -> dict[str, Any]:
-    """Macro average over benchmarks (each benchmark weighs the same, as in PAPER.md table 6).
+    """Macro average over benchmarks (each benchmark weighs the same, as the paper's headline table).
 
     counts: one (n [P_b], c [P_b]) pair per benchmark. Returns the keys of `summarize` with
     avg_at_k / pass_at_k / pass_curve the means of the benchmarks' values, stratified bootstrap

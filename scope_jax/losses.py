@@ -18,12 +18,61 @@ Group operations use a [B, B] same-group mask: exact for any ordering and any sh
 (XLA inserts the collectives), and for B = 2,048 rollouts (256 prompts x 8) it costs
 16 MB and microseconds, which is nothing next to the model.
 
-The SCOPE objective (PAPER.md section 3), per prompt x with rollouts y_i:
+The method (this docstring is the repository's description of it; the README's "What SCOPE
+does" is the short version). Source: Zheng, Ma et al., "SCOPE: Signal-Calibrated On-Policy
+Distillation Enhancement with Dual-Path Adaptive Weighting", arXiv:2604.10688; the authors'
+verl-based code is github.com/machine981/SCOPE. Where the paper and the released code differ,
+the paper is the default and the released behaviour an option.
 
-    J = E_x[ sum_{i correct} w_i^stu * (-sum_t rho_it)
-           + sum_{i wrong}   w_i^tea * ( sum_t rho_it * sg[log pi_theta - log pi_T](a_it) ) ]
-    w^stu = softmax_{correct j}(  log PPL_S(y_j) / tau )   (student = behaviour policy pi_old)
-    w^tea = softmax_{wrong j}  ( -log PPL_T(y_j) / tau )
+Notation. For a prompt x the student draws N responses y_1..y_N (N = 8 in the paper),
+y_i = (a_i1 .. a_iT_i); a verifier gives R_i in {0, 1}; Omega_c = {i : R_i = 1} (correct),
+Omega_w = {i : R_i = 0} (wrong). pi_old is the behaviour policy that drew the rollouts (at
+rollout temperature T: softmax(logits / T)), pi_theta the policy being updated, pi_T the
+teacher. Only response tokens count (|y| excludes prompt and padding).
+
+    rho_it = pi_theta(a_it | x, a_i<t) / pi_old(a_it | x, a_i<t)          importance ratio
+    PPL(y | x) = exp(-(1 / |y|) sum_t log pi(a_t | x, a_<t))              sequence perplexity
+
+Objective. The correct path needs no teacher, the wrong path is distilled from it:
+
+    L_MLE(x, y_i) = - sum_t rho_it                                                  (i in Omega_c)
+    L_OPD(x, y_i) =   sum_t rho_it * sg[log pi_theta(a_it | .) - log pi_T(a_it | .)]   (i in Omega_w)
+
+sg[.] is stop-gradient: the bracket is a fixed per-token advantage (the sampled-token estimate
+of the reverse KL) and only rho carries the gradient. At theta = theta_old the gradient of
+L_MLE is minus the NLL gradient, that of L_OPD the REINFORCE gradient of the reverse KL. The
+weights are softmaxes inside each prompt's group, separately over its correct and its wrong
+rollouts (tau = 1 in every paper run), constants for the gradient:
+
+    w_i^stu = softmax_{j in Omega_c}( -log pi_old(y_j | x) / (tau |y_j|) ) = PPL_S(y_i)^(1/tau)  / sum_j PPL_S(y_j)^(1/tau)
+    w_i^tea = softmax_{j in Omega_w}( +log pi_T(y_j | x)   / (tau |y_j|) ) = PPL_T(y_i)^(-1/tau) / sum_j PPL_T(y_j)^(-1/tau)
+
+    J_SCOPE = E_x[ sum_{i in Omega_c} w_i^stu L_MLE(x, y_i) + sum_{i in Omega_w} w_i^tea L_OPD(x, y_i) ]
+
+So within a prompt each non-empty path's weights sum to 1, an all-correct prompt has only the
+MLE path and an all-wrong one only the OPD path; nothing is thresholded, there is no KL
+regulariser, SFT term or clipping, and token sums are sums (scope_loss(reduction="paper")).
+Worked example (tau = 1): wrong rollouts with teacher PPL 1.361, 1.755, 2.383 get
+w^tea = (0.426, 0.330, 0.243) (tau 0.5: 0.519, 0.312, 0.169; tau 2: 0.379, 0.334, 0.287);
+correct rollouts with student PPL 1.2, 1.5, 2.0 get w^stu = (0.255, 0.319, 0.426).
+
+The released code's variants (options here): weights rescaled to mean 1 per path
+(normalize="mean"); verl's token-mean reduction (reduction="token_mean"); the wrong path as a
+KL penalty in the loss (distill="kl", kl="k1" | "k3", or the teacher's top-k reverse KL) or as
+the per-token reward -(log pi_old - log pi_T) w^tea of a PPO-clipped loss (distill="ppo", clip
+0.2); sign flags per path for ablations (student_weighting / teacher_weighting = "reversed" or
+"uniform"; the released run script weights low student PPL higher, the opposite of the paper).
+
+The paper's setup (configs/paper_*.py carry it). Students DeepSeek-R1-Distill-Qwen-1.5B
+(teacher Skywork-OR1-7B) and Qwen3-1.7B-Base (teacher Qwen3-8B), trained on DeepMath-103K.
+GRPO / OPD / SCOPE share: AdamW, lr 5e-5 constant, weight decay 0.01, 256 prompts per batch,
+one update per batch, prompts up to 4,096 tokens (2,048 in the released script), responses up
+to 12,288, rollout temperature 0.6, 8 rollouts per prompt (the OPD baseline: 1), GRPO KL 1e-4
+and clip 0.2, SCOPE tau 1.0. Evaluation: AIME24, AIME25, AMC23, MATH500, Minerva Math and
+OlympiadBench (macro average over the six), 32 samples per problem at temperature 0.6, top-p
+0.95, top-k 20, up to 32,768 tokens, repetition penalty 1.0 (1.08 for the Qwen3-1.7B student);
+Avg@32 (mean accuracy of the samples) and Pass@32 (here the unbiased estimator
+1 - C(n-c, k) / C(n, k); the released code bootstraps it).
 """
 
 from __future__ import annotations
@@ -353,7 +402,7 @@ def scope_weights(
     teacher_weighting: str = "paper",
     normalize: str = "sum",
 ) -> tuple[Array, Array]:
-    """SCOPE's dual-path weights (PAPER.md section 3), constants for the gradient.
+    """SCOPE's dual-path weights (the module docstring's "Objective"), constants for the gradient.
 
     w_i^stu = softmax over correct j of  log PPL_S(y_j) / tau    (high student PPL -> more weight)
     w_i^tea = softmax over wrong j   of -log PPL_T(y_j) / tau    (low teacher PPL -> more weight)

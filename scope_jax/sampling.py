@@ -15,7 +15,7 @@ Which log-probs should a loss take?
     as pi_old without another forward pass.
   * `logprobs` -- log-probs under the distribution actually sampled from (after temperature,
     top-k, top-p). With top-k / top-p off they are log softmax(logits / T), the behaviour
-    policy of PAPER.md sections 2-3 at rollout temperature T. The trainer (as verl) takes
+    policy of the method (scope_jax/losses.py docstring) at rollout temperature T. The trainer (as verl) takes
     pi_theta and pi_old at T and recomputes pi_old with its own forward pass
     (scope_jax.train.policy_temperature). For greedy decoding the sampled distribution is a
     point mass, so `logprobs` then holds the policy log-probs of the greedy token instead (the

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from scope_jax import losses, sampling
+from scope_jax import losses, sampling, tracking
 from scope_jax import sharding as shd
 from scope_jax import teacher as teachers
 
@@ -577,6 +577,7 @@ def train(cfg) -> dict:
     log.info("%s from step %d (%s)", "resuming" if restored is not None else "starting", start,
              ckpt.directory if restored is not None else cfg.student)
     metrics_out = _Metrics(os.path.join(cfg.workdir, "metrics.jsonl"), start) if jax.process_index() == 0 else None
+    board = tracking.MetricsWriter.for_training(cfg, start) if jax.process_index() == 0 else None  # TensorBoard / W&B
 
     state_sh = state_shardings(optimizer, nnx.to_pure_dict(shd.model_shardings(student, mesh)), mesh, params)
     state, batch_sh = jax.device_put(state, state_sh), batch_sharding(mesh)
@@ -618,6 +619,7 @@ def train(cfg) -> dict:
                    "rollout_s": t1 - t0, "rollouts_per_s": info["rollouts"] / dt}
             if jax.process_index() == 0:
                 metrics_out.write(row)
+                board.write(step, row)
                 progress(step, row)
             last = row
             bad_in_a_row = bad_in_a_row + 1 if m["skipped"] else 0
@@ -643,6 +645,8 @@ def train(cfg) -> dict:
         if teacher_scorer is not None:
             teacher_scorer.close()
         ckpt.close()
+        if board is not None:
+            board.close()
     return last
 
 

@@ -17,12 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from scope_jax import benchmarks
 from scope_jax import data as D
 
-DATA = os.environ.get("SCOPE_MATH_DATA", os.path.join(os.path.dirname(__file__), "..", "..",
-                                                      "shared", "data", "math"))
-if not os.path.isdir(DATA):
-    DATA = "/work/shared/data/math"
+DATA = benchmarks.DIR  # shipped in the package: scope_jax/benchmarks/SOURCES.md
 
 ROW_COUNTS = {
     "aime24.jsonl": 30, "aime25.jsonl": 30, "amc23.jsonl": 40, "gsm8k_test.jsonl": 1319,
@@ -39,14 +37,39 @@ def _raw_rows(name):
         return [json.loads(line) for line in f if line.strip()]
 
 
-needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"no data directory {DATA}")
+def _git_blob_id(path):
+    """git's object id of a file (sha1 of "blob <size>\\0" + bytes), independent of git itself."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        content = f.read()
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+
+
+def test_shipped_files_are_the_recorded_source_files():
+    """Every shipped data file has a SOURCES.md row whose git blob id (the id of the source
+    repository's file at the recorded commit) matches its bytes, and a shipped licence text."""
+    with open(os.path.join(DATA, "SOURCES.md"), encoding="utf-8") as f:
+        rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+                for line in f if line.startswith("| ") and not line.startswith("| file")]
+    recorded = {r[0]: r[-1] for r in rows}
+    assert set(recorded) == set(ROW_COUNTS) == {f for f in os.listdir(DATA)
+                                                 if f.endswith((".jsonl", ".parquet"))}
+    for name, blob in recorded.items():
+        assert _git_blob_id(os.path.join(DATA, name)) == blob, name
+    assert {r[0]: int(r[1]) for r in rows} == ROW_COUNTS
+    for licence in ("LICENSE-MIT.txt", "LICENSE-Apache-2.0.txt"):
+        assert os.path.getsize(os.path.join(DATA, licence)) > 1000
+    assert benchmarks.path("gsm8k").endswith("gsm8k_test.jsonl")
+    assert benchmarks.path("deepmath").endswith("scope_train_sample.parquet")
+    with pytest.raises(FileNotFoundError, match="math500"):
+        benchmarks.path("no_such_benchmark")
 
 
 # ---------------------------------------------------------------------------------------------
 # Shipped datasets
 
 
-@needs_data
 @pytest.mark.parametrize("name", sorted(ROW_COUNTS))
 def test_every_file_loads_with_its_row_count(name):
     examples = D.load_examples(os.path.join(DATA, name))
@@ -62,7 +85,6 @@ def test_every_file_loads_with_its_row_count(name):
         examples[-1].source.endswith(f"[{ROW_COUNTS[name] - 1}]")
 
 
-@needs_data
 @pytest.mark.parametrize("name,problem_key", [("aime24.jsonl", "problem"),
                                               ("aime25.jsonl", "problem"),
                                               ("math500.jsonl", "problem")])
@@ -73,7 +95,6 @@ def test_plain_answers_match_the_raw_field(name, problem_key):
     assert [e.problem for e in examples] == [r[problem_key] for r in raw]
 
 
-@needs_data
 def test_amc23_float_answers_become_integers():
     raw = _raw_rows("amc23.jsonl")
     examples = D.load_examples(os.path.join(DATA, "amc23.jsonl"))
@@ -83,7 +104,6 @@ def test_amc23_float_answers_become_integers():
     assert "-1" in [e.answer for e in examples]
 
 
-@needs_data
 def test_gsm8k_gold_is_after_hashes():
     raw = _raw_rows("gsm8k_test.jsonl")
     examples = D.load_examples(os.path.join(DATA, "gsm8k_test.jsonl"))
@@ -94,7 +114,6 @@ def test_gsm8k_gold_is_after_hashes():
     assert all(re.fullmatch(r"-?\d+", e.answer) for e in examples)
 
 
-@needs_data
 def test_minerva_gold_is_the_last_boxed_content():
     raw = _raw_rows("minerva_math.jsonl")
     examples = D.load_examples(os.path.join(DATA, "minerva_math.jsonl"))
@@ -109,7 +128,6 @@ def test_minerva_gold_is_the_last_boxed_content():
         assert e.answer.count("{") == e.answer.count("}")
 
 
-@needs_data
 def test_olympiadbench_answers_are_lists():
     raw = _raw_rows("olympiadbench.jsonl")
     examples = D.load_examples(os.path.join(DATA, "olympiadbench.jsonl"))
@@ -123,7 +141,6 @@ def test_olympiadbench_answers_are_lists():
                                 "is_multiple_answer": False}
 
 
-@needs_data
 def test_deepmath_parquet_keeps_its_prompt_messages():
     raw = _raw_rows("scope_train_sample.parquet")
     examples = D.load_examples(os.path.join(DATA, "scope_train_sample.parquet"))
@@ -260,6 +277,7 @@ def test_unknown_files_and_names(tmp_path):
 
 TFDS_SCRIPT = r"""
 import json, sys
+from scope_jax import benchmarks
 from scope_jax import data as D
 jsonl, data_dir = sys.argv[1], sys.argv[2]
 builder = D.jsonl_tfds_builder(jsonl, data_dir, split="test")
@@ -274,7 +292,6 @@ print(json.dumps({"n": len(got), "files": files, "tf": "tensorflow" in sys.modul
 """
 
 
-@needs_data
 def test_tfds_array_record_round_trip_without_tensorflow(tmp_path):
     jsonl = tmp_path / "math500.jsonl"
     with open(os.path.join(DATA, "math500.jsonl"), encoding="utf-8") as f:
@@ -370,7 +387,6 @@ def test_build_prompt_chat_raw_and_deepmath(tokenizer):
         D.build_prompt(ex, fast_no_template)
 
 
-@needs_data
 def test_deepmath_prompts_from_the_parquet(tokenizer):
     fast, _ = tokenizer
     raw = _raw_rows("scope_train_sample.parquet")[:3]

@@ -400,6 +400,12 @@ def test_tools_eval_end_to_end(checkpoint, tmp_path, capsys):
             summary = results["results"][model][bench]
             assert summary["num_problems"] == 3 and summary["k"] == 4
             assert summary["avg_at_k"] == pytest.approx(np.mean([r["c"] / 4 for r in records]))
+            # TensorBoard events, one run per model (read back by tensorboard itself)
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+            acc = EventAccumulator(str(out / model))
+            acc.Reload()
+            assert [e.value for e in acc.Scalars(f"{bench}/avg_at_k")] == [pytest.approx(summary["avg_at_k"])]
             tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
             for r, ex in zip(records, examples):
                 assert r["problem"] == ex.problem
@@ -415,8 +421,15 @@ def test_tools_eval_end_to_end(checkpoint, tmp_path, capsys):
     assert (out / "table.txt").read_text().strip() in printed
 
 
-def test_tools_eval_resolves_benchmark_names(tmp_path):
+def test_tools_eval_resolves_benchmark_names(tmp_path, monkeypatch):
+    import importlib
+
+    import scope_jax
     from tools import eval as eval_tool
+
+    monkeypatch.delenv("SCOPE_DATA_DIR", raising=False)
+    eval_tool = importlib.reload(eval_tool)
+    package_dir = os.path.dirname(scope_jax.__file__)
 
     (tmp_path / "gsm8k_test.jsonl").write_text("{}\n")
     assert eval_tool.resolve_data("gsm8k", str(tmp_path)) == ("gsm8k",
@@ -424,8 +437,11 @@ def test_tools_eval_resolves_benchmark_names(tmp_path):
     assert eval_tool.resolve_data("x=gsm8k", str(tmp_path))[0] == "x"
     with pytest.raises(SystemExit, match="known there"):
         eval_tool.resolve_data("math500", str(tmp_path))
-    if os.path.isdir(eval_tool.DEFAULT_DATA_DIR):  # the shipped benchmarks, when present
-        label, path = eval_tool.resolve_data("aime24", eval_tool.DEFAULT_DATA_DIR)
-        assert label == "aime24" and path.endswith("aime24.jsonl")
+    # The benchmarks shipped in the package are the default (a plain clone needs nothing else).
+    for name in ("math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k"):
+        label, path = eval_tool.resolve_data(name, eval_tool.DEFAULT_DATA_DIR)
+        assert label == name and os.path.isfile(path) and path.startswith(package_dir), path
+    args = eval_tool.build_parser().parse_args(["--model", "m", "--benchmarks", "math500", "--out", "o"])
+    assert args.data == ["math500"] and args.data_dir == eval_tool.DEFAULT_DATA_DIR
     with pytest.raises(SystemExit, match="config.json"):
         eval_tool.resolve_model(str(tmp_path))

@@ -1,4 +1,5 @@
-"""scope_jax.losses against independent numpy re-derivations of PAPER.md's equations."""
+"""scope_jax.losses against independent numpy re-derivations of the paper's equations
+(restated in the scope_jax/losses.py docstring)."""
 
 import functools
 import os
@@ -15,7 +16,8 @@ from hypothesis import given, settings, strategies as st
 from scope_jax import losses as L
 
 # ----------------------------------------------------------------------------------------
-# Independent references: explicit loops over prompts, written from PAPER.md section 3.
+# Independent references: explicit loops over prompts, written from the paper's objective
+# (arXiv:2604.10688, section 3; restated in the scope_jax/losses.py docstring).
 # ----------------------------------------------------------------------------------------
 
 

