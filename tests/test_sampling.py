@@ -499,3 +499,19 @@ def test_real_model_mesh_matches_single_device(tmp_path_factory):
         assert got.tokens.sharding.num_devices == 8
         np.testing.assert_array_equal(got.tokens, ref.tokens)
         np.testing.assert_allclose(got.policy_logprobs, ref.policy_logprobs, atol=1e-5)
+
+
+def test_remat_model_generates_the_same_tokens(tmp_path_factory):
+    # remat only matters for a backward pass; the sampler's cached forward must neither apply
+    # it nor trip over it (nnx.remat inside the decode while_loop raised TraceContextError).
+    from scope_jax.models import load_hf
+
+    _, model, _ = load_checkpoint("qwen3", tmp_path_factory)
+    remat = load_hf(_CHECKPOINTS["qwen3"][3], remat=True)
+    assert remat.remat and not model.remat
+    prompts = random_prompts(3)
+    for kw in (dict(), dict(temperature=0.8, top_k=20, key=jax.random.key(9))):
+        want = generate(model, prompts, max_new_tokens=12, **kw)
+        got = generate(remat, prompts, max_new_tokens=12, **kw)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_array_equal(got.policy_logprobs, want.policy_logprobs)

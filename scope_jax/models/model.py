@@ -514,7 +514,7 @@ class Transformer(nnx.Module):
         def call(layer, x, kv):
             return layer(x, cos, sin, mask, kv)
 
-        if self.remat:
+        if self.remat and kv_all is None:  # a cache means inference: no backward pass to save
             call = nnx.remat(call)
         per_layer = isinstance(kv_all, DecodeCache)
         new_k, new_v = [], []
