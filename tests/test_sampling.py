@@ -347,10 +347,10 @@ def test_prefill_never_builds_all_prompt_logits():
     graphdef, state = nnx.split(model)
     settings = sampling._Settings(max_new_tokens=4, temperature=0.0, top_k=None, top_p=None,
                                   pad_id=0)
-    compiled = sampling._generate_program.lower(
+    compiled = sampling._prefill_program.lower(
         graphdef, state, np.ones((8, 512), np.int32), np.full((8,), 512, np.int32),
         jax.random.split(jax.random.key(0), 8), np.zeros((8,), bool), jnp.zeros((0,), jnp.int32),
-        settings=settings, mesh=None).compile()
+        settings=settings, mesh=None, stop=4).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < 8 * 2**20
 
 
@@ -515,3 +515,65 @@ def test_remat_model_generates_the_same_tokens(tmp_path_factory):
         got = generate(remat, prompts, max_new_tokens=12, **kw)
         np.testing.assert_array_equal(got.tokens, want.tokens)
         np.testing.assert_array_equal(got.policy_logprobs, want.policy_logprobs)
+
+
+def test_decode_phases_give_the_single_phase_output(tmp_path_factory, monkeypatch):
+    # Phases end at 4, 8, 16, 32 and 40 tokens; the single-phase run attends over the whole
+    # 40-token cache at every step, as the sampler did before phases.
+    _, model, _ = load_checkpoint("qwen3", tmp_path_factory)
+    prompts = random_prompts(4) + random_prompts(5)  # 10 rows
+    kw = dict(num_samples=2, max_new_tokens=40, temperature=1.0, key=jax.random.key(10))
+    monkeypatch.setattr(sampling, "FIRST_PHASE", 10**6)
+    free = np.asarray(generate(model, prompts, **kw).tokens)  # no EOS: every row runs 40
+    # EOS ids: tokens some row produces at steps 2, 6, 12, 25 and 35 (one per phase).
+    eos = sorted({int(free[r, t]) for r, t in ((0, 2), (3, 6), (7, 12), (11, 25), (15, 35))})
+    hits = np.isin(free, eos)
+    ends = np.where(hits.any(1), hits.argmax(1) + 1, 40)  # response lengths that must result
+    phase = np.searchsorted([4, 8, 16, 32, 40], ends)  # the phase each row ends in
+    assert len(set(phase[ends < 40])) >= 3 and np.any(ends == 40) and np.any(phase == 4)
+
+    single = generate(model, prompts, eos_ids=eos, **kw)
+    monkeypatch.setattr(sampling, "FIRST_PHASE", 4)
+    phased = generate(model, prompts, eos_ids=eos, **kw)
+    for out in (single, phased):
+        np.testing.assert_array_equal(out.lengths, ends)
+        np.testing.assert_array_equal(out.finish_reason, np.where(ends < 40, FINISH_EOS,
+                                                                  FINISH_LENGTH))
+        np.testing.assert_array_equal(np.where(out.response_mask, out.tokens, -1),
+                                      np.where(np.arange(40) < ends[:, None], free, -1))
+    np.testing.assert_array_equal(phased.tokens, single.tokens)
+    np.testing.assert_array_equal(phased.response_mask, single.response_mask)
+    # Log-probs agree to float32 rounding: attention reduces over cache lengths that differ
+    # between the runs (as they already did between two max_new_tokens before phases).
+    for field in ("logprobs", "policy_logprobs"):
+        np.testing.assert_allclose(getattr(phased, field), getattr(single, field), atol=1e-5,
+                                   rtol=0, err_msg=field)
+
+
+def test_phases_are_exact_on_the_sum_model_and_stop_when_rows_end(monkeypatch):
+    # The toy model's logits are exact integers, so here phases must not change a single bit,
+    # and rows ending early must not run (or compile) later phases.
+    model = sum_model()
+    prompts = [[1], [4, 2, 7], [10] * 17, [5, 5, 5, 5, 5], [2, 9], [3, 3]]
+    calls = []
+    phase_program = sampling._phase_program
+
+    def spy(*args, **kw):
+        calls.append((kw["start"], kw["stop"]))
+        return phase_program(*args, **kw)
+
+    monkeypatch.setattr(sampling, "_phase_program", spy)
+    monkeypatch.setattr(sampling, "FIRST_PHASE", 2)
+    for eos_ids in ([0, 7], [0], []):
+        want = [sum_model_reference(p, 30, eos_ids) for p in prompts]
+        out = generate(model, prompts, max_new_tokens=30, eos_ids=eos_ids)
+        assert sampling.response_lists(out) == [w[0] for w in want]
+        np.testing.assert_array_equal(out.finish_reason, [w[1] for w in want])
+        longest = max(len(w[0]) for w in want)
+        # phases after the first run while a row is live: up to the phase holding `longest`
+        assert calls == [(s, e) for s, e in [(2, 4), (4, 8), (8, 16), (16, 30)] if s < longest]
+        calls.clear()
+    first = [sum_model_reference(p, 1, [])[0][0] for p in prompts]
+    out = generate(model, prompts, max_new_tokens=4096, eos_ids=first)
+    np.testing.assert_array_equal(out.lengths, 1)
+    assert calls == []  # every row ended in the first phase: no later phase ran

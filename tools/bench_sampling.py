@@ -8,6 +8,7 @@ run) is reported on its own line. transformers runs with its KV cache (use_cache
 
     .venv/bin/python tools/bench_sampling.py                  # tiny (batch 32 x 128) and ~100M
     .venv/bin/python tools/bench_sampling.py --configs tiny --modes greedy --repeats 5
+    .venv/bin/python tools/bench_sampling.py --configs tiny --early-eos  # budget 4096 vs 64
 """
 from __future__ import annotations
 
@@ -130,6 +131,44 @@ def bench(name: str, spec: dict, modes: list[str], repeats: int, batch: int | No
     return rows
 
 
+def bench_early_eos(name: str, spec: dict, modes: list[str], repeats: int,
+                    budgets: tuple[int, int] = (64, 4096)) -> list[tuple]:
+    """Cost of a large token budget when every row ends within 3 steps: generate with
+    max_new_tokens = budgets[1] against budgets[0], the same prompts and EOS ids (the tokens
+    the rows produce at step 3, found by a probe run, so every row stops by then)."""
+    import jax
+
+    from scope_jax.models import load_hf
+    from scope_jax.sampling import generate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(tmp, spec["model"])
+        model = load_hf(tmp)
+    prompts = np.random.default_rng(0).integers(
+        3, spec["model"]["vocab_size"], size=(spec["batch"], spec["prompt_len"])).tolist()
+    print(f"\n== {name}, early EOS: batch {spec['batch']}, prompt {spec['prompt_len']}, "
+          f"max_new_tokens {budgets[1]} vs {budgets[0]}, load average {os.getloadavg()[0]:.1f}")
+    rows = []
+    for mode in modes:
+        kw = dict(MODES[mode], key=jax.random.key(0))
+        eos = sorted(set(np.asarray(generate(model, prompts, max_new_tokens=3, **kw).tokens)[
+            :, 2].tolist()))
+
+        def run(m):
+            out = generate(model, prompts, max_new_tokens=m, eos_ids=eos, **kw)
+            jax.block_until_ready(out.tokens)
+            assert int(np.max(out.lengths)) <= 3, np.asarray(out.lengths)
+            return out
+
+        (first_s, first_l), (short, long) = time_interleaved(
+            [lambda: run(budgets[0]), lambda: run(budgets[1])], repeats)
+        print(f"[{mode}] max_new_tokens {budgets[0]}: {short * 1e3:.1f} ms/run (first call "
+              f"{first_s:.2f} s); {budgets[1]}: {long * 1e3:.1f} ms/run (first call "
+              f"{first_l:.2f} s); ratio {long / short:.2f}x (first calls {first_l / first_s:.2f}x)")
+        rows.append((name, mode, short, long))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -137,6 +176,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=None, help="override every config's batch")
     parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--early-eos", action="store_true",
+                        help="instead: generate(max_new_tokens=4096) vs 64 when rows end early")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own, the core count)")
     args = parser.parse_args()
@@ -145,6 +186,10 @@ def main():
         import torch
 
         torch.set_num_threads(args.torch_threads)
+    if args.early_eos:
+        for name in args.configs:
+            bench_early_eos(name, CONFIGS[name], args.modes, args.repeats)
+        return
     rows = []
     for name in args.configs:
         rows += bench(name, CONFIGS[name], args.modes, args.repeats, args.batch, args.new_tokens)
