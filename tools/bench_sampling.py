@@ -9,11 +9,15 @@ run) is reported on its own line. transformers runs with its KV cache (use_cache
     .venv/bin/python tools/bench_sampling.py                  # tiny (batch 32 x 128) and ~100M
     .venv/bin/python tools/bench_sampling.py --configs tiny --modes greedy --repeats 5
     .venv/bin/python tools/bench_sampling.py --configs tiny --early-eos  # budget 4096 vs 64
+    # against another version of the sampler, in the same process on the same model:
+    .venv/bin/python tools/bench_sampling.py --configs tiny --baseline ../main/scope_jax/sampling.py
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import sys
 import tempfile
 import time
 
@@ -52,10 +56,10 @@ def write_checkpoint(path: str, model_kw: dict) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def time_interleaved(fns, repeats: int) -> tuple[list[float], list[float]]:
+def time_interleaved(fns, repeats: int) -> tuple[list[float], list[float], list[list[float]]]:
     """Times each of `fns` once as warm-up, then `repeats` rounds calling them in turn (so a
     load change on a shared machine hits both sides alike). Returns (first-call seconds,
-    median seconds) per function."""
+    median seconds, every round's seconds) per function."""
     first, times = [], [[] for _ in fns]
     for fn in fns:
         t0 = time.perf_counter()
@@ -66,11 +70,29 @@ def time_interleaved(fns, repeats: int) -> tuple[list[float], list[float]]:
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
-    return first, [float(np.median(ts)) for ts in times]
+    return first, [float(np.median(ts)) for ts in times], times
+
+
+def load_baseline(path: str):
+    """The `generate` of another sampling.py (e.g. main's), imported under its own name so
+    both versions run in this process on the same model."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_sampling", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module.generate
+
+
+def paired_ratio(base: list[float], new: list[float]) -> str:
+    """Median and range over rounds of base time / new time (> 1: new is faster)."""
+    r = np.asarray(base) / np.asarray(new)
+    return f"{np.median(r):.2f}x (rounds {r.min():.2f}-{r.max():.2f}x)"
 
 
 def bench(name: str, spec: dict, modes: list[str], repeats: int, batch: int | None,
-          new_tokens: int | None) -> list[tuple]:
+          new_tokens: int | None, baseline=None) -> list[tuple]:
     import jax
     import torch
     import transformers
@@ -95,7 +117,7 @@ def bench(name: str, spec: dict, modes: list[str], repeats: int, batch: int | No
     for mode in modes:
         kw = MODES[mode]
 
-        def run_jax():
+        def run_jax(generate=generate):
             out = generate(model, prompts.tolist(), max_new_tokens=new_tokens,
                            key=jax.random.key(0), **kw)
             jax.block_until_ready(out.tokens)
@@ -114,7 +136,14 @@ def bench(name: str, spec: dict, modes: list[str], repeats: int, batch: int | No
             assert out.shape == (batch, prompt_len + new_tokens), out.shape
             return out
 
-        (jax_first, hf_first), (jax_t, hf_t) = time_interleaved([run_jax, run_hf], repeats)
+        fns = [run_jax, run_hf] + ([lambda: run_jax(baseline)] if baseline else [])
+        first, med, times = time_interleaved(fns, repeats)
+        (jax_first, hf_first), (jax_t, hf_t) = first[:2], med[:2]
+        if baseline:
+            print(f"[{mode}] baseline: {batch * new_tokens / med[2]:9.0f} tok/s ({med[2]:.3f} "
+                  f"s/run; first call {first[2]:.2f} s); speed-up over it "
+                  f"{paired_ratio(times[2], times[0])}; tokens equal: "
+                  f"{np.array_equal(run_jax().tokens, run_jax(baseline).tokens)}")
         if mode == "greedy":  # same checkpoint, so the greedy tokens should agree too
             same = np.mean(np.asarray(run_jax().tokens) ==
                            run_hf()[:, prompt_len:].numpy())
@@ -131,11 +160,12 @@ def bench(name: str, spec: dict, modes: list[str], repeats: int, batch: int | No
     return rows
 
 
-def bench_early_eos(name: str, spec: dict, modes: list[str], repeats: int,
-                    budgets: tuple[int, int] = (64, 4096)) -> list[tuple]:
+def bench_early_eos(name: str, spec: dict, modes: list[str], repeats: int, baseline=None,
+                    budgets: tuple[int, int] = (64, 4096)) -> None:
     """Cost of a large token budget when every row ends within 3 steps: generate with
     max_new_tokens = budgets[1] against budgets[0], the same prompts and EOS ids (the tokens
-    the rows produce at step 3, found by a probe run, so every row stops by then)."""
+    the rows produce at step 3, found by a probe run, so every row stops by then); for the
+    baseline's generate too when given."""
     import jax
 
     from scope_jax.models import load_hf
@@ -148,25 +178,27 @@ def bench_early_eos(name: str, spec: dict, modes: list[str], repeats: int,
         3, spec["model"]["vocab_size"], size=(spec["batch"], spec["prompt_len"])).tolist()
     print(f"\n== {name}, early EOS: batch {spec['batch']}, prompt {spec['prompt_len']}, "
           f"max_new_tokens {budgets[1]} vs {budgets[0]}, load average {os.getloadavg()[0]:.1f}")
-    rows = []
+    sides = [("scope_jax", generate)] + ([("baseline", baseline)] if baseline else [])
     for mode in modes:
         kw = dict(MODES[mode], key=jax.random.key(0))
         eos = sorted(set(np.asarray(generate(model, prompts, max_new_tokens=3, **kw).tokens)[
             :, 2].tolist()))
 
-        def run(m):
-            out = generate(model, prompts, max_new_tokens=m, eos_ids=eos, **kw)
+        def run(gen, m):
+            out = gen(model, prompts, max_new_tokens=m, eos_ids=eos, **kw)
             jax.block_until_ready(out.tokens)
             assert int(np.max(out.lengths)) <= 3, np.asarray(out.lengths)
             return out
 
-        (first_s, first_l), (short, long) = time_interleaved(
-            [lambda: run(budgets[0]), lambda: run(budgets[1])], repeats)
-        print(f"[{mode}] max_new_tokens {budgets[0]}: {short * 1e3:.1f} ms/run (first call "
-              f"{first_s:.2f} s); {budgets[1]}: {long * 1e3:.1f} ms/run (first call "
-              f"{first_l:.2f} s); ratio {long / short:.2f}x (first calls {first_l / first_s:.2f}x)")
-        rows.append((name, mode, short, long))
-    return rows
+        fns = [functools.partial(run, gen, m) for _, gen in sides for m in budgets]
+        first, med, times = time_interleaved(fns, repeats)
+        for k, (side, _) in enumerate(sides):
+            (first_s, first_l), (short, long) = first[2 * k:2 * k + 2], med[2 * k:2 * k + 2]
+            print(f"[{mode}] {side}: max_new_tokens {budgets[0]}: {short * 1e3:.1f} ms/run "
+                  f"(first call {first_s:.2f} s); {budgets[1]}: {long * 1e3:.1f} ms/run (first "
+                  f"call {first_l:.2f} s); cost ratio {budgets[1]} / {budgets[0]}: "
+                  f"{paired_ratio(times[2 * k + 1], times[2 * k])} (first calls "
+                  f"{first_l / first_s:.2f}x)")
 
 
 def main():
@@ -178,6 +210,9 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--early-eos", action="store_true",
                         help="instead: generate(max_new_tokens=4096) vs 64 when rows end early")
+    parser.add_argument("--baseline", default=None, metavar="SAMPLING_PY",
+                        help="also time the generate of this sampling.py (e.g. main's) on the "
+                             "same model, interleaved")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own, the core count)")
     args = parser.parse_args()
@@ -186,13 +221,15 @@ def main():
         import torch
 
         torch.set_num_threads(args.torch_threads)
+    baseline = load_baseline(args.baseline) if args.baseline else None
     if args.early_eos:
         for name in args.configs:
-            bench_early_eos(name, CONFIGS[name], args.modes, args.repeats)
+            bench_early_eos(name, CONFIGS[name], args.modes, args.repeats, baseline)
         return
     rows = []
     for name in args.configs:
-        rows += bench(name, CONFIGS[name], args.modes, args.repeats, args.batch, args.new_tokens)
+        rows += bench(name, CONFIGS[name], args.modes, args.repeats, args.batch, args.new_tokens,
+                      baseline)
     print("\n| config | mode | batch | new tokens | scope_jax tok/s | transformers tok/s | ratio |")
     print("|---|---|---|---|---|---|---|")
     for name, mode, b, m, a, h, r in rows:
