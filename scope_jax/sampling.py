@@ -25,13 +25,16 @@ Which log-probs should a loss take?
     truncation. They equal a teacher-forced forward pass over prompt + response (tested to
     1e-4), so a trainer whose policy is the raw model (rollouts at temperature 1) can use them
     as pi_old without another forward pass.
-  * `logprobs` -- log-probs under the distribution actually sampled from (after temperature,
-    top-k, top-p). With top-k / top-p off they are log softmax(logits / T), the behaviour
+  * `logprobs` -- log-probs under the distribution actually sampled from (after the
+    repetition penalty, temperature, top-k, top-p). With the penalty and top-k / top-p off they
+    are log softmax(logits / T), the behaviour
     policy of PAPER.md sections 2-3 at rollout temperature T. The trainer (as verl) takes
     pi_theta and pi_old at T and recomputes pi_old with its own forward pass
     (scope_jax.train.policy_temperature). For greedy decoding the sampled distribution is a
-    point mass, so `logprobs` then holds the policy log-probs of the greedy token instead (the
-    same values as `policy_logprobs`).
+    point mass, so `logprobs` then holds the log-probs of the greedy token at temperature 1
+    after the repetition penalty (without a penalty: the same values as `policy_logprobs`).
+  The repetition penalty never changes `policy_logprobs`: they stay the raw policy's, the
+  distribution a teacher-forced forward pass gives.
 """
 from __future__ import annotations
 
@@ -247,18 +250,45 @@ def _step_uniforms(row_keys: jax.Array, start: int, stop: int) -> jax.Array:
     return jax.vmap(row, out_axes=1)(row_keys)
 
 
-def _pick(logits: jax.Array, uniforms: jax.Array | None,
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """transformers' RepetitionPenaltyLogitsProcessor: the logit of every token in `seen` is
+    divided by `penalty` when positive and multiplied by it otherwise (penalty > 1 makes seen
+    tokens less likely, whatever the sign).
+
+    logits float32 [B, V]; seen bool [B, V] (the tokens of the row's prompt and response so
+    far). Returns float32 [B, V].
+    """
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def _seen_tokens(ids: jax.Array, valid: jax.Array, vocab: int) -> jax.Array:
+    """bool [B, V]: which ids occur in each row. ids int32 [B, T]; valid bool [B, T] (False:
+    padding, not counted; it goes to an extra column that is dropped)."""
+    rows = jnp.arange(ids.shape[0])[:, None]
+    seen = jnp.zeros((ids.shape[0], vocab + 1), bool)
+    return seen.at[rows, jnp.where(valid, ids, vocab)].set(True)[:, :vocab]
+
+
+def _pick(logits: jax.Array, uniforms: jax.Array | None, seen: jax.Array | None,
           params: "_Settings") -> tuple[jax.Array, jax.Array, jax.Array]:
     """Chooses one token per row. logits float32 [B, V]; uniforms float32 [B, 2] in [0, 1)
-    (this step's rows of _step_uniforms; None when greedy).
+    (this step's rows of _step_uniforms; None when greedy); seen bool [B, V] the tokens the
+    repetition penalty applies to (None when it is off).
 
     Returns (token int32 [B], sampled-distribution log-prob [B], policy log-prob [B]).
     """
-    policy = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logits = logits.astype(jnp.float32)
+    policy = jax.nn.log_softmax(logits, axis=-1)
+    if seen is not None:  # on the raw logits, before temperature / top-k / top-p (transformers)
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0.0:
         token = _first_argmax(logits)
-        lp = jnp.take_along_axis(policy, token[:, None], axis=-1)[:, 0]
-        return token, lp, lp
+        plp = jnp.take_along_axis(policy, token[:, None], axis=-1)[:, 0]
+        if seen is None:
+            return token, plp, plp
+        dist = jax.nn.log_softmax(logits, axis=-1)
+        return token, jnp.take_along_axis(dist, token[:, None], axis=-1)[:, 0], plp
     dist = sampling_logprobs(logits, temperature=params.temperature, top_k=params.top_k,
                              top_p=params.top_p)
     token = sample_categorical(dist, uniforms)
@@ -285,6 +315,7 @@ class _Settings:
     top_k: int | None
     top_p: float | None
     pad_id: int
+    repetition_penalty: float = 1.0  # 1.0: off (no [B, V] bookkeeping at all)
 
 
 @flax.struct.dataclass
@@ -298,6 +329,8 @@ class _Decoding:
     lengths:  int32 [B]     tokens produced per row
     tokens:   int32 [B, M]; logprobs, policy_logprobs float32 [B, M]: see SamplerOutput
     cache:    the model's KV cache with bucket + phase end - 1 slots
+    seen:     bool [B, V] tokens of each row's prompt and response so far (the repetition
+              penalty's), or None when the penalty is off
     """
 
     step: jax.Array
@@ -309,6 +342,7 @@ class _Decoding:
     logprobs: jax.Array
     policy_logprobs: jax.Array
     cache: object
+    seen: jax.Array | None
 
 
 def _phase_ends(max_new_tokens: int, first: int) -> list[int]:
@@ -394,9 +428,10 @@ def _decode(graphdef, state, dec: _Decoding, prompt_lengths, row_keys, eos_ids, 
         logits, cache = model.forward_cached(dec.prev[:, None], pos, dec.cache, bucket + i - 1,
                                              kv_mask)
         tok, lp, plp = _pick(logits[:, 0], None if uniforms is None else uniforms[i - start],
-                             settings)
+                             dec.seen, settings)
         live = ~dec.done
         tok = jnp.where(live, tok, pad_tok)
+        seen = None if dec.seen is None else dec.seen.at[jnp.arange(tok.shape[0]), tok].set(True)
         new_eos = live & _is_eos(tok, eos_ids)
         dec = _Decoding(
             step=i + 1, prev=tok, done=dec.done | new_eos, eos_hit=dec.eos_hit | new_eos,
@@ -406,7 +441,7 @@ def _decode(graphdef, state, dec: _Decoding, prompt_lengths, row_keys, eos_ids, 
                 dec.logprobs, jnp.where(live, lp, 0.0)[:, None], (0, i)),
             policy_logprobs=jax.lax.dynamic_update_slice(
                 dec.policy_logprobs, jnp.where(live, plp, 0.0)[:, None], (0, i)),
-            cache=cache)
+            cache=cache, seen=seen)
         return dec, state
 
     return jax.lax.while_loop(cond, body, (dec, state))[0]
@@ -439,12 +474,18 @@ def _prefill_program(graphdef, state, prompt_ids, prompt_lengths, row_keys, done
     logits, cache = model.forward_cached(prompt_ids[:, -1:], positions[:, -1:], cache,
                                          jnp.int32(bucket - 1), kv_mask)
     uniforms = None if settings.temperature == 0.0 else _step_uniforms(row_keys, 0, 1)[0]
-    tok, lp, plp = _pick(logits[:, 0], uniforms, settings)
+    # The penalty counts the real prompt tokens, not the left padding (as transformers, which
+    # ignores each row's padding_lengths), then every generated token.
+    seen = (None if settings.repetition_penalty == 1.0 else
+            _seen_tokens(prompt_ids, kv_mask[:, :bucket], logits.shape[-1]))
+    tok, lp, plp = _pick(logits[:, 0], uniforms, seen, settings)
 
     pad_tok = jnp.int32(settings.pad_id)
     live = ~done0
     tok = jnp.where(live, tok, pad_tok)
     eos_hit = live & _is_eos(tok, eos_ids)
+    if seen is not None:
+        seen = seen.at[jnp.arange(batch), tok].set(True)
     dec = _Decoding(
         step=jnp.int32(1), prev=tok, done=done0 | eos_hit, eos_hit=eos_hit,
         lengths=live.astype(jnp.int32),
@@ -452,7 +493,7 @@ def _prefill_program(graphdef, state, prompt_ids, prompt_lengths, row_keys, done
         logprobs=jnp.zeros((batch, m), jnp.float32).at[:, 0].set(jnp.where(live, lp, 0.0)),
         policy_logprobs=jnp.zeros((batch, m), jnp.float32).at[:, 0].set(
             jnp.where(live, plp, 0.0)),
-        cache=cache)
+        cache=cache, seen=seen)
     dec = _decode(graphdef, state, dec, prompt_lengths, row_keys, eos_ids, bucket, 1, stop,
                   settings)
     return dec, ~jnp.all(dec.done)
@@ -532,7 +573,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_ids: int | Sequence[int] | None = None,
              pad_id: int = 0, key: jax.Array | None = None, mesh: jax.sharding.Mesh | None = None,
-             min_bucket: int = 16) -> SamplerOutput:
+             min_bucket: int = 16, repetition_penalty: float = 1.0) -> SamplerOutput:
     """Samples `num_samples` responses for each prompt with a KV cache.
 
     model: a scope_jax.models.Transformer (anything with `config.vocab_size`, `init_cache` and
@@ -552,6 +593,11 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
       process); the result then holds global arrays (process 0's rows first; group ids index
       the global prompts) and `local_rows` / `response_lists` give a process its own rows.
     min_bucket: smallest prompt bucket; buckets are powers of two >= the longest prompt.
+    repetition_penalty: transformers' repetition penalty (> 0; 1.0 = off, no overhead): at
+      every step the logits of the tokens in the row's prompt (its real tokens, not padding)
+      and response so far are divided by it when positive and multiplied by it otherwise,
+      before temperature / top-k / top-p, for greedy decoding too. `logprobs` include it,
+      `policy_logprobs` do not (module docstring).
 
     Returns SamplerOutput with N = len(prompts) * num_samples rows, the samples of prompt j in
     rows j*num_samples .. (j+1)*num_samples-1. See the module docstring for which log-probs a
@@ -574,6 +620,10 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
         raise ValueError(f"generate: top_p must be None or in (0, 1], got {top_p!r}")
     if not 0 <= pad_id < vocab:
         raise ValueError(f"generate: pad_id {pad_id} outside [0, {vocab})")
+    repetition_penalty = float(repetition_penalty)
+    if not np.isfinite(repetition_penalty) or repetition_penalty <= 0:
+        raise ValueError(f"generate: repetition_penalty must be finite and > 0, got "
+                         f"{repetition_penalty}")
     if temperature > 0 and key is None:
         raise ValueError("generate: temperature > 0 needs a PRNG key (key=jax.random.key(seed))")
     eos = [] if eos_ids is None else ([eos_ids] if np.ndim(eos_ids) == 0 else list(eos_ids))
@@ -625,7 +675,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
         max_new_tokens=int(max_new_tokens), temperature=temperature,
         top_k=None if greedy or top_k is None else int(top_k),
         top_p=None if greedy or top_p is None or float(top_p) == 1.0 else float(top_p),
-        pad_id=int(pad_id))
+        pad_id=int(pad_id), repetition_penalty=repetition_penalty)
     graphdef, state = nnx.split(model)
     eos_d = jnp.asarray(eos, jnp.int32)
     ends = _phase_ends(settings.max_new_tokens, FIRST_PHASE)

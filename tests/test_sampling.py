@@ -366,6 +366,7 @@ def test_prefill_never_builds_all_prompt_logits():
     (dict(top_p=1.5), "top_p"),
     (dict(eos_ids=[11]), "eos_ids"),
     (dict(pad_id=-1), "pad_id"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
 ])
 def test_bad_arguments_raise(kwargs, match):
     args = dict(prompts=[[1, 2]], max_new_tokens=3)
@@ -577,3 +578,64 @@ def test_phases_are_exact_on_the_sum_model_and_stop_when_rows_end(monkeypatch):
     out = generate(model, prompts, max_new_tokens=4096, eos_ids=first)
     np.testing.assert_array_equal(out.lengths, 1)
     assert calls == []  # every row ended in the first phase: no later phase ran
+
+
+def hf_generate(hf, prompt, max_new_tokens, **kw):
+    """transformers' generate on one unpadded prompt without EOS; returns the new ids."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                          min_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+def test_repetition_penalty_greedy_matches_transformers(checkpoint):
+    family, model, hf = checkpoint
+    prompts = random_prompts(6)
+    penalty = 1.5  # strong enough to change the tiny models' greedy continuations
+    out = generate(model, prompts, max_new_tokens=24, repetition_penalty=penalty)
+    plain = generate(model, prompts, max_new_tokens=24)
+    got, unpenalised = sampling.response_lists(out), sampling.response_lists(plain)
+    changed = 0
+    for i, prompt in enumerate(prompts):
+        assert got[i] == hf_generate(hf, prompt, 24, do_sample=False,
+                                     repetition_penalty=penalty), (family, i)
+        assert unpenalised[i] == hf_generate(hf, prompt, 24, do_sample=False), (family, i)
+        changed += got[i] != unpenalised[i]
+    assert changed >= 2, (family, changed)  # the penalty is exercised, not a no-op
+    # The same penalty from a batch with left padding: padding tokens (pad_id 5 here, a token
+    # the prompts may hold) are not penalised, only the real prompt tokens.
+    padded = generate(model, prompts, max_new_tokens=24, repetition_penalty=penalty, pad_id=5)
+    assert sampling.response_lists(padded) == got
+
+
+def test_repetition_penalty_logprobs(checkpoint):
+    # logprobs: the distribution sampled from, penalty included (transformers' own processor
+    # applied to a teacher-forced forward pass is the reference); policy_logprobs: raw policy.
+    import torch
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    family, model, hf = checkpoint
+    prompts = random_prompts(7)[:3]
+    penalty, temperature, top_k, top_p = 1.3, 0.8, 20, 0.9
+    processor = RepetitionPenaltyLogitsProcessor(penalty)
+    for kw in (dict(), dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                            key=jax.random.key(12))):
+        out = generate(model, prompts, max_new_tokens=12, repetition_penalty=penalty, **kw)
+        for row, response in enumerate(sampling.response_lists(out)):
+            prompt = prompts[row]
+            _, want_policy = hf_token_logprobs(hf, prompt, response)
+            np.testing.assert_allclose(out.policy_logprobs[row, :12], want_policy, atol=1e-4)
+            with torch.no_grad():
+                logits = hf(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:]
+            for t, tok in enumerate(response):
+                scores = processor(torch.tensor([prompt + response[:t]]), logits[t][None])
+                if kw:
+                    dist = reference_dist(scores[0].double().numpy(), temperature, top_k, top_p)
+                else:
+                    dist = torch.softmax(scores[0].double(), -1).numpy()
+                    assert tok == int(np.argmax(dist)), (family, row, t)
+                np.testing.assert_allclose(out.logprobs[row, t], np.log(dist[tok]), atol=1e-4,
+                                           err_msg=f"{family} row {row} step {t}")
