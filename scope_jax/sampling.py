@@ -520,12 +520,13 @@ def _replicated_bool(x: jax.Array) -> bool:
     return bool(np.asarray(x.addressable_shards[0].data))
 
 
-@jax.jit
-def _outputs(dec: _Decoding) -> tuple[jax.Array, jax.Array]:
-    """(response_mask bool [B, M], finish_reason int32 [B]) of a finished decoding."""
-    m = dec.tokens.shape[1]
-    mask = jnp.arange(m)[None, :] < dec.lengths[:, None]
-    return mask, jnp.where(dec.eos_hit, FINISH_EOS, FINISH_LENGTH).astype(jnp.int32)
+@functools.partial(jax.jit, static_argnames=("max_new_tokens",))
+def _outputs(lengths: jax.Array, eos_hit: jax.Array, *,
+             max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """(response_mask bool [B, M], finish_reason int32 [B]) from lengths int32 [B] and
+    eos_hit bool [B] of a finished decoding."""
+    mask = jnp.arange(max_new_tokens)[None, :] < lengths[:, None]
+    return mask, jnp.where(eos_hit, FINISH_EOS, FINISH_LENGTH).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- public entry
@@ -689,7 +690,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
             dec, live = _phase_program(graphdef, state, dec, lengths_d, row_keys, eos_d,
                                        settings=settings, mesh=mesh, bucket=bucket, start=start,
                                        stop=stop)
-        mask, finish = _outputs(dec)
+        mask, finish = _outputs(dec.lengths, dec.eos_hit,
+                                max_new_tokens=settings.max_new_tokens)
     tokens, out_len, lps, plps = dec.tokens, dec.lengths, dec.logprobs, dec.policy_logprobs
     if processes > 1:
         # Global arrays: process 0's rows, then process 1's, ...; group ids index the global
