@@ -140,10 +140,12 @@ def bench(name: str, spec: dict, modes: list[str], repeats: int, batch: int | No
         first, med, times = time_interleaved(fns, repeats)
         (jax_first, hf_first), (jax_t, hf_t) = first[:2], med[:2]
         if baseline:
+            new, base = run_jax(), run_jax(baseline)
             print(f"[{mode}] baseline: {batch * new_tokens / med[2]:9.0f} tok/s ({med[2]:.3f} "
                   f"s/run; first call {first[2]:.2f} s); speed-up over it "
                   f"{paired_ratio(times[2], times[0])}; tokens equal: "
-                  f"{np.array_equal(run_jax().tokens, run_jax(baseline).tokens)}")
+                  f"{np.array_equal(new.tokens, base.tokens)}, max |logprobs difference| "
+                  f"{np.max(np.abs(np.asarray(new.logprobs) - np.asarray(base.logprobs))):.1e}")
         if mode == "greedy":  # same checkpoint, so the greedy tokens should agree too
             same = np.mean(np.asarray(run_jax().tokens) ==
                            run_hf()[:, prompt_len:].numpy())
