@@ -92,7 +92,7 @@ def paired_ratio(base: list[float], new: list[float]) -> str:
 
 
 def bench(name: str, spec: dict, modes: list[str], repeats: int, batch: int | None,
-          new_tokens: int | None, baseline=None) -> list[tuple]:
+          new_tokens: int | None, baseline=None, repetition_penalty: float = 1.0) -> list[tuple]:
     import jax
     import torch
     import transformers
@@ -112,10 +112,12 @@ def bench(name: str, spec: dict, modes: list[str], repeats: int, batch: int | No
     prompts = np.random.default_rng(0).integers(3, vocab, size=(batch, prompt_len))
     print(f"\n== {name}: {n_params / 1e6:.1f}M params, batch {batch}, prompt {prompt_len}, "
           f"{new_tokens} new tokens, torch threads {torch.get_num_threads()}, "
-          f"jax devices {jax.devices()}, load average {os.getloadavg()[0]:.1f}")
+          f"jax devices {jax.devices()}, load average {os.getloadavg()[0]:.1f}, repetition "
+          f"penalty {repetition_penalty}")
     hf.generation_config.eos_token_id = None  # run the full budget
+    penalty = {} if repetition_penalty == 1.0 else dict(repetition_penalty=repetition_penalty)
     for mode in modes:
-        kw = MODES[mode]
+        kw = dict(MODES[mode], **penalty)
 
         def run_jax(generate=generate):
             out = generate(model, prompts.tolist(), max_new_tokens=new_tokens,
@@ -128,7 +130,7 @@ def bench(name: str, spec: dict, modes: list[str], repeats: int, batch: int | No
             ids = torch.as_tensor(prompts)
             hf_kw = (dict(do_sample=False) if kw["temperature"] == 0 else
                      dict(do_sample=True, temperature=kw["temperature"], top_k=kw["top_k"],
-                          top_p=kw["top_p"]))
+                          top_p=kw["top_p"])) | penalty
             with torch.no_grad():
                 out = hf.generate(ids, attention_mask=torch.ones_like(ids), use_cache=True,
                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -215,6 +217,8 @@ def main():
     parser.add_argument("--baseline", default=None, metavar="SAMPLING_PY",
                         help="also time the generate of this sampling.py (e.g. main's) on the "
                              "same model, interleaved")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="on both sides (not with --baseline or --early-eos)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own, the core count)")
     args = parser.parse_args()
@@ -224,6 +228,8 @@ def main():
 
         torch.set_num_threads(args.torch_threads)
     baseline = load_baseline(args.baseline) if args.baseline else None
+    if args.repetition_penalty != 1.0 and (baseline or args.early_eos):
+        parser.error("--repetition-penalty goes without --baseline and --early-eos")
     if args.early_eos:
         for name in args.configs:
             bench_early_eos(name, CONFIGS[name], args.modes, args.repeats, baseline)
@@ -231,7 +237,7 @@ def main():
     rows = []
     for name in args.configs:
         rows += bench(name, CONFIGS[name], args.modes, args.repeats, args.batch, args.new_tokens,
-                      baseline)
+                      baseline, args.repetition_penalty)
     print("\n| config | mode | batch | new tokens | scope_jax tok/s | transformers tok/s | ratio |")
     print("|---|---|---|---|---|---|---|")
     for name, mode, b, m, a, h, r in rows:
