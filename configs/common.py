@@ -56,6 +56,9 @@ def base() -> ml_collections.ConfigDict:
     c.sampling.temperature = 0.6
     c.sampling.top_k = 0  # 0 = off
     c.sampling.top_p = 1.0
+    # transformers' repetition penalty (1.0 = off). The paper trains without one; with one the
+    # rollouts come from a distribution the trainer's recomputed log-probs do not include.
+    c.sampling.repetition_penalty = 1.0
     c.sampling.eos_ids = ml_collections.config_dict.placeholder(list)  # None: tokenizer's eos
     c.recompute_old_logprobs = True  # pi_old from the training forward (verl), not the sampler
     # The student's log-probs (pi_theta, pi_old, GRPO's reference) are of softmax(logits / T):

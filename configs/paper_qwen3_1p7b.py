@@ -6,8 +6,10 @@
     python -m tools.train --config configs/paper_qwen3_1p7b.py:grpo ...   # variants: configs/common.py
     python -m tools.train --config configs/paper_qwen3_1p7b.py --dry_run
 
-Same hyper-parameters as setup 1 (the paper's setup: scope_jax/losses.py docstring); evaluation
-of this student uses repetition penalty 1.08 in the paper (not implemented by scope_jax.sampling yet).
+Same hyper-parameters as setup 1 (the paper's setup: scope_jax/losses.py docstring). The paper evaluates this student with
+repetition penalty 1.08 (training samples without one, as here):
+    python -m tools.eval --model runs/paper_qwen3_1p7b/export --data math500 --data aime24 \
+        --repetition-penalty 1.08 --out runs/paper_qwen3_1p7b/eval
 """
 
 import ml_collections

@@ -293,7 +293,8 @@ def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
              style: str = "chat",
              chat_template_kwargs: Mapping[str, Any] | None = None,
              eos_ids: Sequence[int] = (), keep_response_chars: int = 1000,
-             num_resamples: int = 1000, confidence: float = 0.95, mesh=None) -> EvalResult:
+             num_resamples: int = 1000, confidence: float = 0.95, mesh=None,
+             repetition_penalty: float = 1.0) -> EvalResult:
     """Sample k responses per problem, verify them, and compute Avg@k and Pass@k.
 
     model: a scope_jax.models.Transformer (the sampler's model contract).
@@ -301,6 +302,8 @@ def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
     examples: scope_jax.data.Example list (problem, answer str | list[str], source).
     k: samples per problem (n = k, so Pass@k uses all of them); temperature / top_p / top_k:
       sampling settings (paper: 0.6 / 0.95 / 20).
+    repetition_penalty: transformers' repetition penalty (scope_jax.sampling.generate; 1.0 =
+      off; the paper uses 1.08 for its Qwen3-1.7B student).
     max_new_tokens: response budget; None = the paper's 32768, lowered to what the model's
       max_position_embeddings leaves after the longest prompt (the value used is in the summary).
     max_prompt_len: longer prompts are dropped (counted and listed in the summary, never
@@ -419,6 +422,7 @@ def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
             out = sampling.generate(
                 model, prompts, num_samples=k, max_new_tokens=int(max_new_tokens),
                 temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=stops or None,
+                repetition_penalty=repetition_penalty,
                 pad_id=int(pad_id), key=jax.random.fold_in(base_key, b), mesh=mesh)
             responses = sampling.response_lists(out)[:len(batch) * k]
             finish = sampling.finish_reason_names(out)[:len(batch) * k]
@@ -458,6 +462,7 @@ def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
         "mean_response_tokens": float(np.mean(all_lengths)),
         "frac_length_stopped": float(np.mean([f == "length" for r in recs for f in r["finish"]])),
         "settings": {"k": k, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                     "repetition_penalty": repetition_penalty,
                      "max_new_tokens": int(max_new_tokens), "max_prompt_len": max_prompt_len,
                      "seed": seed, "style": style, "instruction": instruction,
                      "eos_ids": stops,

@@ -1,25 +1,40 @@
-"""Rollout generation: one jit-compiled program per (prompt bucket, batch, settings).
+"""Rollout generation: jit-compiled programs per (prompt bucket, batch, settings, phase).
 
-`generate` left-pads the prompts into a power-of-two bucket, prefills a preallocated KV cache
-(per-row RoPE positions start at each row's first real token), then decodes one token per
-step inside a `jax.lax.while_loop` that stops as soon as every row has finished (EOS) or the
-token budget is spent. The whole rollout is one XLA program: the cache is allocated inside it
-and carried by the loop, so it is updated in place and never crosses the host boundary (no
-donation needed, no per-token dispatch). Programs are cached by jax.jit per (model graph,
-batch size, prompt bucket, settings, mesh).
+`generate` left-pads the prompts into a power-of-two bucket, prefills a KV cache (per-row RoPE
+positions start at each row's first real token), then decodes one token per step inside
+`jax.lax.while_loop`s that stop as soon as every row has finished (EOS) or the token budget is
+spent. The cache is allocated inside the programs and carried by the loops, so it is updated in
+place and never crosses the host boundary (no per-token dispatch).
+
+Decoding runs in phases over growing static cache lengths (_phase_ends): the first phase covers
+FIRST_PHASE tokens over a cache of bucket + FIRST_PHASE - 1 slots, each later phase doubles the
+tokens and grows the cache (zero slots appended inside the program). A step therefore attends
+over at most twice the slots its rows need, not over the whole budget, and a phase is entered
+(and compiled) only when some row is still live after the previous one: one host sync per
+phase. With every row ending early, generate(max_new_tokens=4096) costs about what
+generate(64) does. The sampled tokens do not depend on the phases; the log-probs agree with a
+single-phase run to float32 rounding (attention reduces over a different number of masked
+slots). Programs are cached by jax.jit per (model graph, batch size, prompt bucket, settings,
+phase, mesh).
+
+Not done: finished rows keep their place in the batch until every row of it finishes (no
+compaction or refill), so a phase costs the full batch while any row is live.
 
 Which log-probs should a loss take?
   * `policy_logprobs` -- log-probs under the policy itself at temperature 1 with no
     truncation. They equal a teacher-forced forward pass over prompt + response (tested to
     1e-4), so a trainer whose policy is the raw model (rollouts at temperature 1) can use them
     as pi_old without another forward pass.
-  * `logprobs` -- log-probs under the distribution actually sampled from (after temperature,
-    top-k, top-p). With top-k / top-p off they are log softmax(logits / T), the behaviour
+  * `logprobs` -- log-probs under the distribution actually sampled from (after the
+    repetition penalty, temperature, top-k, top-p). With the penalty and top-k / top-p off they
+    are log softmax(logits / T), the behaviour
     policy of the method (scope_jax/losses.py docstring) at rollout temperature T. The trainer (as verl) takes
     pi_theta and pi_old at T and recomputes pi_old with its own forward pass
     (scope_jax.train.policy_temperature). For greedy decoding the sampled distribution is a
-    point mass, so `logprobs` then holds the policy log-probs of the greedy token instead (the
-    same values as `policy_logprobs`).
+    point mass, so `logprobs` then holds the log-probs of the greedy token at temperature 1
+    after the repetition penalty (without a penalty: the same values as `policy_logprobs`).
+  The repetition penalty never changes `policy_logprobs`: they stay the raw policy's, the
+  distribution a teacher-forced forward pass gives.
 """
 from __future__ import annotations
 
@@ -219,33 +234,61 @@ def _first_argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
 
 
-def _step_uniforms(row_keys: jax.Array, steps: int) -> jax.Array:
-    """float32 [steps, B, 2]: the two uniforms row b draws at step t, from
-    fold_in(row_keys[b], t). Per-row keys folded with the step: a row's sample does not depend
-    on which other rows share its batch (mesh padding, bucket), only on (key, row, step).
+def _step_uniforms(row_keys: jax.Array, start: int, stop: int) -> jax.Array:
+    """float32 [stop - start, B, 2]: the two uniforms row b draws at step t, for t in
+    [start, stop), from fold_in(row_keys[b], t). Per-row keys folded with the step: a row's
+    sample does not depend on which other rows share its batch (mesh padding, bucket) nor on
+    the decode phases, only on (key, row, step).
 
-    Drawn for every step before the decode loop (steps * B * 8 bytes): one vectorised
-    threefry instead of two small ones per step, which cost ~50 us a step on CPU at B = 32
-    (the values are the same).
+    Drawn for a whole decode phase before its loop ((stop - start) * B * 8 bytes): one
+    vectorised threefry instead of two small ones per step, which cost ~50 us a step on CPU at
+    B = 32 (the values are the same).
     """
     def row(key):
         return jax.vmap(lambda t: jax.random.uniform(jax.random.fold_in(key, t), (2,)))(
-            jnp.arange(steps, dtype=jnp.int32))
+            jnp.arange(start, stop, dtype=jnp.int32))
     return jax.vmap(row, out_axes=1)(row_keys)
 
 
-def _pick(logits: jax.Array, uniforms: jax.Array | None,
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """transformers' RepetitionPenaltyLogitsProcessor: the logit of every token in `seen` is
+    divided by `penalty` when positive and multiplied by it otherwise (penalty > 1 makes seen
+    tokens less likely, whatever the sign).
+
+    logits float32 [B, V]; seen bool [B, V] (the tokens of the row's prompt and response so
+    far). Returns float32 [B, V].
+    """
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def _seen_tokens(ids: jax.Array, valid: jax.Array, vocab: int) -> jax.Array:
+    """bool [B, V]: which ids occur in each row. ids int32 [B, T]; valid bool [B, T] (False:
+    padding, not counted; it goes to an extra column that is dropped)."""
+    rows = jnp.arange(ids.shape[0])[:, None]
+    seen = jnp.zeros((ids.shape[0], vocab + 1), bool)
+    return seen.at[rows, jnp.where(valid, ids, vocab)].set(True)[:, :vocab]
+
+
+def _pick(logits: jax.Array, uniforms: jax.Array | None, seen: jax.Array | None,
           params: "_Settings") -> tuple[jax.Array, jax.Array, jax.Array]:
     """Chooses one token per row. logits float32 [B, V]; uniforms float32 [B, 2] in [0, 1)
-    (this step's rows of _step_uniforms; None when greedy).
+    (this step's rows of _step_uniforms; None when greedy); seen bool [B, V] the tokens the
+    repetition penalty applies to (None when it is off).
 
     Returns (token int32 [B], sampled-distribution log-prob [B], policy log-prob [B]).
     """
-    policy = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logits = logits.astype(jnp.float32)
+    policy = jax.nn.log_softmax(logits, axis=-1)
+    if seen is not None:  # on the raw logits, before temperature / top-k / top-p (transformers)
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0.0:
         token = _first_argmax(logits)
-        lp = jnp.take_along_axis(policy, token[:, None], axis=-1)[:, 0]
-        return token, lp, lp
+        plp = jnp.take_along_axis(policy, token[:, None], axis=-1)[:, 0]
+        if seen is None:
+            return token, plp, plp
+        dist = jax.nn.log_softmax(logits, axis=-1)
+        return token, jnp.take_along_axis(dist, token[:, None], axis=-1)[:, 0], plp
     dist = sampling_logprobs(logits, temperature=params.temperature, top_k=params.top_k,
                              top_p=params.top_p)
     token = sample_categorical(dist, uniforms)
@@ -257,6 +300,12 @@ def _pick(logits: jax.Array, uniforms: jax.Array | None,
 # ----------------------------------------------------------------------------- the program
 
 
+# Decode steps covered by the first phase's cache; each later phase doubles the steps (see
+# _phase_ends). Small enough that short responses attend over a short cache, large enough that
+# the phase switches (one host sync each) are rare.
+FIRST_PHASE = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class _Settings:
     """Static (compile-time) settings of one generation program."""
@@ -266,6 +315,46 @@ class _Settings:
     top_k: int | None
     top_p: float | None
     pad_id: int
+    repetition_penalty: float = 1.0  # 1.0: off (no [B, V] bookkeeping at all)
+
+
+@flax.struct.dataclass
+class _Decoding:
+    """The decode loop's state; B rows, M = max_new_tokens.
+
+    step:     int32 []      index of the next token to produce
+    prev:     int32 [B]     the last token produced (fed to the model next)
+    done:     bool  [B]     finished rows (EOS, or padding rows)
+    eos_hit:  bool  [B]     rows that ended with an EOS
+    lengths:  int32 [B]     tokens produced per row
+    tokens:   int32 [B, M]; logprobs, policy_logprobs float32 [B, M]: see SamplerOutput
+    cache:    the model's KV cache with bucket + phase end - 1 slots
+    seen:     bool [B, V] tokens of each row's prompt and response so far (the repetition
+              penalty's), or None when the penalty is off
+    """
+
+    step: jax.Array
+    prev: jax.Array
+    done: jax.Array
+    eos_hit: jax.Array
+    lengths: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+    policy_logprobs: jax.Array
+    cache: object
+    seen: jax.Array | None
+
+
+def _phase_ends(max_new_tokens: int, first: int) -> list[int]:
+    """Token counts at which the decode phases end: first, 2 * first, 4 * first, ... then
+    max_new_tokens (always the last). Phase k produces tokens [ends[k-1], ends[k]) over a cache
+    of bucket + ends[k] - 1 slots, so a step attends over at most twice the slots it needs."""
+    ends = []
+    end = max(1, first)
+    while end < max_new_tokens:
+        ends.append(end)
+        end *= 2
+    return ends + [max_new_tokens]
 
 
 def _batch_axes(mesh) -> tuple[str, ...]:
@@ -290,26 +379,92 @@ def _shard_cache(cache, mesh):
         lambda x: jax.lax.with_sharding_constraint(x, spec) if x.ndim >= 2 else x, cache)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "settings", "mesh"))
-def _generate_program(graphdef, state, prompt_ids, prompt_lengths, row_keys, done0, eos_ids,
-                      *, settings: _Settings, mesh):
-    """prompt_ids int32 [B, P] left-padded; prompt_lengths int32 [B]; row_keys [B] keys;
-    done0 bool [B] (rows that are padding); eos_ids int32 [E] (E may be 0)."""
+def _new_cache(model, batch: int, length: int, mesh, old=None):
+    """A zero cache of `length` slots (the model's decode layout when it has one), holding the
+    slots of `old` (a smaller cache of the same model) at the front when given.
+
+    Growing writes old into a fresh zero cache, whatever the layout: the slot axis is the only
+    one whose size differs, so an update at offset 0 puts every old slot where it was.
+    """
+    init_cache = getattr(model, "init_decode_cache", model.init_cache)
+    cache = init_cache(batch, length)
+    if old is not None:
+        cache = jax.tree.map(lambda z, o: jax.lax.dynamic_update_slice(z, o.astype(z.dtype),
+                                                                       (0,) * z.ndim), cache, old)
+    return _shard_cache(cache, mesh)
+
+
+def _kv_mask(prompt_lengths: jax.Array, bucket: int, cache_len: int) -> jax.Array:
+    """bool [B, cache_len]: False on each row's left padding. Causality is the model's job
+    (slot <= cache_index + t); the mask only hides left padding, so it serves prefill and
+    every decode step."""
+    return jnp.arange(cache_len)[None, :] >= (bucket - prompt_lengths)[:, None]
+
+
+def _is_eos(tok: jax.Array, eos_ids: jax.Array) -> jax.Array:
+    return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+
+
+def _decode(graphdef, state, dec: _Decoding, prompt_lengths, row_keys, eos_ids, bucket: int,
+            start: int, stop: int, settings: _Settings) -> _Decoding:
+    """Produces tokens start .. stop-1 (fewer when every row finishes first) with a
+    jax.lax.while_loop; dec.cache must have bucket + stop - 1 slots and dec.step == start."""
+    kv_mask = _kv_mask(prompt_lengths, bucket, bucket + stop - 1)
+    uniforms = None if settings.temperature == 0.0 else _step_uniforms(row_keys, start, stop)
+    pad_tok = jnp.int32(settings.pad_id)
+
+    def cond(carry):
+        dec = carry[0]
+        return (dec.step < stop) & ~jnp.all(dec.done)
+
+    def body(carry):
+        # The parameters travel in the carry and the model is rebuilt here, so the model's
+        # NNX transforms (remat, scan) run at this loop's trace level, not the jit's.
+        dec, state = carry
+        model = nnx.merge(graphdef, state)
+        i = dec.step
+        # Feed token i-1 (slot bucket+i-1, position len+i-1) to get the logits of token i.
+        pos = (prompt_lengths + i - 1)[:, None].astype(jnp.int32)
+        logits, cache = model.forward_cached(dec.prev[:, None], pos, dec.cache, bucket + i - 1,
+                                             kv_mask)
+        tok, lp, plp = _pick(logits[:, 0], None if uniforms is None else uniforms[i - start],
+                             dec.seen, settings)
+        live = ~dec.done
+        tok = jnp.where(live, tok, pad_tok)
+        seen = None if dec.seen is None else dec.seen.at[jnp.arange(tok.shape[0]), tok].set(True)
+        new_eos = live & _is_eos(tok, eos_ids)
+        dec = _Decoding(
+            step=i + 1, prev=tok, done=dec.done | new_eos, eos_hit=dec.eos_hit | new_eos,
+            lengths=dec.lengths + live.astype(jnp.int32),
+            tokens=jax.lax.dynamic_update_slice(dec.tokens, tok[:, None], (0, i)),
+            logprobs=jax.lax.dynamic_update_slice(
+                dec.logprobs, jnp.where(live, lp, 0.0)[:, None], (0, i)),
+            policy_logprobs=jax.lax.dynamic_update_slice(
+                dec.policy_logprobs, jnp.where(live, plp, 0.0)[:, None], (0, i)),
+            cache=cache, seen=seen)
+        return dec, state
+
+    return jax.lax.while_loop(cond, body, (dec, state))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings", "mesh", "stop"))
+def _prefill_program(graphdef, state, prompt_ids, prompt_lengths, row_keys, done0, eos_ids,
+                     *, settings: _Settings, mesh, stop: int) -> tuple[_Decoding, jax.Array]:
+    """Prefill, then the first decode phase (tokens 0 .. stop-1).
+
+    prompt_ids int32 [B, P] left-padded; prompt_lengths int32 [B]; row_keys [B] keys;
+    done0 bool [B] (rows that are padding); eos_ids int32 [E] (E may be 0).
+    Returns (decoding state, bool [] whether some row is still live).
+    """
     model = nnx.merge(graphdef, state)
     batch, bucket = prompt_ids.shape
     m = settings.max_new_tokens
     pad = bucket - prompt_lengths  # number of left-padding slots per row
-    # The cache holds the bucket and every generated token but the last (never fed back).
-    cache_len = bucket + m - 1
-    slots = jnp.arange(cache_len)[None, :]
-    # Causality is the model's job (slot <= cache_index + t); the mask only hides left padding,
-    # so it is the same for prefill and every decode step.
-    kv_mask = slots >= pad[:, None]
+    # The cache holds the bucket and every token of this phase but the last (never fed back).
+    cache_len = bucket + stop - 1
+    kv_mask = _kv_mask(prompt_lengths, bucket, cache_len)
     positions = jnp.maximum(jnp.arange(bucket)[None, :] - pad[:, None], 0).astype(jnp.int32)
-    # A model may offer a cache laid out for one-token steps (Transformer.init_decode_cache,
-    # same forward_cached semantics); the contract's init_cache is enough otherwise.
-    init_cache = getattr(model, "init_decode_cache", model.init_cache)
-    cache = _shard_cache(init_cache(batch, cache_len), mesh)
+    cache = _new_cache(model, batch, cache_len, mesh)
 
     # Prefill in two calls: only the last prompt position's logits are needed, and the unused
     # [B, P-1, V] logits of the first call are dead code that XLA removes (a slice of one
@@ -318,46 +473,60 @@ def _generate_program(graphdef, state, prompt_ids, prompt_lengths, row_keys, don
                                     kv_mask)
     logits, cache = model.forward_cached(prompt_ids[:, -1:], positions[:, -1:], cache,
                                          jnp.int32(bucket - 1), kv_mask)
-    uniforms = None if settings.temperature == 0.0 else _step_uniforms(row_keys, m)
-    tok, lp, plp = _pick(logits[:, 0], None if uniforms is None else uniforms[0], settings)
-
-    def is_eos(t):
-        return jnp.any(t[:, None] == eos_ids[None, :], axis=-1)
+    uniforms = None if settings.temperature == 0.0 else _step_uniforms(row_keys, 0, 1)[0]
+    # The penalty counts the real prompt tokens, not the left padding (as transformers, which
+    # ignores each row's padding_lengths), then every generated token.
+    seen = (None if settings.repetition_penalty == 1.0 else
+            _seen_tokens(prompt_ids, kv_mask[:, :bucket], logits.shape[-1]))
+    tok, lp, plp = _pick(logits[:, 0], uniforms, seen, settings)
 
     pad_tok = jnp.int32(settings.pad_id)
     live = ~done0
     tok = jnp.where(live, tok, pad_tok)
-    tokens = jnp.full((batch, m), pad_tok, jnp.int32).at[:, 0].set(tok)
-    lps = jnp.zeros((batch, m), jnp.float32).at[:, 0].set(jnp.where(live, lp, 0.0))
-    plps = jnp.zeros((batch, m), jnp.float32).at[:, 0].set(jnp.where(live, plp, 0.0))
-    lengths = live.astype(jnp.int32)
-    eos_hit = live & is_eos(tok)
-    done = done0 | eos_hit
+    eos_hit = live & _is_eos(tok, eos_ids)
+    if seen is not None:
+        seen = seen.at[jnp.arange(batch), tok].set(True)
+    dec = _Decoding(
+        step=jnp.int32(1), prev=tok, done=done0 | eos_hit, eos_hit=eos_hit,
+        lengths=live.astype(jnp.int32),
+        tokens=jnp.full((batch, m), pad_tok, jnp.int32).at[:, 0].set(tok),
+        logprobs=jnp.zeros((batch, m), jnp.float32).at[:, 0].set(jnp.where(live, lp, 0.0)),
+        policy_logprobs=jnp.zeros((batch, m), jnp.float32).at[:, 0].set(
+            jnp.where(live, plp, 0.0)),
+        cache=cache, seen=seen)
+    dec = _decode(graphdef, state, dec, prompt_lengths, row_keys, eos_ids, bucket, 1, stop,
+                  settings)
+    return dec, ~jnp.all(dec.done)
 
-    def cond(carry):
-        i, done = carry[0], carry[2]
-        return (i < m) & ~jnp.all(done)
 
-    def body(carry):
-        i, prev, done, eos_hit, lengths, tokens, lps, plps, cache = carry
-        # Feed token i-1 (slot bucket+i-1, position len+i-1) to get the logits of token i.
-        pos = (prompt_lengths + i - 1)[:, None].astype(jnp.int32)
-        logits, cache = model.forward_cached(prev[:, None], pos, cache, bucket + i - 1, kv_mask)
-        tok, lp, plp = _pick(logits[:, 0], None if uniforms is None else uniforms[i], settings)
-        live = ~done
-        tok = jnp.where(live, tok, pad_tok)
-        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
-        lps = jax.lax.dynamic_update_slice(lps, jnp.where(live, lp, 0.0)[:, None], (0, i))
-        plps = jax.lax.dynamic_update_slice(plps, jnp.where(live, plp, 0.0)[:, None], (0, i))
-        lengths = lengths + live.astype(jnp.int32)
-        new_eos = live & is_eos(tok)
-        return (i + 1, tok, done | new_eos, eos_hit | new_eos, lengths, tokens, lps, plps, cache)
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings", "mesh", "bucket", "start",
+                                             "stop"))
+def _phase_program(graphdef, state, dec: _Decoding, prompt_lengths, row_keys, eos_ids, *,
+                   settings: _Settings, mesh, bucket: int, start: int,
+                   stop: int) -> tuple[_Decoding, jax.Array]:
+    """A later decode phase: grows the cache from bucket + start - 1 to bucket + stop - 1
+    slots and produces tokens start .. stop-1. Arguments and result as _prefill_program's."""
+    model = nnx.merge(graphdef, state)
+    dec = dec.replace(cache=_new_cache(model, dec.tokens.shape[0], bucket + stop - 1, mesh,
+                                       old=dec.cache))
+    dec = _decode(graphdef, state, dec, prompt_lengths, row_keys, eos_ids, bucket, start, stop,
+                  settings)
+    return dec, ~jnp.all(dec.done)
 
-    carry = (jnp.int32(1), tok, done, eos_hit, lengths, tokens, lps, plps, cache)
-    _, _, _, eos_hit, lengths, tokens, lps, plps, _ = jax.lax.while_loop(cond, body, carry)
-    finish = jnp.where(eos_hit, FINISH_EOS, FINISH_LENGTH).astype(jnp.int32)
-    mask = jnp.arange(m)[None, :] < lengths[:, None]
-    return tokens, mask, lengths, finish, lps, plps
+
+def _replicated_bool(x: jax.Array) -> bool:
+    """The value of a replicated bool scalar (in a multi-process run too: every process holds
+    a copy, so each reads its own and all take the same branch)."""
+    return bool(np.asarray(x.addressable_shards[0].data))
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens",))
+def _outputs(lengths: jax.Array, eos_hit: jax.Array, *,
+             max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """(response_mask bool [B, M], finish_reason int32 [B]) from lengths int32 [B] and
+    eos_hit bool [B] of a finished decoding."""
+    mask = jnp.arange(max_new_tokens)[None, :] < lengths[:, None]
+    return mask, jnp.where(eos_hit, FINISH_EOS, FINISH_LENGTH).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- public entry
@@ -405,7 +574,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_ids: int | Sequence[int] | None = None,
              pad_id: int = 0, key: jax.Array | None = None, mesh: jax.sharding.Mesh | None = None,
-             min_bucket: int = 16) -> SamplerOutput:
+             min_bucket: int = 16, repetition_penalty: float = 1.0) -> SamplerOutput:
     """Samples `num_samples` responses for each prompt with a KV cache.
 
     model: a scope_jax.models.Transformer (anything with `config.vocab_size`, `init_cache` and
@@ -425,6 +594,11 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
       process); the result then holds global arrays (process 0's rows first; group ids index
       the global prompts) and `local_rows` / `response_lists` give a process its own rows.
     min_bucket: smallest prompt bucket; buckets are powers of two >= the longest prompt.
+    repetition_penalty: transformers' repetition penalty (> 0; 1.0 = off, no overhead): at
+      every step the logits of the tokens in the row's prompt (its real tokens, not padding)
+      and response so far are divided by it when positive and multiplied by it otherwise,
+      before temperature / top-k / top-p, for greedy decoding too. `logprobs` include it,
+      `policy_logprobs` do not (module docstring).
 
     Returns SamplerOutput with N = len(prompts) * num_samples rows, the samples of prompt j in
     rows j*num_samples .. (j+1)*num_samples-1. See the module docstring for which log-probs a
@@ -447,6 +621,10 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
         raise ValueError(f"generate: top_p must be None or in (0, 1], got {top_p!r}")
     if not 0 <= pad_id < vocab:
         raise ValueError(f"generate: pad_id {pad_id} outside [0, {vocab})")
+    repetition_penalty = float(repetition_penalty)
+    if not np.isfinite(repetition_penalty) or repetition_penalty <= 0:
+        raise ValueError(f"generate: repetition_penalty must be finite and > 0, got "
+                         f"{repetition_penalty}")
     if temperature > 0 and key is None:
         raise ValueError("generate: temperature > 0 needs a PRNG key (key=jax.random.key(seed))")
     eos = [] if eos_ids is None else ([eos_ids] if np.ndim(eos_ids) == 0 else list(eos_ids))
@@ -498,12 +676,23 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
         max_new_tokens=int(max_new_tokens), temperature=temperature,
         top_k=None if greedy or top_k is None else int(top_k),
         top_p=None if greedy or top_p is None or float(top_p) == 1.0 else float(top_p),
-        pad_id=int(pad_id))
+        pad_id=int(pad_id), repetition_penalty=repetition_penalty)
     graphdef, state = nnx.split(model)
+    eos_d = jnp.asarray(eos, jnp.int32)
+    ends = _phase_ends(settings.max_new_tokens, FIRST_PHASE)
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
-        tokens, mask, out_len, finish, lps, plps = _generate_program(
-            graphdef, state, ids_d, lengths_d, row_keys, done_d, jnp.asarray(eos, jnp.int32),
-            settings=settings, mesh=mesh)
+        dec, live = _prefill_program(graphdef, state, ids_d, lengths_d, row_keys, done_d, eos_d,
+                                     settings=settings, mesh=mesh, stop=ends[0])
+        for start, stop in zip(ends, ends[1:]):
+            # One host sync per phase: a phase is compiled and run only when a row needs it.
+            if not _replicated_bool(live):
+                break
+            dec, live = _phase_program(graphdef, state, dec, lengths_d, row_keys, eos_d,
+                                       settings=settings, mesh=mesh, bucket=bucket, start=start,
+                                       stop=stop)
+        mask, finish = _outputs(dec.lengths, dec.eos_hit,
+                                max_new_tokens=settings.max_new_tokens)
+    tokens, out_len, lps, plps = dec.tokens, dec.lengths, dec.logprobs, dec.policy_logprobs
     if processes > 1:
         # Global arrays: process 0's rows, then process 1's, ...; group ids index the global
         # prompts. local_rows(x) gives this process's rows back.

@@ -691,7 +691,8 @@ def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, 
     s = cfg.sampling
     out = sampling.generate(policy, prompts, num_samples=cfg.num_samples, max_new_tokens=s.max_new_tokens,
                             temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p or None,
-                            eos_ids=eos, pad_id=pad, key=key, mesh=mesh if mesh.size > 1 else None)
+                            eos_ids=eos, pad_id=pad, key=key, mesh=mesh if mesh.size > 1 else None,
+                            repetition_penalty=s.repetition_penalty)
     out, shape_info = _trim_responses(out, s.max_new_tokens)
     # Each process decodes and verifies its own rollouts (the verifier work is spread over hosts).
     texts = tokenizer.batch_decode(response_lists(out), skip_special_tokens=True)

@@ -323,8 +323,9 @@ def test_num_samples_adjacent_and_key_determinism():
     assert not np.array_equal(np.asarray(other.tokens), tokens)
 
 
-def test_mesh_sharded_rows_give_the_same_tokens():
+def test_mesh_sharded_rows_give_the_same_tokens(monkeypatch):
     assert len(jax.devices()) == 8, "tests/conftest.py should give 8 CPU devices"
+    monkeypatch.setattr(sampling, "FIRST_PHASE", 2)  # decode phases 2, 4, 8, 10 on the mesh
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     model = sum_model()
     prompts = [[1], [4, 2, 7], [10] * 17, [5, 5], [2, 9]]  # 5 rows -> padded to 8
@@ -347,10 +348,10 @@ def test_prefill_never_builds_all_prompt_logits():
     graphdef, state = nnx.split(model)
     settings = sampling._Settings(max_new_tokens=4, temperature=0.0, top_k=None, top_p=None,
                                   pad_id=0)
-    compiled = sampling._generate_program.lower(
+    compiled = sampling._prefill_program.lower(
         graphdef, state, np.ones((8, 512), np.int32), np.full((8,), 512, np.int32),
         jax.random.split(jax.random.key(0), 8), np.zeros((8,), bool), jnp.zeros((0,), jnp.int32),
-        settings=settings, mesh=None).compile()
+        settings=settings, mesh=None, stop=4).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < 8 * 2**20
 
 
@@ -366,6 +367,7 @@ def test_prefill_never_builds_all_prompt_logits():
     (dict(top_p=1.5), "top_p"),
     (dict(eos_ids=[11]), "eos_ids"),
     (dict(pad_id=-1), "pad_id"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
 ])
 def test_bad_arguments_raise(kwargs, match):
     args = dict(prompts=[[1, 2]], max_new_tokens=3)
@@ -484,11 +486,12 @@ def test_sampled_logprobs_match_teacher_forcing(checkpoint):
                                atol=1e-4)
 
 
-def test_real_model_mesh_matches_single_device(tmp_path_factory):
+def test_real_model_mesh_matches_single_device(tmp_path_factory, monkeypatch):
     from scope_jax.models import load_hf
     from scope_jax.sharding import make_mesh
 
     _, model, _ = load_checkpoint("qwen3", tmp_path_factory)
+    monkeypatch.setattr(sampling, "FIRST_PHASE", 4)  # phases 4, 8: the cache grows on the mesh
     prompts = random_prompts(2)  # 5 rows
     ref = generate(model, prompts, max_new_tokens=8)
     # rows over data x fsdp = 4 (padded to 8), the tensor axis left to the model's constraints
@@ -499,3 +502,143 @@ def test_real_model_mesh_matches_single_device(tmp_path_factory):
         assert got.tokens.sharding.num_devices == 8
         np.testing.assert_array_equal(got.tokens, ref.tokens)
         np.testing.assert_allclose(got.policy_logprobs, ref.policy_logprobs, atol=1e-5)
+
+
+def test_remat_model_generates_the_same_tokens(tmp_path_factory):
+    # remat only matters for a backward pass; the sampler's cached forward must neither apply
+    # it nor trip over it (nnx.remat inside the decode while_loop raised TraceContextError).
+    from scope_jax.models import load_hf
+
+    _, model, _ = load_checkpoint("qwen3", tmp_path_factory)
+    remat = load_hf(_CHECKPOINTS["qwen3"][3], remat=True)
+    assert remat.remat and not model.remat
+    prompts = random_prompts(3)
+    for kw in (dict(), dict(temperature=0.8, top_k=20, key=jax.random.key(9))):
+        want = generate(model, prompts, max_new_tokens=12, **kw)
+        got = generate(remat, prompts, max_new_tokens=12, **kw)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_array_equal(got.policy_logprobs, want.policy_logprobs)
+
+
+def test_decode_phases_give_the_single_phase_output(tmp_path_factory, monkeypatch):
+    # Phases end at 4, 8, 16, 32 and 40 tokens; the single-phase run attends over the whole
+    # 40-token cache at every step, as the sampler did before phases.
+    _, model, _ = load_checkpoint("qwen3", tmp_path_factory)
+    prompts = random_prompts(4) + random_prompts(5)  # 10 rows
+    kw = dict(num_samples=2, max_new_tokens=40, temperature=1.0, key=jax.random.key(10))
+    monkeypatch.setattr(sampling, "FIRST_PHASE", 10**6)
+    free = np.asarray(generate(model, prompts, **kw).tokens)  # no EOS: every row runs 40
+    # EOS ids: tokens some row produces at steps 2, 6, 12, 25 and 35 (one per phase).
+    eos = sorted({int(free[r, t]) for r, t in ((0, 2), (3, 6), (7, 12), (11, 25), (15, 35))})
+    hits = np.isin(free, eos)
+    ends = np.where(hits.any(1), hits.argmax(1) + 1, 40)  # response lengths that must result
+    phase = np.searchsorted([4, 8, 16, 32, 40], ends)  # the phase each row ends in
+    assert len(set(phase[ends < 40])) >= 3 and np.any(ends == 40) and np.any(phase == 4)
+
+    single = generate(model, prompts, eos_ids=eos, **kw)
+    monkeypatch.setattr(sampling, "FIRST_PHASE", 4)
+    phased = generate(model, prompts, eos_ids=eos, **kw)
+    for out in (single, phased):
+        np.testing.assert_array_equal(out.lengths, ends)
+        np.testing.assert_array_equal(out.finish_reason, np.where(ends < 40, FINISH_EOS,
+                                                                  FINISH_LENGTH))
+        np.testing.assert_array_equal(np.where(out.response_mask, out.tokens, -1),
+                                      np.where(np.arange(40) < ends[:, None], free, -1))
+    np.testing.assert_array_equal(phased.tokens, single.tokens)
+    np.testing.assert_array_equal(phased.response_mask, single.response_mask)
+    # Log-probs agree to float32 rounding: attention reduces over cache lengths that differ
+    # between the runs (as they already did between two max_new_tokens before phases).
+    for field in ("logprobs", "policy_logprobs"):
+        np.testing.assert_allclose(getattr(phased, field), getattr(single, field), atol=1e-5,
+                                   rtol=0, err_msg=field)
+
+
+def test_phases_are_exact_on_the_sum_model_and_stop_when_rows_end(monkeypatch):
+    # The toy model's logits are exact integers, so here phases must not change a single bit,
+    # and rows ending early must not run (or compile) later phases.
+    model = sum_model()
+    prompts = [[1], [4, 2, 7], [10] * 17, [5, 5, 5, 5, 5], [2, 9], [3, 3]]
+    calls = []
+    phase_program = sampling._phase_program
+
+    def spy(*args, **kw):
+        calls.append((kw["start"], kw["stop"]))
+        return phase_program(*args, **kw)
+
+    monkeypatch.setattr(sampling, "_phase_program", spy)
+    monkeypatch.setattr(sampling, "FIRST_PHASE", 2)
+    for eos_ids in ([0, 7], [0], []):
+        want = [sum_model_reference(p, 30, eos_ids) for p in prompts]
+        out = generate(model, prompts, max_new_tokens=30, eos_ids=eos_ids)
+        assert sampling.response_lists(out) == [w[0] for w in want]
+        np.testing.assert_array_equal(out.finish_reason, [w[1] for w in want])
+        longest = max(len(w[0]) for w in want)
+        # phases after the first run while a row is live: up to the phase holding `longest`
+        assert calls == [(s, e) for s, e in [(2, 4), (4, 8), (8, 16), (16, 30)] if s < longest]
+        calls.clear()
+    first = [sum_model_reference(p, 1, [])[0][0] for p in prompts]
+    out = generate(model, prompts, max_new_tokens=4096, eos_ids=first)
+    np.testing.assert_array_equal(out.lengths, 1)
+    assert calls == []  # every row ended in the first phase: no later phase ran
+
+
+def hf_generate(hf, prompt, max_new_tokens, **kw):
+    """transformers' generate on one unpadded prompt without EOS; returns the new ids."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                          min_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+def test_repetition_penalty_greedy_matches_transformers(checkpoint, monkeypatch):
+    family, model, hf = checkpoint
+    monkeypatch.setattr(sampling, "FIRST_PHASE", 8)  # the penalised tokens cross 3 phases
+    prompts = random_prompts(6)
+    penalty = 1.5  # strong enough to change the tiny models' greedy continuations
+    out = generate(model, prompts, max_new_tokens=24, repetition_penalty=penalty)
+    plain = generate(model, prompts, max_new_tokens=24)
+    got, unpenalised = sampling.response_lists(out), sampling.response_lists(plain)
+    changed = 0
+    for i, prompt in enumerate(prompts):
+        assert got[i] == hf_generate(hf, prompt, 24, do_sample=False,
+                                     repetition_penalty=penalty), (family, i)
+        assert unpenalised[i] == hf_generate(hf, prompt, 24, do_sample=False), (family, i)
+        changed += got[i] != unpenalised[i]
+    assert changed >= 2, (family, changed)  # the penalty is exercised, not a no-op
+    # The same penalty from a batch with left padding: padding tokens (pad_id 5 here, a token
+    # the prompts may hold) are not penalised, only the real prompt tokens.
+    padded = generate(model, prompts, max_new_tokens=24, repetition_penalty=penalty, pad_id=5)
+    assert sampling.response_lists(padded) == got
+
+
+def test_repetition_penalty_logprobs(checkpoint):
+    # logprobs: the distribution sampled from, penalty included (transformers' own processor
+    # applied to a teacher-forced forward pass is the reference); policy_logprobs: raw policy.
+    import torch
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    family, model, hf = checkpoint
+    prompts = random_prompts(7)[:3]
+    penalty, temperature, top_k, top_p = 1.3, 0.8, 20, 0.9
+    processor = RepetitionPenaltyLogitsProcessor(penalty)
+    for kw in (dict(), dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                            key=jax.random.key(12))):
+        out = generate(model, prompts, max_new_tokens=12, repetition_penalty=penalty, **kw)
+        for row, response in enumerate(sampling.response_lists(out)):
+            prompt = prompts[row]
+            _, want_policy = hf_token_logprobs(hf, prompt, response)
+            np.testing.assert_allclose(out.policy_logprobs[row, :12], want_policy, atol=1e-4)
+            with torch.no_grad():
+                logits = hf(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:]
+            for t, tok in enumerate(response):
+                scores = processor(torch.tensor([prompt + response[:t]]), logits[t][None])
+                if kw:
+                    dist = reference_dist(scores[0].double().numpy(), temperature, top_k, top_p)
+                else:
+                    dist = torch.softmax(scores[0].double(), -1).numpy()
+                    assert tok == int(np.argmax(dist)), (family, row, t)
+                np.testing.assert_allclose(out.logprobs[row, t], np.log(dist[tok]), atol=1e-4,
+                                           err_msg=f"{family} row {row} step {t}")

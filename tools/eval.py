@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=ev.PAPER_TEMPERATURE)
     ap.add_argument("--top-p", type=float, default=ev.PAPER_TOP_P, help="1 disables")
     ap.add_argument("--top-k", type=int, default=ev.PAPER_TOP_K, help="0 disables")
+    ap.add_argument("--repetition-penalty", "--repetition_penalty", type=float, default=1.0,
+                    help="transformers' repetition penalty, 1 disables (the paper: 1.08 for "
+                         "its Qwen3-1.7B student)")
     ap.add_argument("--max-new-tokens", type=int,
                     help=f"default {ev.PAPER_MAX_NEW_TOKENS}, capped by the model's context")
     ap.add_argument("--max-prompt-len", type=int,
@@ -274,6 +277,7 @@ def main(argv=None) -> int:
                     model, tokenizer, exs, k=args.k, temperature=args.temperature,
                     top_p=None if args.top_p >= 1.0 else args.top_p,
                     top_k=None if args.top_k <= 0 else args.top_k,
+                    repetition_penalty=args.repetition_penalty,
                     max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
                     batch_prompts=args.batch_prompts, seed=args.seed, verifier=verifier,
                     verifier_mode=args.verifier_mode, instruction=instructions[label],
