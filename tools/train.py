@@ -4,13 +4,19 @@
     python -m tools.train --config configs/toy.py:opd            # a named variant (configs/common.py)
     python -m tools.train --config configs/paper_r1_1p5b.py --dry_run   # shapes and shardings only
 
-Writes {workdir}/metrics.jsonl (one JSON object per step), Orbax checkpoints in
-{workdir}/checkpoints and, at the end, a Hugging Face export in {workdir}/export.
-Resumes from the latest checkpoint in the workdir when there is one.
+Writes {workdir}/config.json (the run's identity), {workdir}/metrics.jsonl (one JSON object per
+step), Orbax checkpoints in {workdir}/checkpoints and, at the end, a Hugging Face export in
+{workdir}/export. Resumes from the newest verified checkpoint when the workdir holds the same
+run (--config.resume=force: even when it does not).
+
+Exit status: 0 = finished (or stopped by SIGTERM after a checkpoint) with a finite model;
+1 = refused or failed, with one line on stderr naming the key, file or tensor (invalid config,
+a workdir holding a different run, non-finite training or model, I/O error).
 """
 
 import json
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -19,20 +25,61 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "build mesh, shardings and shapes with jax.eval_shape; no weights")
 
 
+def check_overrides(argv: list[str]) -> None:
+    """Exits naming the key and the closest valid ones for a --config.KEY that does not exist
+    (ml_collections would raise a bare AttributeError / KeyError while parsing flags)."""
+    from scope_jax import config as config_lib
+
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].split("=", 1)[0]
+        if key in config_lib.SCHEMA or key.split(".")[0] in config_lib.FREE:
+            continue
+        raise SystemExit(f"error: --config.{key}: unknown config key; closest valid: "
+                         f"{', '.join(config_lib.closest(key)) or 'none'}")
+
+
+def _one_line(e: BaseException) -> str:
+    """The cause of a failure in one line: the innermost OSError (path and reason) when there is one."""
+    seen, x = set(), e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, OSError) and (x.filename or x.strerror):
+            return f"{x.filename}: {x.strerror or type(x).__name__} (errno {x.errno})" if x.filename else \
+                f"{type(x).__name__}: {x.strerror}"
+        x = x.__cause__ or x.__context__
+    return f"{type(e).__name__}: {e}"
+
+
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     cfg = _CONFIG.value
-    from scope_jax import train
+    from scope_jax import checkpoint, train
+    from scope_jax import config as config_lib
+    from scope_jax.data import DataError
+    from scope_jax.models.hf import CheckpointError
 
     if _DRY_RUN.value:
         print(json.dumps(train.dry_run(cfg), indent=2))
         return
-    last = train.train(cfg)
+    expected = (config_lib.ConfigError, checkpoint.RunMismatch, checkpoint.NonFiniteError, DataError,
+                CheckpointError)
+    try:
+        config_lib.validate(cfg)
+        last = train.train(cfg)
+    except expected as e:
+        raise SystemExit(f"error: {e}") from None
+    except Exception as e:  # noqa: BLE001 - Orbax and asyncio wrap I/O errors in their own
+        if _one_line(e) != f"{type(e).__name__}: {e}":
+            raise SystemExit(f"error: {_one_line(e)}") from None
+        raise
     print(json.dumps({k: last[k] for k in ("step", "loss", "accuracy") if k in last}))
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
+    check_overrides(sys.argv)
     app.run(main)

@@ -98,7 +98,15 @@ def _tensor_views(file: str) -> dict[str, np.ndarray]:
         if info["dtype"] not in _DTYPES:
             raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
         a, b = info["data_offsets"]
-        views[name] = mm[start + a:start + b].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        want = int(np.prod(info["shape"], dtype=np.int64)) * dtype.itemsize
+        if b - a != want or not 0 <= a <= b:
+            raise CheckpointError(f"{file}: tensor {name!r} has data offsets [{a}, {b}) for "
+                                  f"{want} bytes of {info['dtype']} {info['shape']} (corrupt header)")
+        if start + b > mm.size:  # a copy or download that stopped early
+            raise CheckpointError(f"{file}: tensor {name!r} ends at byte {start + b} but the file "
+                                  f"has {mm.size} bytes (truncated file)")
+        views[name] = mm[start + a:start + b].view(dtype).reshape(info["shape"])
     return views
 
 
