@@ -234,3 +234,21 @@ def test_truncated_safetensors_names_the_file_and_the_tensor(tmp_path):
         f.truncate(os.path.getsize(file) - 1000)
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor '[^']+' ends at byte \d+ but the file has"):
         load_hf(tmp_path / "m")
+
+
+def test_a_data_file_where_every_row_fails_says_so_and_lists_its_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from scope_jax import data
+
+    path = str(tmp_path / "train.parquet")
+    pq.write_table(pa.table({"question": ["1+1?", "2+2?"], "final": ["2", "4"]}), path)
+    with pytest.raises(data.DataError) as e:
+        data.load_examples(path, data.FieldSpec("problem", "answer"), on_error="skip")
+    msg = str(e.value)
+    assert msg.startswith(path) and "every row (2) failed" in msg and "['question', 'final']" in msg
+    # One good row is a few bad rows, not a wrong file: skip works as before.
+    pq.write_table(pa.table({"problem": ["1+1?", None], "answer": ["2", "4"]}), path)
+    got = data.load_examples(path, data.FieldSpec("problem", "answer"), on_error="skip")
+    assert len(got) == 1 and len(got.skipped) == 1
