@@ -252,3 +252,35 @@ def test_a_data_file_where_every_row_fails_says_so_and_lists_its_columns(tmp_pat
     pq.write_table(pa.table({"problem": ["1+1?", None], "answer": ["2", "4"]}), path)
     got = data.load_examples(path, data.FieldSpec("problem", "answer"), on_error="skip")
     assert len(got) == 1 and len(got.skipped) == 1
+
+
+def _poisoned_copy(src, dst, name, value):
+    """A copy of checkpoint `src` whose tensor `name` has one entry set to `value`."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = value
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_check_checkpoint_and_eval_refuse_non_finite_models(setup, tmp_path, capsys):
+    from tools import check_checkpoint
+    from tools import eval as eval_tool
+
+    nan = _poisoned_copy(setup / "student", tmp_path / "nan", "model.embed_tokens.weight", np.nan)
+    assert check_checkpoint.main([str(nan), "--prompt-ids", "1,2", "--max-new-tokens", "2"]) == 1
+    assert "tensor 'model.embed_tokens.weight' holds 1 non-finite" in capsys.readouterr().err
+    # Finite but huge weights: the logits overflow.
+    huge = _poisoned_copy(setup / "student", tmp_path / "huge", "model.norm.weight", 3e38)
+    assert check_checkpoint.main([str(huge), "--prompt-ids", "1,2", "--max-new-tokens", "2"]) == 1
+    assert "the logits are not" in capsys.readouterr().err
+    assert check_checkpoint.main([str(setup / "student"), "--prompt-ids", "1,2", "--max-new-tokens", "2"]) == 0
+    with pytest.raises(SystemExit, match="model.embed_tokens.weight"):
+        eval_tool.main(["--model", f"nan={nan}", "--data", str(setup / "data" / "train.jsonl"), "--fields",
+                        "generic", "--no-instruction", "--k", "1", "--limit", "1", "--max-new-tokens", "2",
+                        "--out", str(tmp_path / "eval")])
