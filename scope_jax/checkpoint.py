@@ -114,8 +114,15 @@ def scan(flat: dict[str, Any]) -> tuple[dict[str, dict], str | None]:
 
 
 def first_nonfinite(tree) -> str | None:
-    """Path of the first floating-point leaf of `tree` holding NaN / inf, or None."""
+    """Path of the first floating-point leaf of `tree` holding NaN / inf (this process's pieces), or None."""
     return scan(_flat(tree)[0])[1]
+
+
+def check_finite(tree, what: str) -> None:
+    """Raises NonFiniteError on every process when any process holds a NaN / inf in `tree`."""
+    bad = first_nonfinite(tree)
+    if not _all_processes(bad is None):
+        raise NonFiniteError(f"{what}: {bad or 'a leaf on another process'} is not finite")
 
 
 class Checkpointer:

@@ -327,8 +327,8 @@ def train(cfg) -> dict:
     ckpt = checkpoint.Checkpointer(os.path.join(cfg.workdir, "checkpoints"), max_to_keep=cfg.max_to_keep,
                                    async_save=cfg.async_checkpointing)
     restored = ckpt.restore_latest(state)  # verified: checksums and finite leaves
-    if restored is None and (bad := checkpoint.first_nonfinite(params)) is not None:
-        raise checkpoint.NonFiniteError(f"{cfg.student}: tensor {bad} of the initial student is not finite")
+    if restored is None:
+        checkpoint.check_finite(params, f"{cfg.student}: the initial student's parameter")
     state = restored if restored is not None else state
     start = int(state.step)
     log.info("%s from step %d (%s)", "resuming" if restored is not None else "starting", start,
@@ -405,25 +405,24 @@ def train(cfg) -> dict:
 
 
 def _last_good(ckpt, first_bad: int) -> str:
-    """Which checkpoint to go back to: the parameters that first failed at step `first_bad`
-    were written by the update of step first_bad - 1, i.e. into checkpoint first_bad."""
+    """Which checkpoint to go back to: checkpoint N holds the state after steps 0..N-1, so
+    checkpoint first_bad holds the parameters that the first failing step started from."""
     good = [s for s in ckpt.manager.all_steps() if s < first_bad]
     if not good:
         return "No checkpoint predates the first skipped step: start again from the initial student."
     return (f"Last checkpoint before the first skipped step {first_bad}: {ckpt.directory}/{max(good)} "
-            f"(later ones hold the parameters that failed).")
+            f"(checkpoint {first_bad} and later hold the parameters the failing steps started from).")
 
 
 def _check_finite_model(graphdef, params, loader, ckpt) -> None:
     """Raises NonFiniteError unless every parameter, and the logits of one training prompt, are finite."""
-    bad = checkpoint.first_nonfinite(params)
-    if bad is None:
-        ids = jnp.asarray([loader.batch_at(0)[0][0]], jnp.int32)
-        if not bool(jnp.isfinite(nnx.merge(graphdef, params)(ids)).all()):
-            bad = "logits (of the first training prompt)"
-    if bad is not None:
-        raise checkpoint.NonFiniteError(f"final model: {bad} is not finite; no export written. "
-                                        f"Checkpoints: {ckpt.directory}")
+    what = f"final model, no export written (checkpoints: {ckpt.directory}): parameter"
+    checkpoint.check_finite(params, what)
+    if jax.process_count() > 1:  # the logits check runs on one host's model only (not yet global)
+        return
+    ids = jnp.asarray([loader.batch_at(0)[0][0]], jnp.int32)
+    if not bool(jnp.isfinite(nnx.merge(graphdef, params)(ids)).all()):
+        raise checkpoint.NonFiniteError(f"{what}s are finite but the logits of the first training prompt are not")
 
 
 def _place(state: TrainState, mesh):

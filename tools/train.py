@@ -16,6 +16,8 @@ a workdir holding a different run, non-finite training or model, I/O error).
 
 import json
 import logging
+import os
+import re
 import sys
 
 from absl import app, flags
@@ -40,22 +42,40 @@ def check_overrides(argv: list[str]) -> None:
                          f"{', '.join(config_lib.closest(key)) or 'none'}")
 
 
-def _one_line(e: BaseException) -> str:
-    """The cause of a failure in one line: the innermost OSError (path and reason) when there is one."""
+# TensorStore (under Orbax) reports OS errors inside its messages: '... "PATH": ... [os_error_code='28']'.
+_TS_OS_ERROR = re.compile(r'"([^"]+)"[^"]*\[os_error_code=\'(\d+)\'\]')
+
+
+def io_error_line(e: BaseException) -> str | None:
+    """'PATH: reason (errno N)' for the first I/O error in e's chain (an OSError, or a
+    TensorStore error carrying an os_error_code), else None."""
     seen, x = set(), e
     while x is not None and id(x) not in seen:
         seen.add(id(x))
-        if isinstance(x, OSError) and (x.filename or x.strerror):
-            return f"{x.filename}: {x.strerror or type(x).__name__} (errno {x.errno})" if x.filename else \
-                f"{type(x).__name__}: {x.strerror}"
+        if isinstance(x, OSError) and x.filename:
+            return f"{x.filename}: {x.strerror or type(x).__name__} (errno {x.errno})"
+        m = _TS_OS_ERROR.search(str(x))
+        if m:
+            return f"{m.group(1)}: {os.strerror(int(m.group(2)))} (errno {m.group(2)})"
         x = x.__cause__ or x.__context__
-    return f"{type(e).__name__}: {e}"
+    return None
+
+
+class _NoOrbaxTracebacks(logging.Filter):
+    """Orbax logs each failed async write with a traceback from every thread it passed through
+    (hundreds of lines for one full disk); keep its one-line messages, drop the tracebacks."""
+
+    def filter(self, record):
+        if "orbax" in record.pathname and record.exc_info:
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("absl").addFilter(_NoOrbaxTracebacks())
     cfg = _CONFIG.value
     from scope_jax import checkpoint, train
     from scope_jax import config as config_lib
@@ -73,9 +93,10 @@ def main(argv):
     except expected as e:
         raise SystemExit(f"error: {e}") from None
     except Exception as e:  # noqa: BLE001 - Orbax and asyncio wrap I/O errors in their own
-        if _one_line(e) != f"{type(e).__name__}: {e}":
-            raise SystemExit(f"error: {_one_line(e)}") from None
-        raise
+        line = io_error_line(e)
+        if line is None:
+            raise  # a bug: keep the traceback
+        raise SystemExit(f"error: {line}") from None
     print(json.dumps({k: last[k] for k in ("step", "loss", "accuracy") if k in last}))
 
 
