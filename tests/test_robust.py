@@ -284,3 +284,19 @@ def test_check_checkpoint_and_eval_refuse_non_finite_models(setup, tmp_path, cap
         eval_tool.main(["--model", f"nan={nan}", "--data", str(setup / "data" / "train.jsonl"), "--fields",
                         "generic", "--no-instruction", "--k", "1", "--limit", "1", "--max-new-tokens", "2",
                         "--out", str(tmp_path / "eval")])
+
+
+def test_an_io_error_ends_with_one_line_naming_the_path_and_the_cause(setup, tmp_path):
+    import resource
+
+    def small_files():  # a disk that cannot take the checkpoint (no root needed, unlike a tmpfs)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    wd = tmp_path / "io"
+    r = subprocess.run(_cli(setup, wd, "scope", "--config.checkpoint_every=1", steps=1), cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=400, preexec_fn=small_files)
+    assert r.returncode == 1
+    line = _last_line(r.stderr)
+    assert line.startswith(f"error: {wd / 'checkpoints'}/") and line.endswith("File too large (errno 27)"), \
+        r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]

@@ -96,7 +96,12 @@ def main(argv):
         line = io_error_line(e)
         if line is None:
             raise  # a bug: keep the traceback
-        raise SystemExit(f"error: {line}") from None
+        # Exit now: Orbax / TensorStore callbacks still pending would print "Event loop is
+        # closed" tracebacks during interpreter shutdown, after this line. The workers and the
+        # checkpoint manager were closed by train()'s `finally`.
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     print(json.dumps({k: last[k] for k in ("step", "loss", "accuracy") if k in last}))
 
 
