@@ -71,8 +71,20 @@ class _NoOrbaxTracebacks(logging.Filter):
         return True
 
 
+def _quiet_closed_loop(previous):
+    """sys.unraisablehook that drops RuntimeError('Event loop is closed'): TensorStore callbacks
+    of a failed Orbax write land on a closed asyncio loop and print one traceback each (dozens
+    for one full disk), burying the real error; everything else goes to `previous`."""
+    def hook(unraisable):
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+    return hook
+
+
 def main(argv):
     del argv
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("absl").addFilter(_NoOrbaxTracebacks())
