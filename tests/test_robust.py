@@ -287,14 +287,12 @@ def test_check_checkpoint_and_eval_refuse_non_finite_models(setup, tmp_path, cap
 
 
 def test_an_io_error_ends_with_one_line_naming_the_path_and_the_cause(setup, tmp_path):
-    import resource
-
-    def small_files():  # a disk that cannot take the checkpoint (no root needed, unlike a tmpfs)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-
+    # A disk that cannot take the checkpoint: a 100 KiB file-size limit (no root needed, unlike
+    # a full tmpfs; set by the shell, as preexec_fn may deadlock in a process running JAX threads).
     wd = tmp_path / "io"
-    r = subprocess.run(_cli(setup, wd, "scope", "--config.checkpoint_every=1", steps=1), cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=400, preexec_fn=small_files)
+    limited = ["bash", "-c", 'ulimit -f 100 && exec "$@"', "--"]
+    r = subprocess.run(limited + _cli(setup, wd, "scope", "--config.checkpoint_every=1", steps=1), cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 1
     line = _last_line(r.stderr)
     assert line.startswith(f"error: {wd / 'checkpoints'}/") and line.endswith("File too large (errno 27)"), \
