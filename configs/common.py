@@ -22,6 +22,9 @@ def base() -> ml_collections.ConfigDict:
     c.async_checkpointing = True
     c.export = True  # Hugging Face export of the final student to {workdir}/export
     c.max_nonfinite_steps = 5  # stop after this many skipped (non-finite) steps in a row
+    # auto: continue the run in workdir if its config.json matches (scope_jax.checkpoint);
+    # force: continue even though meaning-changing keys differ.
+    c.resume = "auto"
 
     c.student = ""  # Hugging Face checkpoint directory (config.json + safetensors)
     c.teacher = ""  # loaded here, co-located with the student (unless teacher_url is set)

@@ -311,8 +311,10 @@ def _collect(rows: Iterator[tuple[Any, str, int, str, str]], spec: FieldSpec, on
     """rows yields (row or DataError, file, line, source, row_kind)."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    out, skipped = [], []
+    out, skipped, columns = [], [], {}
     for row, file, line, source, row_kind in rows:
+        if isinstance(row, Mapping):
+            columns.update(dict.fromkeys(row))  # in first-seen order, for the message below
         try:
             if isinstance(row, DataError):
                 raise row
@@ -324,6 +326,11 @@ def _collect(rows: Iterator[tuple[Any, str, int, str, str]], spec: FieldSpec, on
             skipped.append(e)
             if len(skipped) <= 5:  # the first few in full; the count always
                 log.warning("skipping malformed row: %s", e)
+    if skipped and not out:  # a wrong spec or file, not a few bad rows: say so, never return []
+        raise DataError(
+            f"every row ({len(skipped)}) failed with on_error='skip'; the spec reads problem="
+            f"{spec.problem!r}, answer={spec.answer!r}; columns found: {list(columns) or 'none'}; "
+            f"first error: {skipped[0]}", file=what)
     if skipped:
         log.warning("%s: skipped %d malformed row(s) of %d", what, len(skipped),
                     len(out) + len(skipped))

@@ -11,9 +11,12 @@ teacher and Orbax around it. Algorithms (config.algo):
     grpo   group-normalised rewards, PPO clip, k3 KL to the initial student
     kd     off-policy: SFT on the teacher's own (verified) samples
 
-Resume order: the run's latest readable checkpoint in {workdir}/checkpoints, else the initial
-Hugging Face checkpoint (config.student). Data order and PRNG keys are pure functions of
-(seed, step), so a resumed run repeats exactly what an uninterrupted one would have done.
+Resume order: the run's newest checkpoint in {workdir}/checkpoints that verifies (checksums,
+finite leaves; a failing one is moved to checkpoints/corrupt/, see scope_jax.checkpoint), else
+the initial Hugging Face checkpoint (config.student). {workdir}/config.json must describe the
+same run. Data order and PRNG keys are pure functions of (seed, step), so a resumed run repeats
+exactly what an uninterrupted one would have done. A run that ends on non-finite steps or with
+a non-finite model raises (no export).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from scope_jax import losses, sampling, tracking
+from scope_jax import checkpoint, losses, sampling, tracking
+from scope_jax import config as config_lib
 from scope_jax import sharding as shd
 from scope_jax import teacher as teachers
 
@@ -268,9 +272,11 @@ def make_train_step(cfg, graphdef, optimizer) -> Callable:
         # depend on the current log-probs, so evaluate them at pi_old.
         metrics = loss_fn(batch.old_logprobs, batch, aux)[1]
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
+        # The updated parameters too (lr=1e30 gives a finite loss and gradient, then 1e30 weights):
+        # a norm that overflows float32 (|w| >~ 1e19) counts, as no forward pass survives it.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_params))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         metrics.update(loss=loss, grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32),
                        # over the global batch, so every host logs the same numbers
@@ -426,56 +432,6 @@ def response_bucket(length: int, cap: int, minimum: int = 16) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints (Orbax): flat path -> array dicts, so any pytree round-trips.
-# --------------------------------------------------------------------------------------------
-
-
-def _flat(tree) -> tuple[dict[str, Any], Any]:
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(p): x for p, x in leaves}, treedef
-
-
-class Checkpointer:
-    """Orbax CheckpointManager around TrainState with a fallback past unreadable checkpoints."""
-
-    def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
-        self.directory = os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 enable_async_checkpointing=async_save))
-
-    def save(self, state: TrainState, *, wait: bool = False) -> None:
-        flat, _ = _flat(state)
-        self.manager.save(int(state.step), args=self._ocp.args.StandardSave(flat), force=True)
-        if wait:
-            self.manager.wait_until_finished()
-
-    def restore_latest(self, template: TrainState) -> TrainState | None:
-        """The newest checkpoint that restores; a corrupt one is reported and skipped."""
-        flat, treedef = _flat(template)
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), flat)
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                got = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: say so, fall back
-                log.error("checkpoint %s/%d is unreadable (%s: %s); falling back to an earlier one",
-                          self.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
-                continue
-            log.info("restored %s/%d", self.directory, step)
-            return jax.tree_util.tree_unflatten(treedef, [got[k] for k in flat])
-        return None
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
-
-
-# --------------------------------------------------------------------------------------------
 # The host loop.
 # --------------------------------------------------------------------------------------------
 
@@ -523,23 +479,6 @@ def _load_prompts(cfg, tokenizer):
     return data.PromptLoader(items, batch_size=cfg.prompts_per_step, seed=cfg.seed)
 
 
-class _Metrics:
-    """metrics.jsonl writer; on resume, drops lines of steps the restored state will redo."""
-
-    def __init__(self, path: str, start_step: int):
-        self.path = path
-        kept = []
-        if os.path.exists(path):
-            with open(path) as f:
-                kept = [l for l in f if l.strip() and json.loads(l)["step"] < start_step]
-        with open(path, "w") as f:
-            f.writelines(kept)
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
 def _to_host(metrics: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -551,12 +490,15 @@ def train(cfg) -> dict:
     from scope_jax.models import save_hf
     from scope_jax.verifiers import Verifier
 
+    config_lib.validate(cfg)
     shd.initialize_distributed()
     os.makedirs(cfg.workdir, exist_ok=True)
     if cfg.get("toy_dir"):
         from scope_jax import toy
 
         toy.build_toy(cfg.toy_dir)
+    # Before any weights load: the workdir must hold this run (or none), see scope_jax.checkpoint.
+    checkpoint.check_identity(cfg.workdir, checkpoint.identity(cfg), force=cfg.resume == "force")
     mesh = shd.make_mesh(cfg.mesh)
     check_partition(cfg, mesh, cfg.prompts_per_step * cfg.num_samples)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.student)
@@ -569,14 +511,17 @@ def train(cfg) -> dict:
     optimizer = make_optimizer(cfg)
     state = TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
-    ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), max_to_keep=cfg.max_to_keep,
-                        async_save=cfg.async_checkpointing)
-    restored = ckpt.restore_latest(state)
+    ckpt = checkpoint.Checkpointer(os.path.join(cfg.workdir, "checkpoints"), max_to_keep=cfg.max_to_keep,
+                                   async_save=cfg.async_checkpointing)
+    restored = ckpt.restore_latest(state)  # verified: checksums and finite leaves
+    if restored is None:
+        checkpoint.check_finite(params, f"{cfg.student}: the initial student's parameter")
     state = restored if restored is not None else state
     start = int(state.step)
     log.info("%s from step %d (%s)", "resuming" if restored is not None else "starting", start,
              ckpt.directory if restored is not None else cfg.student)
-    metrics_out = _Metrics(os.path.join(cfg.workdir, "metrics.jsonl"), start) if jax.process_index() == 0 else None
+    metrics_out = (checkpoint.Metrics(os.path.join(cfg.workdir, "metrics.jsonl"), start)
+                   if jax.process_index() == 0 else None)
     board = tracking.MetricsWriter.for_training(cfg, start) if jax.process_index() == 0 else None  # TensorBoard / W&B
 
     state_sh = state_shardings(optimizer, nnx.to_pure_dict(shd.model_shardings(student, mesh)), mesh, params)
@@ -592,7 +537,12 @@ def train(cfg) -> dict:
     stop = _Stop()
     previous = signal.signal(signal.SIGTERM, stop)
     verifier = Verifier(num_workers=cfg.verifier.num_workers, timeout_s=cfg.verifier.timeout_s)
-    bad_in_a_row, last = 0, {}
+    # The streak of skipped steps continues across a resume (from the kept metrics rows).
+    bad_in_a_row, last = metrics_out.tail_skipped if metrics_out is not None else 0, {}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        bad_in_a_row = int(multihost_utils.broadcast_one_to_all(np.int32(bad_in_a_row)))
     try:
         progress = _progress(start, cfg.num_steps) if jax.process_index() == 0 else None
         for step in range(start, cfg.num_steps):
@@ -624,12 +574,16 @@ def train(cfg) -> dict:
             last = row
             bad_in_a_row = bad_in_a_row + 1 if m["skipped"] else 0
             if m["skipped"]:
-                log.error("step %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d in a row)",
-                          step, m["loss"], m["grad_norm"], bad_in_a_row)
-                if bad_in_a_row >= cfg.max_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"{bad_in_a_row} non-finite steps in a row (max_nonfinite_steps="
-                        f"{cfg.max_nonfinite_steps}); last good checkpoint is in {ckpt.directory}")
+                log.error("step %d: non-finite loss (%s), gradient norm (%s) or updated parameters; "
+                          "update skipped (%d in a row)", step, m["loss"], m["grad_norm"], bad_in_a_row)
+                # A run may not end on a streak of skipped steps either (K = the limit, or the
+                # whole run when it is shorter): its model failed its last batches.
+                limit = cfg.max_nonfinite_steps
+                if bad_in_a_row >= (min(limit, cfg.num_steps) if step + 1 == cfg.num_steps else limit):
+                    raise checkpoint.NonFiniteError(
+                        f"{bad_in_a_row} non-finite step(s) in a row, up to step {step} of {cfg.num_steps} "
+                        f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); no export written. "
+                        f"{_last_good(ckpt, step + 1 - bad_in_a_row)}")
             done = step + 1
             if stop.requested or done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
                 ckpt.save(state, wait=stop.requested)
@@ -638,6 +592,7 @@ def train(cfg) -> dict:
                 break
         else:
             if cfg.export and int(state.step) == cfg.num_steps:
+                _check_finite_model(graphdef, state.params, loader, ckpt)
                 _export(cfg, graphdef, state.params, tokenizer, save_hf)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -657,6 +612,27 @@ def under_mesh(fn: Callable, mesh) -> Callable:
         with jax.set_mesh(mesh):
             return fn(*args)
     return call
+
+
+def _last_good(ckpt, first_bad: int) -> str:
+    """Which checkpoint to go back to: checkpoint N holds the state after steps 0..N-1, so
+    checkpoint first_bad holds the parameters that the first failing step started from."""
+    good = [s for s in ckpt.manager.all_steps() if s < first_bad]
+    if not good:
+        return "No checkpoint predates the first skipped step: start again from the initial student."
+    return (f"Last checkpoint before the first skipped step {first_bad}: {ckpt.directory}/{max(good)} "
+            f"(checkpoint {first_bad} and later hold the parameters the failing steps started from).")
+
+
+def _check_finite_model(graphdef, params, loader, ckpt) -> None:
+    """Raises NonFiniteError unless every parameter, and the logits of one training prompt, are finite."""
+    what = f"final model, no export written (checkpoints: {ckpt.directory}): parameter"
+    checkpoint.check_finite(params, what)
+    if jax.process_count() > 1:  # the logits check runs on one host's model only (not yet global)
+        return
+    ids = jnp.asarray([loader.batch_at(0)[0][0]], jnp.int32)
+    if not bool(jnp.isfinite(nnx.merge(graphdef, params)(ids)).all()):
+        raise checkpoint.NonFiniteError(f"{what}s are finite but the logits of the first training prompt are not")
 
 
 def _progress(start: int, total: int):

@@ -275,7 +275,9 @@ def test_non_finite_step_is_skipped(setup):
 
 
 def test_corrupt_latest_checkpoint_falls_back_with_a_clear_message(tmp_path, caplog):
-    ckpt = train.Checkpointer(str(tmp_path / "ckpt"), max_to_keep=3, async_save=False)
+    from scope_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=3, async_save=False)
     template = train.TrainState(params={"w": jnp.zeros((3, 4))}, opt_state=(jnp.zeros(2),), step=jnp.zeros((), jnp.int32))
     for step in (1, 2):
         ckpt.save(template.replace(params={"w": jnp.full((3, 4), float(step))}, step=jnp.asarray(step, jnp.int32)), wait=True)
@@ -287,7 +289,8 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_clear_message(tmp_path, cap
     with caplog.at_level(logging.ERROR):
         got = ckpt.restore_latest(template)
     assert int(got.step) == 1 and float(got.params["w"][0, 0]) == 1.0
-    assert "checkpoint" in caplog.text and "/2 is unreadable" in caplog.text
+    assert "checkpoint" in caplog.text and "/2 failed verification (unreadable" in caplog.text
+    assert os.listdir(tmp_path / "ckpt" / "corrupt") == ["2-unreadable"]  # moved aside, not deleted
     ckpt.close()
 
 

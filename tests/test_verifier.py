@@ -386,3 +386,30 @@ def test_shipped_golds_parse_to_sympy_except_listed():
                     stale.append((name, i, one))
     assert unexpected == []
     assert stale == []
+
+
+def test_pool_survives_the_loss_of_its_fork_server():
+    import multiprocessing.forkserver as forkserver
+    import threading
+
+    with Verifier(num_workers=2, timeout_s=2.0, _check_fn=_hook) as v:
+        def kill_server_and_workers():  # what `pkill -f forkserver` does
+            time.sleep(0.5)
+            os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+            for pid in v.worker_pids():
+                os.kill(pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_server_and_workers)
+        killer.start()
+        # Both HANG items are in flight when the server goes: retried once on new workers
+        # (then they time out as they would have); without the retry they score 'error'.
+        got = v.verify_batch(["HANG", "HANG", r"\boxed{3}"], ["1", "1", "3"])
+        killer.join()
+        assert [r.reason for r in got] == ["timeout", "timeout", "correct"], got
+        # Killed while idle too: nothing is lost.
+        os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+        for pid in v.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        got = v.verify_batch([r"\boxed{4}", r"\boxed{5}", r"\boxed{6}"], ["4", "5", "7"])
+        assert [r.reason for r in got] == ["correct", "correct", "mismatch"]

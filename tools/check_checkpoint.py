@@ -21,6 +21,7 @@ from flax import nnx
 
 from scope_jax import sharding as shd
 from scope_jax.models import load_hf
+from scope_jax.models.hf import CheckpointError, check_finite
 
 
 def greedy_continue(model, prompt_ids: list[int], max_new_tokens: int,
@@ -105,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     model = load_hf(args.path, dtype=dtype, mesh=_mesh(args.mesh))
     print(f"loaded {args.path} in {time.time() - start:.1f}s: {model.config}")
     print(describe(model))
+    try:
+        check_finite(model, args.path)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
     tokenizer = None
     if args.prompt is not None:

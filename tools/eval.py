@@ -257,6 +257,7 @@ def main(argv=None) -> int:
     import transformers
 
     from scope_jax.models import load_hf
+    from scope_jax.models.hf import CheckpointError, check_finite
 
     mesh = parse_mesh(args.mesh)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
@@ -268,6 +269,10 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             tokenizer = transformers.AutoTokenizer.from_pretrained(path)
             model = load_hf(path, dtype=dtype, mesh=mesh)
+            try:  # a NaN model would score 0% and look like a result
+                check_finite(model, path)
+            except CheckpointError as e:
+                raise SystemExit(f"--model {name}: {e}") from None
             log.info("loaded %s from %s in %.1f s", name, path, time.perf_counter() - t0)
             results[name] = {}
             for label, exs in examples.items():

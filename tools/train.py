@@ -4,14 +4,22 @@
     python -m tools.train --config configs/toy.py:opd            # a named variant (configs/common.py)
     python -m tools.train --config configs/paper_r1_1p5b.py --dry_run   # shapes and shardings only
 
-Writes {workdir}/metrics.jsonl (one JSON object per step) and TensorBoard events beside it
-(scope_jax.tracking; W&B too with --config.logging.wandb_project=NAME), Orbax checkpoints in
-{workdir}/checkpoints and, at the end, a Hugging Face export in {workdir}/export.
-Resumes from the latest checkpoint in the workdir when there is one.
+Writes {workdir}/config.json (the run's identity), {workdir}/metrics.jsonl (one JSON object per
+step) and TensorBoard events beside it (scope_jax.tracking; W&B too with
+--config.logging.wandb_project=NAME), Orbax checkpoints in {workdir}/checkpoints and, at the end,
+a Hugging Face export in {workdir}/export. Resumes from the newest verified checkpoint when the
+workdir holds the same run (--config.resume=force: even when it does not).
+
+Exit status: 0 = finished (or stopped by SIGTERM after a checkpoint) with a finite model;
+1 = refused or failed, with one line on stderr naming the key, file or tensor (invalid config,
+a workdir holding a different run, non-finite training or model, I/O error).
 """
 
 import json
 import logging
+import os
+import re
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -20,20 +28,97 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "build mesh, shardings and shapes with jax.eval_shape; no weights")
 
 
+def check_overrides(argv: list[str]) -> None:
+    """Exits naming the key and the closest valid ones for a --config.KEY that does not exist
+    (ml_collections would raise a bare AttributeError / KeyError while parsing flags)."""
+    from scope_jax import config as config_lib
+
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].split("=", 1)[0]
+        if key in config_lib.SCHEMA or key.split(".")[0] in config_lib.FREE:
+            continue
+        raise SystemExit(f"error: --config.{key}: unknown config key; closest valid: "
+                         f"{', '.join(config_lib.closest(key)) or 'none'}")
+
+
+# TensorStore (under Orbax) reports OS errors inside its messages: '... "PATH": ... [os_error_code='28']'.
+_TS_OS_ERROR = re.compile(r'"([^"]+)"[^"]*\[os_error_code=\'(\d+)\'\]')
+
+
+def io_error_line(e: BaseException) -> str | None:
+    """'PATH: reason (errno N)' for the first I/O error in e's chain (an OSError, or a
+    TensorStore error carrying an os_error_code), else None."""
+    seen, x = set(), e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.filename:
+            return f"{x.filename}: {x.strerror or type(x).__name__} (errno {x.errno})"
+        m = _TS_OS_ERROR.search(str(x))
+        if m:
+            return f"{m.group(1)}: {os.strerror(int(m.group(2)))} (errno {m.group(2)})"
+        x = x.__cause__ or x.__context__
+    return None
+
+
+class _NoOrbaxTracebacks(logging.Filter):
+    """Orbax logs each failed async write with a traceback from every thread it passed through
+    (hundreds of lines for one full disk); keep its one-line messages, drop the tracebacks."""
+
+    def filter(self, record):
+        if "orbax" in record.pathname and record.exc_info:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_closed_loop(previous):
+    """sys.unraisablehook that drops RuntimeError('Event loop is closed'): TensorStore callbacks
+    of a failed Orbax write land on a closed asyncio loop and print one traceback each (dozens
+    for one full disk), burying the real error; everything else goes to `previous`."""
+    def hook(unraisable):
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+    return hook
+
+
 def main(argv):
     del argv
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("absl").addFilter(_NoOrbaxTracebacks())
     cfg = _CONFIG.value
-    from scope_jax import train
+    from scope_jax import checkpoint, train
+    from scope_jax import config as config_lib
+    from scope_jax.data import DataError
+    from scope_jax.models.hf import CheckpointError
 
     if _DRY_RUN.value:
         print(json.dumps(train.dry_run(cfg), indent=2))
         return
-    last = train.train(cfg)
+    expected = (config_lib.ConfigError, checkpoint.RunMismatch, checkpoint.NonFiniteError, DataError,
+                CheckpointError)
+    try:
+        config_lib.validate(cfg)
+        last = train.train(cfg)
+    except expected as e:
+        raise SystemExit(f"error: {e}") from None
+    except Exception as e:  # noqa: BLE001 - Orbax and asyncio wrap I/O errors in their own
+        line = io_error_line(e)
+        if line is None:
+            raise  # a bug: keep the traceback
+        # Exit now: Orbax / TensorStore callbacks still pending would print "Event loop is
+        # closed" tracebacks during interpreter shutdown, after this line. The workers and the
+        # checkpoint manager were closed by train()'s `finally`.
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     print(json.dumps({k: last[k] for k in ("step", "loss", "accuracy") if k in last}))
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
+    check_overrides(sys.argv)
     app.run(main)

@@ -98,7 +98,15 @@ def _tensor_views(file: str) -> dict[str, np.ndarray]:
         if info["dtype"] not in _DTYPES:
             raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
         a, b = info["data_offsets"]
-        views[name] = mm[start + a:start + b].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        want = int(np.prod(info["shape"], dtype=np.int64)) * dtype.itemsize
+        if b - a != want or not 0 <= a <= b:
+            raise CheckpointError(f"{file}: tensor {name!r} has data offsets [{a}, {b}) for "
+                                  f"{want} bytes of {info['dtype']} {info['shape']} (corrupt header)")
+        if start + b > mm.size:  # a copy or download that stopped early
+            raise CheckpointError(f"{file}: tensor {name!r} ends at byte {start + b} but the file "
+                                  f"has {mm.size} bytes (truncated file)")
+        views[name] = mm[start + a:start + b].view(dtype).reshape(info["shape"])
     return views
 
 
@@ -234,6 +242,22 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, mes
                                                shape=shape)
         var.set_value(_place(host, shape, param_dtype, sharding))
     return nnx.merge(graphdef, state)
+
+
+def check_finite(model: Transformer, where: str = "model") -> None:
+    """Raises CheckpointError naming the first parameter (by its Hugging Face tensor name) that
+    holds NaN / inf, or, when all are finite, saying that the logits of a one-token prompt
+    (bos, else id 0) are not: a usable model has neither."""
+    for p, var in _param_items(nnx.state(model, nnx.Param)):
+        x = np.asarray(jax.device_get(var.get_value()), dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise CheckpointError(f"{where}: tensor {hf_name(p)[0]!r} holds {int((~np.isfinite(x)).sum())} "
+                                  f"non-finite value(s) of {x.size}")
+    bos = model.config.bos_token_id
+    logits = model(jnp.asarray([[bos if bos is not None else 0]], jnp.int32))
+    if not bool(jnp.isfinite(logits).all()):
+        raise CheckpointError(f"{where}: every tensor is finite but the logits are not (overflow: "
+                              f"max |weight| is too large for the compute dtype)")
 
 
 def _dtype_name(dtype) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -33,6 +34,7 @@ import time
 from typing import Sequence, Union
 
 Gold = Union[str, int, float, Sequence[Union[str, int, float]]]
+log = logging.getLogger(__name__)
 
 REASONS = ("correct", "no_answer", "parse_failure", "timeout", "mismatch", "error")
 
@@ -556,8 +558,12 @@ class _Worker:
         self.task: tuple[int, float] | None = None  # (item index, deadline) while busy
 
     def kill(self) -> None:
-        if self.proc.is_alive():
-            self.proc.kill()
+        # By pid, not only when is_alive(): once the fork server is gone, is_alive() reads
+        # False (exit code 255) for a worker that still runs, which would be left orphaned.
+        try:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, TypeError):
+            pass
         self.proc.join(timeout=5)
         self.conn.close()
 
@@ -584,7 +590,9 @@ class Verifier:
     replacement. A worker that dies mid-item (a crash; memory beyond memory_limit_mb) scores
     its item 'error' and is replaced. Inside a worker the same limit also runs as a SIGALRM
     timer (slightly shorter), so ordinary slow sympy calls end with 'timeout' without a respawn.
-    A worker found dead while idle is replaced and the item it was given is retried once.
+    A worker found dead while idle is replaced and the item it was given is requeued. If the
+    fork server itself is lost (killed, OOM), workers are restarted through a new one and the
+    items they held are retried once.
     The constructor returns once every worker has started and warmed up.
     """
 
@@ -628,7 +636,19 @@ class Verifier:
             raise
 
     def _new_worker(self) -> _Worker:
-        return _Worker(self._ctx, self._inner_timeout, self.memory_limit_mb, self._check_fn)
+        try:
+            return _Worker(self._ctx, self._inner_timeout, self.memory_limit_mb, self._check_fn)
+        except (EOFError, ConnectionError, FileNotFoundError) as e:
+            # The fork server died (killed, OOM) while starting this worker; multiprocessing
+            # starts a new one on the next request, so try once more.
+            log.warning("verifier fork server lost while starting a worker (%s: %s); restarting it",
+                        type(e).__name__, e)
+            return _Worker(self._ctx, self._inner_timeout, self.memory_limit_mb, self._check_fn)
+
+    def _lost_fork_server(self, w: _Worker) -> bool:
+        """True when `w` looks dead because the fork server is gone: multiprocessing then reads
+        exit code 255 (it cannot read the real status), and the worker may even still run."""
+        return self._ctx.get_start_method() == "forkserver" and w.proc.exitcode == 255
 
     def _replace(self, i: int) -> None:
         self._workers[i].kill()
@@ -680,13 +700,10 @@ class Verifier:
                         w.task = (idx, time.monotonic()
                                   + _item_timeout_s(golds[idx], self.timeout_s))
                     except (OSError, ValueError):
-                        # The worker died while idle; not this item's fault: retry it once.
+                        # The worker died while idle; the item never reached it: requeue it
+                        # (each failure replaces a worker, so this ends).
                         self._replace(i)
-                        if idx in retried:
-                            results[idx] = VerifyResult(0.0, "error", None, "worker unavailable")
-                        else:
-                            retried.add(idx)
-                            queue.appendleft(idx)
+                        queue.appendleft(idx)
             workers = self._workers
             if not queue and all(w.ready and w.task is None for w in workers):
                 return
@@ -727,9 +744,17 @@ class Verifier:
                                 "`if __name__ == '__main__':` guard")
                         idx = w.task[0]
                         w.task = None
+                        lost_server = self._lost_fork_server(w)
                         self._replace(i)
-                        results[idx] = VerifyResult(
-                            0.0, "error", None, f"verifier worker died (exit code {code})")
+                        if lost_server and idx not in retried:
+                            # Not the item's fault: the fork server went (and took the worker,
+                            # or its status). A new one starts with the replacement; retry once.
+                            log.warning("verifier fork server lost; item %d retried on a new worker", idx)
+                            retried.add(idx)
+                            queue.appendleft(idx)
+                        else:
+                            results[idx] = VerifyResult(
+                                0.0, "error", None, f"verifier worker died (exit code {code})")
                         continue
                 if w.task is not None and now >= w.task[1]:
                     idx = w.task[0]
