@@ -82,6 +82,51 @@ def test_pass_at_k_edge_cases():
         ev.pass_at_k(4, 1.5, 2)
 
 
+def test_paper_pass_at_k_hand_computed():
+    # The cases: n = k = 32; the unbiased estimator gives 1 for any c >= 1.
+    assert float(ev.pass_at_k(32, 1, 32, estimator="paper")) == pytest.approx(1 - (31 / 32) ** 32)
+    assert float(ev.pass_at_k(32, 1, 32, estimator="paper")) == pytest.approx(0.638, abs=5e-4)
+    assert float(ev.pass_at_k(32, 2, 32, estimator="paper")) == pytest.approx(0.873, abs=5e-4)
+    assert float(ev.pass_at_k(32, 2, 32)) == 1.0
+    assert float(ev.pass_at_k(4, 0, 4, estimator="paper")) == 0.0
+    assert float(ev.pass_at_k(4, 4, 8, estimator="paper")) == 1.0  # k > n is allowed here
+    assert float(ev.pass_at_k(4, 1, 2, estimator="paper")) == pytest.approx(1 - 0.75 ** 2)
+    with pytest.raises(ValueError, match="estimator"):
+        ev.pass_at_k(4, 1, 2, estimator="biased")
+
+
+def test_paper_pass_at_k_is_the_with_replacement_resampling_of_the_released_script():
+    # Simulate the released script: draw k of the n samples with replacement, pass if any is
+    # correct; the mean over many draws converges to the paper estimator.
+    rng = np.random.default_rng(0)
+    n, k = 32, 32
+    for c in (1, 2, 5):
+        outcomes = np.zeros(n, bool)
+        outcomes[:c] = True
+        draws = rng.integers(0, n, size=(200_000, k))
+        sim = outcomes[draws].any(axis=1).mean()
+        assert float(ev.pass_at_k(n, c, k, estimator="paper")) == pytest.approx(sim, abs=4e-3)
+
+
+def test_summaries_carry_and_use_the_estimator():
+    n, c = np.array([32, 32, 32]), np.array([0, 1, 2])
+    s = ev.summarize(n, c, 32, estimator="paper", num_resamples=200, seed=1)
+    want = (1 - (1 - c / 32) ** 32)
+    assert s["pass_at_k"] == pytest.approx(want.mean())
+    assert s["pass_at_k_estimator"] == "paper"
+    assert s["pass_curve"][0] == pytest.approx((c / 32).mean())  # Pass@1 = accuracy either way
+    # The bootstrap interval resamples the paper-estimator values (numpy re-derivation).
+    idx = np.random.default_rng(1).integers(0, 3, size=(200, 3))
+    assert s["pass_at_k_ci"] == pytest.approx(list(np.quantile(want[idx].mean(1), [0.025, 0.975])))
+    assert ev.summarize(n, c, 32)["pass_at_k"] == pytest.approx(2 / 3)
+    d = ev.paired_difference((n, c), (n, c + 1), 32, estimator="paper", num_resamples=100)
+    assert d["pass_at_k_diff"] == pytest.approx(((1 - (1 - (c + 1) / 32) ** 32) - want).mean())
+    assert d["pass_at_k_estimator"] == "paper"
+    m = ev.macro_summary([(n, c), (n, c)], 32, estimator="paper", num_resamples=100)
+    assert m["pass_at_k"] == pytest.approx(want.mean()) and m["pass_at_k_estimator"] == "paper"
+    assert "paper estimator" in ev.format_table({"m": {"b": s}})
+
+
 def test_avg_at_k_and_pass_curve():
     correct = np.array([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]], bool)
     np.testing.assert_allclose(ev.avg_at_k(correct), [0.5, 0.0, 1.0, 0.25])
