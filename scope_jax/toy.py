@@ -393,6 +393,43 @@ def evaluate(model, tokenizer, examples: Sequence[dict[str, str]], *, temperatur
 
 
 # ---------------------------------------------------------------------------------------------
+# The machine a build or run happened on
+
+
+def machine_info() -> dict:
+    """What a toy build's (and a run's) numbers depend on besides the settings: the toy build is
+    bitwise reproducible on one machine but not across machines (CPU kernels, float summation
+    order), so every result records where it came from.
+
+    Returns {"cpu_model" (first "model name" of /proc/cpuinfo, or platform.processor()),
+    "cpu_count", "platform", "python", "jax", "jaxlib", "backend", "xla_flags"} (str / int).
+    """
+    import platform
+
+    import jaxlib
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu_model": cpu or platform.processor() or "unknown",
+            "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def format_machine(info: dict) -> str:
+    """One line for logs and tables: CPU, cores, jax/jaxlib, backend, XLA_FLAGS."""
+    return (f"{info['cpu_model']}, {info['cpu_count']} cores, {info['platform']}, "
+            f"jax {info['jax']} / jaxlib {info['jaxlib']} on {info['backend']}, "
+            f"XLA_FLAGS={info['xla_flags'] or '(unset)'}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Building the toy setup: data, tokenizer, teacher and student checkpoints
 
 
@@ -557,6 +594,7 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
         "seconds": seconds,
         "backend": f"jax {jax.__version__} on {jax.default_backend()} "
                    f"({os.cpu_count()} CPU cores visible)",
+        "machine": machine_info(),
     }
     tmp = paths["manifest"] + ".tmp"
     with open(tmp, "w") as f:
