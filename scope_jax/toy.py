@@ -435,14 +435,40 @@ def format_machine(info: dict) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """SFT of one toy model from random init (see sft_train)."""
+    """SFT of one toy model from random init (see sft_train).
+
+    op_keep: the model's training mix, as (op, fraction) pairs: of the training problems that
+      contain op, only this seeded fraction is kept (() = all problems). (("*", 0.05),) makes a
+      model that saw few products: a blind spot on multiplication (see FAMILIES["blindspot"]).
+    """
 
     size: ModelSize
     steps: int
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 30
-    seed: int = 0  # parameter init and batch order
+    seed: int = 0  # parameter init, batch order and the op_keep subsample
+    op_keep: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self):
+        for op, frac in self.op_keep:
+            if op not in OPS or not 0.0 <= frac <= 1.0:
+                raise ValueError(f"TrainSettings.op_keep: ({op!r}, {frac}) needs an op of "
+                                 f"{OPS!r} and a fraction in [0, 1]")
+
+
+def training_mix(examples: Sequence[dict[str, str]], ts: TrainSettings) -> list[int]:
+    """Indices of the examples a model with settings ts trains on (ts.op_keep; seeded by
+    ts.seed). A problem containing several listed ops is kept only if every op's draw keeps it.
+    Returns sorted int indices into examples."""
+    rng = np.random.default_rng([ts.seed, 7])
+    draws = rng.random((len(examples), max(1, len(ts.op_keep))))
+    keep = []
+    for i, e in enumerate(examples):
+        expr = e["problem"]
+        if all(draws[i, j] < frac for j, (op, frac) in enumerate(ts.op_keep) if op in expr):
+            keep.append(i)
+    return keep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,6 +490,34 @@ class ToySettings:
     eval_temperatures: tuple[float, ...] = (1.0, 0.6)
     eval_samples: int = 4
     max_new_tokens: int = 48
+
+
+# The toy family. "toy": the original setup (a 98%-greedy teacher). "blindspot": the same task,
+# student and teacher architecture, but the teacher saw only 5% of the training problems with a
+# product, so it is only moderately stronger than the student and unreliable on products: its
+# guidance after a student's error there is bad, which is the paper's section 7 premise
+# (recovery falls with teacher perplexity on the prefix). Measure the premise with
+# tools/premise.py before comparing methods on it.
+FAMILIES: dict[str, ToySettings] = {
+    "toy": ToySettings(),
+    "blindspot": ToySettings(teacher=TrainSettings(TEACHER_SIZE, steps=700, seed=1,
+                                                   op_keep=(("*", 0.05),))),
+}
+
+
+def toy_settings(family: str = "toy", seed: int = 0) -> ToySettings:
+    """FAMILIES[family] with every seed of the build (data and test split, tokenizer, both
+    models' init, batch order and training mix) shifted by `seed`; seed 0 is FAMILIES[family]
+    itself, so existing builds stay valid."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown toy family {family!r}; choose from {sorted(FAMILIES)}")
+    s = FAMILIES[family]
+    if seed == 0:
+        return s
+    return dataclasses.replace(
+        s, seed=s.seed + seed,
+        teacher=dataclasses.replace(s.teacher, seed=s.teacher.seed + 1000 * seed),
+        student=dataclasses.replace(s.student, seed=s.student.seed + 1000 * seed))
 
 
 def _settings_dict(settings: ToySettings) -> dict:
@@ -520,6 +574,18 @@ def _train_model(name: str, ts: TrainSettings, tokenizer, data, path: str, token
                    "final_loss": round(float(np.mean(result["losses"][-20:])), 4)}
 
 
+def _accuracy_by_op(examples: Sequence[dict[str, str]], per_problem: Sequence[float]) -> dict:
+    """Where a blind spot shows: mean accuracy on the problems with and without each op.
+    Returns {"with +": float | None, "without +": ..., ...} (None: no such problem)."""
+    per = np.asarray(per_problem, np.float64)
+    out = {}
+    for op in OPS:
+        has = np.array([op in e["problem"] for e in examples])
+        out[f"with {op}"] = float(per[has].mean()) if has.any() else None
+        out[f"without {op}"] = float(per[~has].mean()) if (~has).any() else None
+    return out
+
+
 def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
               settings: ToySettings = ToySettings(), verbose: bool = True) -> dict[str, str]:
     """Builds (or reuses) the toy setup under out_dir and returns toy_paths(out_dir).
@@ -555,19 +621,25 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
     tokenizer.save_pretrained(paths["tokenizer"])
     data = encode_sft(train, tokenizer)
     prompt_lengths = data[2].argmax(1)
+    mixes = {name: training_mix(train, getattr(settings, name)) for name in ("teacher", "student")}
     seconds = {"data_and_tokenizer": round(time.perf_counter() - start, 2)}
     log_every = 100 if verbose else 0
 
     models, info = {}, {}
     for name in ("teacher", "student"):
-        models[name], info[name] = _train_model(name, getattr(settings, name), tokenizer, data,
+        rows = mixes[name]
+        mix = data if len(rows) == len(train) else tuple(a[rows] for a in data)
+        models[name], info[name] = _train_model(name, getattr(settings, name), tokenizer, mix,
                                                 paths[name], paths["tokenizer"], log_every)
+        info[name]["training_problems"] = len(rows)
 
     t = time.perf_counter()
-    accuracy, mixed = {}, {}
+    accuracy, mixed, by_op = {}, {}, {}
     ev = dict(max_new_tokens=settings.max_new_tokens)
     for name, model in models.items():
-        accuracy[name] = {"greedy": evaluate(model, tokenizer, test, **ev)["accuracy"]}
+        greedy = evaluate(model, tokenizer, test, **ev)
+        accuracy[name] = {"greedy": greedy["accuracy"]}
+        by_op[name] = _accuracy_by_op(test, greedy["per_problem"])
         for i, temp in enumerate(settings.eval_temperatures):
             r = evaluate(model, tokenizer, test, temperature=temp,
                          num_samples=settings.eval_samples, seed=settings.seed + 1000 + i, **ev)
@@ -588,6 +660,7 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
                           f"{settings.eval_samples} samples per problem at each temperature "
                           "(no top-k / top-p); verifier scope_jax.verifiers.math.verify"),
         "fraction_of_problems_with_mixed_samples": mixed,
+        "greedy_accuracy_by_op": by_op,
         "max_prompt_tokens": int(prompt_lengths.max()),
         "max_response_tokens": int((data[2].sum(1)).max()),
         "max_new_tokens": settings.max_new_tokens,
