@@ -228,6 +228,103 @@ def paired_difference(base: tuple[Sequence[int], Sequence[int]],
             "wins": int((d_avg > 0).sum()), "losses": int((d_avg < 0).sum())}
 
 
+def hierarchical_bootstrap_ci(values_per_seed: Sequence[Sequence[float]], *,
+                              num_resamples: int = 1000, confidence: float = 0.95,
+                              seed: int = 0) -> tuple[float, float]:
+    """Two-stage percentile-bootstrap interval of the seed-pooled mean: the mean over seeds of
+    each seed's mean over its problems.
+
+    values_per_seed: S sequences of per-problem scores (one per seed of a study: each seed has
+    its own toy build, test problems and training run, so problems are nested in seeds). Each
+    resample draws S seeds with replacement, then for every drawn seed its problems with
+    replacement (independently for repeated seeds), and averages the drawn seeds' means. The
+    interval thus carries both the seed-to-seed spread (build and training noise) and the
+    problem sampling; with one seed it is bootstrap_ci's interval. Returns (low, high).
+    """
+    vs = [np.asarray(v, np.float64) for v in values_per_seed]
+    if not vs or any(v.ndim != 1 or v.size == 0 for v in vs):
+        raise ValueError("hierarchical_bootstrap_ci: need >= 1 seed, each a non-empty 1-D array "
+                         f"(got shapes {[v.shape for v in vs]})")
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
+    rng = np.random.default_rng(seed)
+    n_seeds = len(vs)
+    choice = rng.integers(0, n_seeds, size=(num_resamples, n_seeds))  # [R, S] drawn seeds
+    # means[s][r, j]: a fresh problem resample of seed s for slot j of resample r.
+    means = [v[rng.integers(0, v.size, size=(num_resamples, n_seeds, v.size))].mean(-1) for v in vs]
+    stacked = np.stack(means)  # [S, R, S]
+    r_idx, j_idx = np.meshgrid(np.arange(num_resamples), np.arange(n_seeds), indexing="ij")
+    pooled = stacked[choice, r_idx, j_idx].mean(axis=1)  # [R]
+    return _percentiles(pooled, confidence)
+
+
+def pooled_summary(counts_per_seed: Sequence[tuple[Sequence[int], Sequence[int]]], k: int, *,
+                   num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
+                   estimator: str = "unbiased") -> dict[str, Any]:
+    """One model's metrics pooled over the seeds of a study.
+
+    counts_per_seed: S pairs (n int [P_s], c int [P_s]) of per-problem counts, one per seed.
+    Returns {"num_seeds", "num_problems" (total), "k", "avg_at_k" (mean over seeds of the
+    seed's Avg@k), "avg_at_k_ci" (hierarchical_bootstrap_ci), "avg_at_k_per_seed" [S],
+    "pass_at_k", "pass_at_k_ci", "pass_at_k_per_seed", "pass_at_k_estimator", "confidence"}.
+    """
+    if not counts_per_seed:
+        raise ValueError("pooled_summary: no seeds")
+    avgs, passes = [], []
+    for n, c in counts_per_seed:
+        n, c = _counts(np.atleast_1d(n), np.atleast_1d(c))
+        avgs.append(c / n)
+        passes.append(pass_at_k(n, c, k, estimator))
+    ci = dict(num_resamples=num_resamples, confidence=confidence, seed=seed)
+    return {"num_seeds": len(avgs), "num_problems": int(sum(a.size for a in avgs)), "k": int(k),
+            "avg_at_k": float(np.mean([a.mean() for a in avgs])),
+            "avg_at_k_ci": list(hierarchical_bootstrap_ci(avgs, **ci)),
+            "avg_at_k_per_seed": [float(a.mean()) for a in avgs],
+            "pass_at_k": float(np.mean([p.mean() for p in passes])),
+            "pass_at_k_ci": list(hierarchical_bootstrap_ci(passes, **ci)),
+            "pass_at_k_per_seed": [float(p.mean()) for p in passes],
+            "pass_at_k_estimator": estimator, "confidence": confidence}
+
+
+def pooled_difference(pairs: Sequence[tuple[tuple[Sequence[int], Sequence[int]],
+                                            tuple[Sequence[int], Sequence[int]]]], k: int, *,
+                      num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
+                      estimator: str = "unbiased") -> dict[str, Any]:
+    """paired_difference pooled over seeds: how much `other` beats `base`, with a paired,
+    hierarchical bootstrap interval (seeds, then problems within a seed, both models drawn on
+    the same problems; hierarchical_bootstrap_ci of the per-problem differences).
+
+    pairs: S entries (base, other), each (n int [P_s], c int [P_s]), the two models of one seed
+    evaluated on that seed's problems in the same order. Returns {"num_seeds", "num_problems",
+    "k", "avg_at_k_diff" (mean over seeds), "avg_at_k_diff_ci", "avg_at_k_diff_per_seed" [S],
+    "pass_at_k_diff", "pass_at_k_diff_ci", "pass_at_k_diff_per_seed", "pass_at_k_estimator",
+    "seeds_better" (seeds whose Avg@k difference is > 0), "wins", "losses" (problems, summed)}.
+    """
+    if not pairs:
+        raise ValueError("pooled_difference: no seeds")
+    d_avg, d_pass = [], []
+    for s, (base, other) in enumerate(pairs):
+        (na, ca), (nb, cb) = _counts(*base), _counts(*other)
+        if na.shape != nb.shape:
+            raise ValueError(f"pooled_difference: seed {s} has {na.size} vs {nb.size} problems; "
+                             "both models must be evaluated on the same problems")
+        d_avg.append(np.atleast_1d(cb / nb - ca / na))
+        d_pass.append(np.atleast_1d(pass_at_k(nb, cb, k, estimator) - pass_at_k(na, ca, k, estimator)))
+    ci = dict(num_resamples=num_resamples, confidence=confidence, seed=seed)
+    per_seed = [float(d.mean()) for d in d_avg]
+    return {"num_seeds": len(pairs), "num_problems": int(sum(d.size for d in d_avg)), "k": int(k),
+            "avg_at_k_diff": float(np.mean(per_seed)),
+            "avg_at_k_diff_ci": list(hierarchical_bootstrap_ci(d_avg, **ci)),
+            "avg_at_k_diff_per_seed": per_seed,
+            "pass_at_k_diff": float(np.mean([d.mean() for d in d_pass])),
+            "pass_at_k_diff_ci": list(hierarchical_bootstrap_ci(d_pass, **ci)),
+            "pass_at_k_diff_per_seed": [float(d.mean()) for d in d_pass],
+            "pass_at_k_estimator": estimator,
+            "seeds_better": int(sum(x > 0 for x in per_seed)),
+            "wins": int(sum((d > 0).sum() for d in d_avg)),
+            "losses": int(sum((d < 0).sum() for d in d_avg))}
+
+
 def macro_summary(counts: Sequence[tuple[Sequence[int], Sequence[int]]], k: int, *,
                   num_resamples: int = 1000, confidence: float = 0.95,
                   seed: int = 0, estimator: str = "unbiased") -> dict[str, Any]:
