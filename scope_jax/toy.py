@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -440,6 +441,11 @@ class TrainSettings:
     op_keep: the model's training mix, as (op, fraction) pairs: of the training problems that
       contain op, only this seeded fraction is kept (() = all problems). (("*", 0.05),) makes a
       model that saw few products: a blind spot on multiplication (see FAMILIES["blindspot"]).
+    op_noise: (op, probability) pairs: in this model's worked solutions, each step with op gets
+      its result moved by +-1 with this probability (seeded), and the chain continues from the
+      moved value. (("*", 0.6),) makes a model that is *unsure* of products (its mass on a
+      product's result is split between the right value and its neighbours) and often wrong
+      there (FAMILIES["unsure"]).
     """
 
     size: ModelSize
@@ -449,12 +455,40 @@ class TrainSettings:
     warmup: int = 30
     seed: int = 0  # parameter init, batch order and the op_keep subsample
     op_keep: tuple[tuple[str, float], ...] = ()
+    op_noise: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
-        for op, frac in self.op_keep:
+        for op, frac in self.op_keep + self.op_noise:
             if op not in OPS or not 0.0 <= frac <= 1.0:
-                raise ValueError(f"TrainSettings.op_keep: ({op!r}, {frac}) needs an op of "
+                raise ValueError(f"TrainSettings.op_keep/op_noise: ({op!r}, {frac}) needs an op of "
                                  f"{OPS!r} and a fraction in [0, 1]")
+
+
+_STEP = re.compile(r"(\d+)([-+*])(\d+)=(\d+)\.")
+
+
+def noisy_solutions(examples: Sequence[dict[str, str]], ts: TrainSettings) -> list[dict[str, str]]:
+    """The examples with ts.op_noise applied to their worked solutions (see TrainSettings):
+    each step "a op b=c." with a listed op gets c moved by +1 or -1 (0 stays >= 0) with the
+    op's probability, and later steps continue from the moved value; the boxed answer is the
+    chain's last value. Seeded by ts.seed; examples without a noisy op are returned as is.
+    Returns a new list of {"problem", "answer", "solution"} (answer: the true answer)."""
+    noise = dict(ts.op_noise)
+    if not noise:
+        return list(examples)
+    rng = np.random.default_rng([ts.seed, 11])
+    out = []
+    for e in examples:
+        steps = _STEP.findall(e["solution"])
+        value, parts = int(steps[0][0]), []
+        for _, op, b, _ in steps:
+            new = _apply(value, op, int(b))
+            if op in noise and rng.random() < noise[op]:
+                new = new + 1 if new == 0 or rng.random() < 0.5 else new - 1
+            parts.append(f"{value}{op}{b}={new}.")
+            value = new
+        out.append({**e, "solution": " ".join(parts) + f" \\boxed{{{value}}}"})
+    return out
 
 
 def training_mix(examples: Sequence[dict[str, str]], ts: TrainSettings) -> list[int]:
@@ -502,6 +536,11 @@ FAMILIES: dict[str, ToySettings] = {
     "toy": ToySettings(),
     "blindspot": ToySettings(teacher=TrainSettings(TEACHER_SIZE, steps=700, seed=1,
                                                    op_keep=(("*", 0.05),))),
+    # The second design (after "blindspot" showed no fall of recovery with teacher PPL: its
+    # teacher is confidently wrong on products): a teacher trained on worked solutions whose
+    # product results are off by one 60% of the time, so it is unsure exactly where it is bad.
+    "unsure": ToySettings(teacher=TrainSettings(TEACHER_SIZE, steps=700, seed=1,
+                                                op_noise=(("*", 0.6),))),
 }
 
 
@@ -622,13 +661,15 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
     data = encode_sft(train, tokenizer)
     prompt_lengths = data[2].argmax(1)
     mixes = {name: training_mix(train, getattr(settings, name)) for name in ("teacher", "student")}
+    noisy = {name: noisy_solutions(train, getattr(settings, name)) for name in ("teacher", "student")}
     seconds = {"data_and_tokenizer": round(time.perf_counter() - start, 2)}
     log_every = 100 if verbose else 0
 
     models, info = {}, {}
     for name in ("teacher", "student"):
         rows = mixes[name]
-        mix = data if len(rows) == len(train) else tuple(a[rows] for a in data)
+        own = data if not getattr(settings, name).op_noise else encode_sft(noisy[name], tokenizer)
+        mix = own if len(rows) == len(train) else tuple(a[rows] for a in own)
         models[name], info[name] = _train_model(name, getattr(settings, name), tokenizer, mix,
                                                 paths[name], paths["tokenizer"], log_every)
         info[name]["training_problems"] = len(rows)

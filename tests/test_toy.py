@@ -402,3 +402,31 @@ def test_premise_quartiles_cuts_and_recovery_table():
     assert rows[3]["recovery"] == [0.0, 0.5]  # ppl 7 and 8
     sub = premise.recovery_table(ppl, rec, groups=np.arange(8) < 4)
     assert [r["n"] for r in sub] == [2, 1, 1, 0]
+
+
+def test_noisy_solutions_move_only_the_listed_op_and_keep_the_chain():
+    examples = toy.make_examples(3000, seed=4)
+    ts = toy.TrainSettings(toy.STUDENT_SIZE, steps=1, seed=3, op_noise=(("*", 0.6),))
+    noisy = toy.noisy_solutions(examples, ts)
+    moved = total = 0
+    for e, n in zip(examples, noisy):
+        assert n["problem"] == e["problem"] and n["answer"] == e["answer"]
+        # a moved value may take a later difference below zero ("3-4=-1.")
+        steps = re.findall(r"(-?\d+)([-+*])(\d+)=(-?\d+)\.", n["solution"])
+        assert len(steps) == len(re.findall(r"=", e["solution"]))
+        prev = None
+        for a, op, b, c in steps:
+            a, b, c = int(a), int(b), int(c)
+            assert prev is None or a == prev  # the chain continues from the written value
+            true = a + b if op == "+" else a - b if op == "-" else a * b
+            if op == "*":
+                total += 1
+                moved += c != true
+                assert abs(c - true) <= 1 and (c >= 0 or true < 0)
+            else:
+                assert c == true
+            prev = c
+        assert n["solution"].endswith(f"\\boxed{{{prev}}}")
+    assert abs(moved / total - 0.6) < 0.04
+    assert toy.noisy_solutions(examples, ts) == noisy  # seeded
+    assert toy.noisy_solutions(examples, toy.TrainSettings(toy.STUDENT_SIZE, steps=1)) == examples

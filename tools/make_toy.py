@@ -24,8 +24,8 @@ def main(argv=None) -> dict[str, str]:
     parser.add_argument("--out", default="runs/toy", help="output directory (default runs/toy)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a build exists")
     parser.add_argument("--family", default="toy", choices=sorted(toy.FAMILIES),
-                        help="toy family (scope_jax.toy.FAMILIES): toy, or blindspot (a teacher "
-                        "that saw few products)")
+                        help="toy family (scope_jax.toy.FAMILIES): toy; blindspot (a teacher "
+                        "that saw few products); unsure (a teacher trained on off-by-one products)")
     parser.add_argument("--seed", type=int, default=0,
                         help="shifts every seed of the build (0: the family's defaults)")
     parser.add_argument("--teacher-steps", type=int, default=None,

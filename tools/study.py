@@ -6,11 +6,11 @@ seed-pooled paired comparisons (issue 14).
     python -m tools.study --out runs/q --quick                 # a tiny smoke run (tests)
     python -m tools.study --out runs/s --toys blindspot --seeds 0 --methods student,opd_n,scope --steps 50
 
-For each toy family (scope_jax.toy.FAMILIES: toy, blindspot) and seed s:
+For each toy family (scope_jax.toy.FAMILIES: toy, blindspot, unsure) and seed s:
 1. builds (or reuses) the toy at OUT/toys/<toy>_s<s> with toy.toy_settings(toy, s): the seed
    changes the data, tokenizer, both models' init and batch order;
 2. trains every method from that student with the family's config (configs/toy.py,
-   configs/toy_blindspot.py) and its variant (configs/common.py VARIANTS), RL seed s, into
+   configs/toy_blindspot.py, configs/toy_unsure.py) and its variant (configs/common.py VARIANTS), RL seed s, into
    OUT/runs/<toy>/s<s>/<method> (metrics.jsonl, checkpoints, export);
 3. evaluates each model (and the untrained student and the teacher) with
    scope_jax.evaluation.evaluate (the loop tools/eval wraps) on the seed's first --problems test
@@ -39,7 +39,7 @@ import logging
 import os
 import time
 
-TOYS = ("toy", "blindspot")
+TOYS = ("toy", "blindspot", "unsure")
 METHODS = ("student", "teacher", "kd", "grpo", "opd", "opd_n", "scope")
 ABLATIONS = ("no_weighting", "no_student_weighting", "no_teacher_weighting", "reversed_student",
              "reversed_teacher", "tau_0.5", "tau_2")
@@ -121,8 +121,8 @@ def make_config(plan: Plan, out: str, toy_name: str, seed: int, method: str, pat
     from configs import toy as toy_config
     from configs import toy_blindspot
 
-    module = {"toy": toy_config, "blindspot": toy_blindspot}[toy_name]
-    cfg = module.get_config(method)
+    cfg = (toy_config.get_config(method) if toy_name == "toy"
+           else toy_blindspot.family_config(toy_name, method))
     cfg.toy_dir = ""  # built by the study with the seed's settings
     cfg.student, cfg.teacher = paths["student"], paths["teacher"]
     cfg.tokenizer = paths["tokenizer"]
