@@ -561,7 +561,13 @@ def toy_settings(family: str = "toy", seed: int = 0) -> ToySettings:
 
 def _settings_dict(settings: ToySettings) -> dict:
     # JSON round trip so that tuples compare equal to the lists read back from manifest.json.
-    return json.loads(json.dumps(dataclasses.asdict(settings)))
+    d = json.loads(json.dumps(dataclasses.asdict(settings)))
+    # Empty training-mix knobs are left out, so builds made before they existed stay reusable.
+    for name in ("teacher", "student"):
+        for knob in ("op_keep", "op_noise"):
+            if not d[name][knob]:
+                del d[name][knob]
+    return d
 
 
 def toy_paths(out_dir: str | os.PathLike) -> dict[str, str]:

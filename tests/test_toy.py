@@ -358,6 +358,10 @@ def test_toy_settings_families_and_seeds():
     assert len({seeds(b1), seeds(b2), seeds(toy.toy_settings("blindspot", 0))}) == 3
     with pytest.raises(ValueError, match="unknown toy family"):
         toy.toy_settings("nope")
+    # Builds made before the training-mix knobs existed keep matching the default settings.
+    d = toy._settings_dict(toy.ToySettings())
+    assert "op_keep" not in d["teacher"] and "op_noise" not in d["student"]
+    assert toy._settings_dict(b1)["teacher"]["op_keep"] == [["*", 0.05]]
 
 
 def test_build_records_training_mix_and_per_op_accuracy(built):

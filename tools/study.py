@@ -166,7 +166,9 @@ def measured_costs(out: str) -> dict:
     evals = []
     for path in glob.glob(os.path.join(out, "eval", "*", "*", "*.json")):
         with open(path) as f:
-            evals.append(json.load(f)["eval_seconds"])
+            rec = json.load(f)
+        # per 200 problems x 16 samples (the unit of COSTS["eval"])
+        evals.append(rec["eval_seconds"] * 3200 / (len(rec["n"]) * rec["summary"]["k"]))
     if evals:
         costs["eval"] = float(np.median(evals))
     return costs
