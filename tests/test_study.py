@@ -49,10 +49,10 @@ def test_quick_study_runs_resumes_and_pools(tmp_path, capsys):
 def test_budget_counts_what_is_left(tmp_path):
     plan = study.Plan(toys=("toy", "blindspot"), seeds=(0, 1, 2), methods=("student", "opd", "scope"),
                       steps=100, problems=200, k=16)
-    costs = {"build": 100.0, "eval": 10.0, "step": {"opd": 0.5, "scope": 1.0}}
+    costs = {"build": 100.0, "eval": 10.0, "overhead": 5.0, "step": {"opd": 0.5, "scope": 1.0}}
     b = study.budget(plan, str(tmp_path), costs)
     assert b["runs_to_do"] == 18 and b["toy_builds_to_do"] == 6
-    assert b["seconds"]["training"] == pytest.approx(6 * 100 * (0.5 + 1.0))
+    assert b["seconds"]["training"] == pytest.approx(6 * (100 * (0.5 + 1.0) + 2 * 5.0))
     assert b["seconds"]["builds"] == 600 and b["seconds"]["evaluation"] == 180
     # ablations cost what SCOPE costs
     assert study.method_cost(costs, "tau_2") == 1.0

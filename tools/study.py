@@ -49,12 +49,17 @@ UNTRAINED = ("student", "teacher")
 BASELINES = ("student", "opd_n", "opd")
 
 # Measured on the 2-core shared dev machine, 2026-11-30, while other engineers' jobs ran (load
-# 6-13; the machine alone is several times faster): seconds. build: tools/make_toy.py of one
-# toy (156 s for blindspot at load ~6). step: one training step of configs/toy.py (16 prompts,
-# 8 rollouts; opd 1 rollout), from metrics.jsonl time_s of `--steps 20` runs. eval: one model,
-# 200 problems x 16 samples. The study replaces these with its own medians as runs complete.
-COSTS = {"build": 160.0, "eval": 20.0,
-         "step": {"kd": 0.6, "grpo": 0.6, "opd": 0.3, "opd_n": 0.6, "scope": 0.6}}
+# average 11-14; the machine alone is faster), in seconds:
+#   python -m tools.study --out runs/costs --toys toy --seeds 0 \
+#       --methods student,kd,grpo,opd,opd_n,scope --steps 8 --problems 100
+# build: tools/make_toy.py of one full-size toy (340 s for toy, 157 s for blindspot at a lower
+# load). step: median time_s of steps 1-7 in metrics.jsonl (configs/toy.py: 16 prompts x 8
+# rollouts; opd 1 rollout). overhead: per trained run, start-up and the first step's
+# compilation (train_seconds minus the steps). eval: one model, 200 problems x 16 samples
+# (3 s once compiled, 26 s for the first model of a process). The study replaces these with
+# its own medians as runs complete.
+COSTS = {"build": 340.0, "eval": 5.0, "overhead": 20.0,
+         "step": {"kd": 0.5, "grpo": 0.86, "opd": 0.1, "opd_n": 1.2, "scope": 1.3}}
 
 
 def method_cost(costs: dict, method: str) -> float:
@@ -145,7 +150,8 @@ def measured_costs(out: str) -> dict:
     seconds from the completion records)."""
     import numpy as np
 
-    costs = {"build": COSTS["build"], "eval": COSTS["eval"], "step": dict(COSTS["step"])}
+    costs = {"build": COSTS["build"], "eval": COSTS["eval"], "overhead": COSTS["overhead"],
+             "step": dict(COSTS["step"])}
     builds = []
     for m in glob.glob(os.path.join(out, "toys", "*", "manifest.json")):
         with open(m) as f:
@@ -189,7 +195,7 @@ def budget(plan: Plan, out: str, costs: dict) -> dict:
         if os.path.isfile(metrics):
             with open(metrics) as f:
                 done_steps = sum(1 for line in f if line.strip())
-        train_s += max(0, plan.steps - done_steps) * method_cost(costs, m)
+        train_s += max(0, plan.steps - done_steps) * method_cost(costs, m) + costs["overhead"]
     scale = 1.0 if plan.scale == "full" else 0.05
     seconds = {"builds": len(builds) * costs["build"] * scale, "training": train_s,
                "evaluation": len(todo) * costs["eval"] * plan.problems * plan.k / (200 * 16)}
@@ -203,7 +209,7 @@ def format_budget(b: dict) -> str:
     c = b["costs"]
     return (f"study plan: {b['runs_to_do']} of {b['runs_total']} runs to do, "
             f"{b['toy_builds_to_do']} toy builds.\nCPU budget (measured costs: build "
-            f"{c['build']:.0f} s, step " + ", ".join(f"{m} {v:.2f} s" for m, v in c["step"].items())
+            f"{c['build']:.0f} s, run start-up {c['overhead']:.0f} s, step " + ", ".join(f"{m} {v:.2f} s" for m, v in c["step"].items())
             + f", evaluation {c['eval']:.0f} s per model at 200 x 16): builds {s['builds'] / 60:.0f} min, "
             f"training {s['training'] / 60:.0f} min, evaluation {s['evaluation'] / 60:.0f} min; "
             f"total {s['total'] / 3600:.2f} h on this machine")
@@ -371,10 +377,14 @@ def parse_list(text: str, allowed, what: str) -> tuple[str, ...]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/study")
-    p.add_argument("--toys", default=",".join(TOYS))
+    p.add_argument("--toys", default="toy,unsure",
+                   help=f"toy families, of {TOYS} (blindspot: the first design, whose premise "
+                   "did not hold; see the README)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=",".join(METHODS + ABLATIONS))
-    p.add_argument("--steps", type=int, default=150, help="training steps per run")
+    p.add_argument("--steps", type=int, default=100,
+                   help="training steps per run (100: the whole default study is ~3 h at a load "
+                   "average of 11 on 2 cores; see --budget-only)")
     p.add_argument("--problems", type=int, default=200, help="test problems per seed")
     p.add_argument("--k", type=int, default=16, help="samples per problem")
     p.add_argument("--pass_at_k_estimator", choices=("unbiased", "paper"), default="unbiased")
