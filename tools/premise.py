@@ -170,9 +170,10 @@ def measure(toy_dir: str, *, problems: int = 200, samples: int = 8, continuation
         gold = examples[kept[wrong[w] // samples]].answer
         recovered[w, f] += (verify(text, gold).reward > 0) / continuations
 
-    def spearman(x, y):
-        rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-        return float(np.corrcoef(rx, ry)[0, 1]) if len(x) > 2 and np.std(ry) > 0 else None
+    def spearman(x, y):  # ties (recovery is a multiple of 1/continuations) get average ranks
+        from scipy.stats import spearmanr
+
+        return float(spearmanr(x, y).statistic) if len(x) > 2 and np.std(y) > 0 else None
 
     with open(paths["manifest"]) as f:
         manifest = json.load(f)
