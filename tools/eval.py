@@ -23,8 +23,8 @@ k = 1..K, one line per model and benchmark) and DIR/table.txt, and prints the ta
 results.json: {"argv", "models": {name: path}, "benchmarks": {label: file},
   "results": {model: {benchmark: summary}}, "macro": {model: summary} (two or more benchmarks)}
 where a summary holds num_problems, k, avg_at_k, avg_at_k_ci [lo, hi], pass_at_k, pass_at_k_ci,
-pass_at_k_estimator (--pass_at_k_estimator), pass_curve [K], confidence, num_dropped, reasons, mean_response_tokens, frac_length_stopped,
-settings, timings (see scope_jax.evaluation.evaluate). Metrics are fractions in [0, 1].
+pass_curve [K], confidence, num_dropped, reasons, mean_response_tokens, frac_length_stopped,
+pass_at_k_estimator (--pass_at_k_estimator: unbiased, or paper), settings, timings (see scope_jax.evaluation.evaluate). Metrics are fractions in [0, 1].
 """
 from __future__ import annotations
 
