@@ -377,11 +377,11 @@ def parse_list(text: str, allowed, what: str) -> tuple[str, ...]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/study")
-    p.add_argument("--toys", default="toy,unsure",
-                   help=f"toy families, of {TOYS} (blindspot: the first design, whose premise "
-                   "did not hold; see the README)")
+    p.add_argument("--toys", default=None,
+                   help=f"toy families, of {TOYS} (default toy,unsure; blindspot: the first "
+                   "design, whose premise did not hold; see the README)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--methods", default=",".join(METHODS + ABLATIONS))
+    p.add_argument("--methods", default=None, help="default: all of " + ",".join(METHODS + ABLATIONS))
     p.add_argument("--steps", type=int, default=100,
                    help="training steps per run (100: the whole default study is ~3 h at a load "
                    "average of 11 on 2 cores; see --budget-only)")
@@ -392,24 +392,24 @@ def main(argv=None) -> int:
     p.add_argument("--max-runs", type=int, default=None,
                    help="stop after this many runs (the rest stays for a later invocation)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny toy builds, 2 steps, 8 problems x 4 samples, seed 0, student and "
-                   "scope (a smoke test; overrides the grid options)")
+                   help="tiny toy builds, 2 steps, 8 problems x 4 samples, seed 0; default toy "
+                   "unsure, methods student and scope (a smoke test)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax", "orbax", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.quick:
-        plan = Plan(toys=parse_list(args.toys, TOYS, "toys") if args.toys != ",".join(TOYS) else ("blindspot",),
-                    seeds=(0,), methods=parse_list(args.methods, METHODS + ABLATIONS, "methods")
-                    if args.methods != ",".join(METHODS + ABLATIONS) else ("student", "scope"),
+        plan = Plan(toys=parse_list(args.toys or "unsure", TOYS, "toys"), seeds=(0,),
+                    methods=parse_list(args.methods or "student,scope", METHODS + ABLATIONS, "methods"),
                     steps=2, problems=8, k=4, max_new_tokens=16, scale="tiny",
                     prompts_per_step=4, num_samples=2)
     else:
         if args.steps < 1 or args.problems < 1 or args.k < 1:
             raise SystemExit("--steps, --problems and --k must be >= 1")
-        plan = Plan(toys=parse_list(args.toys, TOYS, "toys"),
+        plan = Plan(toys=parse_list(args.toys or "toy,unsure", TOYS, "toys"),
                     seeds=tuple(int(s) for s in args.seeds.split(",")),
-                    methods=parse_list(args.methods, METHODS + ABLATIONS, "methods"),
+                    methods=parse_list(args.methods or ",".join(METHODS + ABLATIONS), METHODS + ABLATIONS,
+                                       "methods"),
                     steps=args.steps, problems=args.problems, k=args.k)
     out = os.path.abspath(args.out)
     from scope_jax import evaluation, toy
