@@ -2,10 +2,12 @@
 
 Two layers:
 
-* Pure metrics (numpy only), on correctness counts: ``avg_at_k``, the unbiased ``pass_at_k``
-  estimator 1 - C(n-c, k) / C(n, k) of Chen et al. (2021) in its numerically stable product
-  form, the Pass@k curve for k = 1..K, percentile-bootstrap confidence intervals over problems,
-  and the macro average over benchmarks (with a stratified bootstrap interval).
+* Pure metrics (numpy only), on correctness counts: ``avg_at_k``, ``pass_at_k`` by the
+  unbiased estimator 1 - C(n-c, k) / C(n, k) of Chen et al. (2021) in its numerically stable
+  product form (default) or the paper's released script's 1 - (1 - c/n)^k
+  (estimator="paper"), the Pass@k curve for k = 1..K, percentile-bootstrap confidence
+  intervals over problems, and the macro average over benchmarks (with a stratified bootstrap
+  interval).
 * The loop, ``evaluate``: chat-templated prompts (scope_jax.data) -> k samples per prompt
   (scope_jax.sampling.generate) -> decoded text (special tokens skipped) -> the verifier pool
   (scope_jax.verifiers.math.Verifier; model output is never evaluated as code) -> per-problem
@@ -63,20 +65,33 @@ def _counts(n, c) -> tuple[np.ndarray, np.ndarray]:
     return n, c
 
 
-def pass_at_k(n, c, k: int) -> np.ndarray:
-    """Unbiased Pass@k per problem: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021).
+PASS_AT_K_ESTIMATORS = ("unbiased", "paper")
 
-    Computed as 1 - prod_{i=n-c+1}^{n} (1 - k / i), which never forms the binomials (they
-    overflow float64 near n = 1030) and is exact whenever n - c < k (then every k-subset holds a
-    correct sample and the value is 1).
 
-    n: int [P] (or scalar) samples drawn per problem; c: int [P] correct ones; k: 1 <= k <= min n.
+def pass_at_k(n, c, k: int, estimator: str = "unbiased") -> np.ndarray:
+    """Pass@k per problem, by one of two estimators.
+
+    "unbiased" (default): 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), the probability that k
+      samples drawn *without* replacement from the n hold a correct one. Computed as
+      1 - prod_{i=n-c+1}^{n} (1 - k / i), which never forms the binomials (they overflow float64
+      near n = 1030) and is exact whenever n - c < k (then every k-subset holds a correct sample
+      and the value is 1). Needs k <= n.
+    "paper": 1 - (1 - c/n)^k, the expectation of the paper's released eval script, which draws
+      k of the n samples *with* replacement. At n = k = 32 it gives 1 - (31/32)^32 = 0.638 for
+      c = 1 where the unbiased estimator gives 1.0; use it to set numbers beside the paper's.
+
+    n: int [P] (or scalar) samples drawn per problem; c: int [P] correct ones; k >= 1.
     Returns float64 [P] (a 0-d array for scalar inputs).
     """
     n, c = _counts(n, c)
     k = int(k)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if estimator == "paper":
+        return 1.0 - (1.0 - c / n) ** k
+    if estimator != "unbiased":
+        raise ValueError(f"pass_at_k: estimator must be one of {PASS_AT_K_ESTIMATORS}, "
+                         f"got {estimator!r}")
     if np.any(n < k):
         raise ValueError(f"pass@{k} needs at least k samples per problem; min n is {n.min()}")
     out = np.ones(n.shape, np.float64)
@@ -101,14 +116,15 @@ def avg_at_k(correct) -> np.ndarray:
     return a.astype(np.float64).mean(axis=1)
 
 
-def pass_curve(n, c, max_k: int | None = None) -> np.ndarray:
-    """Mean Pass@k over problems for k = 1..max_k (default: the smallest n).
+def pass_curve(n, c, max_k: int | None = None, estimator: str = "unbiased") -> np.ndarray:
+    """Mean Pass@k over problems for k = 1..max_k (default: the smallest n), by `estimator`
+    (see pass_at_k).
 
     n, c: int [P]. Returns float64 [max_k]; entry j is mean Pass@(j+1).
     """
     n, c = _counts(n, c)
     max_k = int(n.min()) if max_k is None else int(max_k)
-    return np.array([pass_at_k(n, c, j).mean() for j in range(1, max_k + 1)])
+    return np.array([pass_at_k(n, c, j, estimator).mean() for j in range(1, max_k + 1)])
 
 
 def bootstrap_ci(values, *, num_resamples: int = 1000, confidence: float = 0.95,
@@ -160,22 +176,24 @@ def macro_ci(per_benchmark: Sequence[Sequence[float]], *, num_resamples: int = 1
 
 
 def summarize(n, c, k: int, *, num_resamples: int = 1000, confidence: float = 0.95,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, estimator: str = "unbiased") -> dict[str, Any]:
     """The metrics of one benchmark from per-problem sample counts.
 
-    n, c: int [P] samples and correct samples per problem (n >= k). Returns a JSON-ready dict:
-    num_problems, k, avg_at_k (mean c / n), avg_at_k_ci, pass_at_k (mean unbiased Pass@k),
-    pass_at_k_ci, pass_curve (mean Pass@j for j = 1..k), confidence, num_resamples.
+    n, c: int [P] samples and correct samples per problem (n >= k for the unbiased estimator).
+    Returns a JSON-ready dict: num_problems, k, avg_at_k (mean c / n), avg_at_k_ci, pass_at_k
+    (mean Pass@k by `estimator`, see pass_at_k), pass_at_k_ci, pass_at_k_estimator, pass_curve
+    (mean Pass@j for j = 1..k), confidence, num_resamples.
     """
     n, c = _counts(np.atleast_1d(n), np.atleast_1d(c))
     avg = c / n
-    pk = pass_at_k(n, c, k)
+    pk = pass_at_k(n, c, k, estimator)
     ci = dict(num_resamples=num_resamples, confidence=confidence, seed=seed)
     return {
         "num_problems": int(n.size), "k": int(k),
         "avg_at_k": float(avg.mean()), "avg_at_k_ci": list(bootstrap_ci(avg, **ci)),
         "pass_at_k": float(pk.mean()), "pass_at_k_ci": list(bootstrap_ci(pk, **ci)),
-        "pass_curve": pass_curve(n, c, k).tolist(),
+        "pass_at_k_estimator": estimator,
+        "pass_curve": pass_curve(n, c, k, estimator).tolist(),
         "confidence": confidence, "num_resamples": num_resamples,
     }
 
@@ -183,7 +201,7 @@ def summarize(n, c, k: int, *, num_resamples: int = 1000, confidence: float = 0.
 def paired_difference(base: tuple[Sequence[int], Sequence[int]],
                       other: tuple[Sequence[int], Sequence[int]], k: int, *,
                       num_resamples: int = 1000, confidence: float = 0.95,
-                      seed: int = 0) -> dict[str, Any]:
+                      seed: int = 0, estimator: str = "unbiased") -> dict[str, Any]:
     """How much `other` beats `base` on the same problems, with paired bootstrap intervals.
 
     base, other: (n int [P], c int [P]) per-problem sample and correct counts of two models on
@@ -191,26 +209,125 @@ def paired_difference(base: tuple[Sequence[int], Sequence[int]],
     problems jointly for both models, so the problem-to-problem spread that both share (easy
     vs hard problems) cancels: it is much tighter than comparing the two separate intervals.
     Returns {"num_problems", "k", "avg_at_k_diff", "avg_at_k_diff_ci", "pass_at_k_diff",
-    "pass_at_k_diff_ci", "wins", "losses"} (diffs are other - base; wins / losses: problems
-    where other's Avg@k is higher / lower), JSON-ready.
+    "pass_at_k_diff_ci", "pass_at_k_estimator", "wins", "losses"} (diffs are other - base;
+    Pass@k by `estimator`, see pass_at_k; wins / losses: problems where other's Avg@k is
+    higher / lower), JSON-ready.
     """
     (na, ca), (nb, cb) = _counts(*base), _counts(*other)
     if na.shape != nb.shape:
         raise ValueError(f"paired_difference: {na.size} vs {nb.size} problems; both models must "
                          "be evaluated on the same problems")
     d_avg = cb / nb - ca / na
-    d_pass = pass_at_k(nb, cb, k) - pass_at_k(na, ca, k)
+    d_pass = pass_at_k(nb, cb, k, estimator) - pass_at_k(na, ca, k, estimator)
     ci = dict(num_resamples=num_resamples, confidence=confidence, seed=seed)
     return {"num_problems": int(na.size), "k": int(k),
             "avg_at_k_diff": float(d_avg.mean()), "avg_at_k_diff_ci": list(bootstrap_ci(d_avg, **ci)),
             "pass_at_k_diff": float(d_pass.mean()),
             "pass_at_k_diff_ci": list(bootstrap_ci(d_pass, **ci)),
+            "pass_at_k_estimator": estimator,
             "wins": int((d_avg > 0).sum()), "losses": int((d_avg < 0).sum())}
+
+
+def hierarchical_bootstrap_ci(values_per_seed: Sequence[Sequence[float]], *,
+                              num_resamples: int = 1000, confidence: float = 0.95,
+                              seed: int = 0) -> tuple[float, float]:
+    """Two-stage percentile-bootstrap interval of the seed-pooled mean: the mean over seeds of
+    each seed's mean over its problems.
+
+    values_per_seed: S sequences of per-problem scores (one per seed of a study: each seed has
+    its own toy build, test problems and training run, so problems are nested in seeds). Each
+    resample draws S seeds with replacement, then for every drawn seed its problems with
+    replacement (independently for repeated seeds), and averages the drawn seeds' means. The
+    interval thus carries both the seed-to-seed spread (build and training noise) and the
+    problem sampling; with one seed it is bootstrap_ci's interval. Returns (low, high).
+    """
+    vs = [np.asarray(v, np.float64) for v in values_per_seed]
+    if not vs or any(v.ndim != 1 or v.size == 0 for v in vs):
+        raise ValueError("hierarchical_bootstrap_ci: need >= 1 seed, each a non-empty 1-D array "
+                         f"(got shapes {[v.shape for v in vs]})")
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
+    rng = np.random.default_rng(seed)
+    n_seeds = len(vs)
+    choice = rng.integers(0, n_seeds, size=(num_resamples, n_seeds))  # [R, S] drawn seeds
+    # means[s][r, j]: a fresh problem resample of seed s for slot j of resample r.
+    means = [v[rng.integers(0, v.size, size=(num_resamples, n_seeds, v.size))].mean(-1) for v in vs]
+    stacked = np.stack(means)  # [S, R, S]
+    r_idx, j_idx = np.meshgrid(np.arange(num_resamples), np.arange(n_seeds), indexing="ij")
+    pooled = stacked[choice, r_idx, j_idx].mean(axis=1)  # [R]
+    return _percentiles(pooled, confidence)
+
+
+def pooled_summary(counts_per_seed: Sequence[tuple[Sequence[int], Sequence[int]]], k: int, *,
+                   num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
+                   estimator: str = "unbiased") -> dict[str, Any]:
+    """One model's metrics pooled over the seeds of a study.
+
+    counts_per_seed: S pairs (n int [P_s], c int [P_s]) of per-problem counts, one per seed.
+    Returns {"num_seeds", "num_problems" (total), "k", "avg_at_k" (mean over seeds of the
+    seed's Avg@k), "avg_at_k_ci" (hierarchical_bootstrap_ci), "avg_at_k_per_seed" [S],
+    "pass_at_k", "pass_at_k_ci", "pass_at_k_per_seed", "pass_at_k_estimator", "confidence"}.
+    """
+    if not counts_per_seed:
+        raise ValueError("pooled_summary: no seeds")
+    avgs, passes = [], []
+    for n, c in counts_per_seed:
+        n, c = _counts(np.atleast_1d(n), np.atleast_1d(c))
+        avgs.append(c / n)
+        passes.append(pass_at_k(n, c, k, estimator))
+    ci = dict(num_resamples=num_resamples, confidence=confidence, seed=seed)
+    return {"num_seeds": len(avgs), "num_problems": int(sum(a.size for a in avgs)), "k": int(k),
+            "avg_at_k": float(np.mean([a.mean() for a in avgs])),
+            "avg_at_k_ci": list(hierarchical_bootstrap_ci(avgs, **ci)),
+            "avg_at_k_per_seed": [float(a.mean()) for a in avgs],
+            "pass_at_k": float(np.mean([p.mean() for p in passes])),
+            "pass_at_k_ci": list(hierarchical_bootstrap_ci(passes, **ci)),
+            "pass_at_k_per_seed": [float(p.mean()) for p in passes],
+            "pass_at_k_estimator": estimator, "confidence": confidence}
+
+
+def pooled_difference(pairs: Sequence[tuple[tuple[Sequence[int], Sequence[int]],
+                                            tuple[Sequence[int], Sequence[int]]]], k: int, *,
+                      num_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
+                      estimator: str = "unbiased") -> dict[str, Any]:
+    """paired_difference pooled over seeds: how much `other` beats `base`, with a paired,
+    hierarchical bootstrap interval (seeds, then problems within a seed, both models drawn on
+    the same problems; hierarchical_bootstrap_ci of the per-problem differences).
+
+    pairs: S entries (base, other), each (n int [P_s], c int [P_s]), the two models of one seed
+    evaluated on that seed's problems in the same order. Returns {"num_seeds", "num_problems",
+    "k", "avg_at_k_diff" (mean over seeds), "avg_at_k_diff_ci", "avg_at_k_diff_per_seed" [S],
+    "pass_at_k_diff", "pass_at_k_diff_ci", "pass_at_k_diff_per_seed", "pass_at_k_estimator",
+    "seeds_better" (seeds whose Avg@k difference is > 0), "wins", "losses" (problems, summed)}.
+    """
+    if not pairs:
+        raise ValueError("pooled_difference: no seeds")
+    d_avg, d_pass = [], []
+    for s, (base, other) in enumerate(pairs):
+        (na, ca), (nb, cb) = _counts(*base), _counts(*other)
+        if na.shape != nb.shape:
+            raise ValueError(f"pooled_difference: seed {s} has {na.size} vs {nb.size} problems; "
+                             "both models must be evaluated on the same problems")
+        d_avg.append(np.atleast_1d(cb / nb - ca / na))
+        d_pass.append(np.atleast_1d(pass_at_k(nb, cb, k, estimator) - pass_at_k(na, ca, k, estimator)))
+    ci = dict(num_resamples=num_resamples, confidence=confidence, seed=seed)
+    per_seed = [float(d.mean()) for d in d_avg]
+    return {"num_seeds": len(pairs), "num_problems": int(sum(d.size for d in d_avg)), "k": int(k),
+            "avg_at_k_diff": float(np.mean(per_seed)),
+            "avg_at_k_diff_ci": list(hierarchical_bootstrap_ci(d_avg, **ci)),
+            "avg_at_k_diff_per_seed": per_seed,
+            "pass_at_k_diff": float(np.mean([d.mean() for d in d_pass])),
+            "pass_at_k_diff_ci": list(hierarchical_bootstrap_ci(d_pass, **ci)),
+            "pass_at_k_diff_per_seed": [float(d.mean()) for d in d_pass],
+            "pass_at_k_estimator": estimator,
+            "seeds_better": int(sum(x > 0 for x in per_seed)),
+            "wins": int(sum((d > 0).sum() for d in d_avg)),
+            "losses": int(sum((d < 0).sum() for d in d_avg))}
 
 
 def macro_summary(counts: Sequence[tuple[Sequence[int], Sequence[int]]], k: int, *,
                   num_resamples: int = 1000, confidence: float = 0.95,
-                  seed: int = 0) -> dict[str, Any]:
+                  seed: int = 0, estimator: str = "unbiased") -> dict[str, Any]:
     """Macro average over benchmarks (each benchmark weighs the same, as the paper's headline table).
 
     counts: one (n [P_b], c [P_b]) pair per benchmark. Returns the keys of `summarize` with
@@ -223,8 +340,8 @@ def macro_summary(counts: Sequence[tuple[Sequence[int], Sequence[int]]], k: int,
     for n, c in counts:
         n, c = _counts(np.atleast_1d(n), np.atleast_1d(c))
         avgs.append(c / n)
-        passes.append(pass_at_k(n, c, k))
-        curves.append(pass_curve(n, c, k))
+        passes.append(pass_at_k(n, c, k, estimator))
+        curves.append(pass_curve(n, c, k, estimator))
         total += n.size
     ci = dict(num_resamples=num_resamples, confidence=confidence, seed=seed)
     return {
@@ -233,6 +350,7 @@ def macro_summary(counts: Sequence[tuple[Sequence[int], Sequence[int]]], k: int,
         "avg_at_k_ci": list(macro_ci(avgs, **ci)),
         "pass_at_k": float(np.mean([p.mean() for p in passes])),
         "pass_at_k_ci": list(macro_ci(passes, **ci)),
+        "pass_at_k_estimator": estimator,
         "pass_curve": np.mean(curves, axis=0).tolist(),
         "confidence": confidence, "num_resamples": num_resamples,
     }
@@ -294,7 +412,7 @@ def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
              chat_template_kwargs: Mapping[str, Any] | None = None,
              eos_ids: Sequence[int] = (), keep_response_chars: int = 1000,
              num_resamples: int = 1000, confidence: float = 0.95, mesh=None,
-             repetition_penalty: float = 1.0) -> EvalResult:
+             repetition_penalty: float = 1.0, pass_at_k_estimator: str = "unbiased") -> EvalResult:
     """Sample k responses per problem, verify them, and compute Avg@k and Pass@k.
 
     model: a scope_jax.models.Transformer (the sampler's model contract).
@@ -325,6 +443,7 @@ def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
       (`clip_text`); 0 stores none.
     num_resamples / confidence: bootstrap intervals (seed `seed`).
     mesh: passed to generate (rows split over its data axes).
+    pass_at_k_estimator: "unbiased" or "paper" (see pass_at_k), for records and summary.
 
     Returns EvalResult. Each record: index (position in `examples`), source, problem (first 300
     characters), gold, prompt_tokens, n, c, avg (c / n), pass_at_k, rewards [n] float, reasons
@@ -342,6 +461,9 @@ def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
         raise ValueError(f"evaluate: k must be an int >= 1, got {k!r}")
     if batch_prompts < 1:
         raise ValueError(f"evaluate: batch_prompts must be >= 1, got {batch_prompts}")
+    if pass_at_k_estimator not in PASS_AT_K_ESTIMATORS:
+        raise ValueError(f"evaluate: pass_at_k_estimator must be one of {PASS_AT_K_ESTIMATORS}, "
+                         f"got {pass_at_k_estimator!r}")
     max_pos = int(model.config.max_position_embeddings)
     if max_prompt_len is None:
         max_prompt_len = max_pos - 1
@@ -394,7 +516,7 @@ def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
                 "index": kept[j], "source": ex.source, "problem": ex.problem[:300],
                 "gold": ex.answer if isinstance(ex.answer, (str, list)) else str(ex.answer),
                 "prompt_tokens": len(token_ids[j]), "n": k, "c": c,
-                "avg": c / k, "pass_at_k": float(pass_at_k(k, c, k)),
+                "avg": c / k, "pass_at_k": float(pass_at_k(k, c, k, pass_at_k_estimator)),
                 "rewards": rewards, "reasons": [r.reason for r in res],
                 "extracted": [r.extracted for r in res],
                 "lengths": [int(lengths[r]) for r in rows],
@@ -450,7 +572,8 @@ def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
         raise RuntimeError(f"evaluate: {len(kept) - len(recs)} problems got no result")
     n = np.array([r["n"] for r in recs])
     c = np.array([r["c"] for r in recs])
-    summary = summarize(n, c, k, num_resamples=num_resamples, confidence=confidence, seed=seed)
+    summary = summarize(n, c, k, num_resamples=num_resamples, confidence=confidence, seed=seed,
+                        estimator=pass_at_k_estimator)
     reasons: dict[str, int] = {}
     for r in recs:
         for reason in r["reasons"]:
@@ -493,11 +616,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> str:
 
 
 def plot_pass_curves(curves: Mapping[str, Sequence[float]], path: str | os.PathLike, *,
-                     title: str | None = None) -> str:
+                     title: str | None = None, estimator: str = "unbiased") -> str:
     """Pass@k against k (k = 1..len(curve)), one line per label, saved as a PNG.
 
     curves: label (e.g. "scope / math500") -> mean Pass@k values for k = 1..K, fractions.
-    The x axis is log2 when some K >= 4. Uses matplotlib's Agg backend (no display needed).
+    The x axis is log2 when some K >= 4; estimator names the Pass@k estimator in the default
+    title. Uses matplotlib's Agg backend (no display needed).
     Returns the path written.
     """
     import matplotlib
@@ -526,7 +650,7 @@ def plot_pass_curves(curves: Mapping[str, Sequence[float]], path: str | os.PathL
     ax.set_ylabel("Pass@k (%)")
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
-    ax.set_title(title or "Pass@k (unbiased estimator)")
+    ax.set_title(title or f"Pass@k ({estimator} estimator)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, format="png")
@@ -549,7 +673,8 @@ def format_cell(summary: Mapping[str, Any]) -> str:
 def format_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]],
                  macro: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """A plain-text table: one row per benchmark (and a macro-average row), one column per model,
-    each cell 'Avg@k [95% CI] / Pass@k [95% CI]' in percent.
+    each cell 'Avg@k [95% CI] / Pass@k [95% CI]' in percent; the header names the Pass@k
+    estimator of the summaries (pass_at_k_estimator).
 
     results: model -> benchmark -> summary (as from `summarize` / `evaluate`).
     macro: model -> macro summary (`macro_summary`), shown as the last row when given.
@@ -562,6 +687,8 @@ def format_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]],
     k_txt = "/".join(str(k) for k in ks)
     conf = {s["confidence"] for m in models for s in results[m].values()}
     conf_txt = "/".join(f"{100 * c:g}%" for c in sorted(conf))
+    est = {s.get("pass_at_k_estimator", "unbiased") for m in models for s in results[m].values()}
+    est_txt = "/".join(sorted(est))
     rows = [[f"benchmark (n)"] + models]
     for b in benchmarks:
         sizes = {results[m][b]["num_problems"] for m in models if b in results[m]}
@@ -572,7 +699,8 @@ def format_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]],
         rows.append([f"macro average ({len(benchmarks)})"]
                     + [format_cell(macro[m]) if m in macro else "-" for m in models])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"Avg@{k_txt} [{conf_txt} CI] / Pass@{k_txt} [{conf_txt} CI], percent"]
+    lines = [f"Avg@{k_txt} [{conf_txt} CI] / Pass@{k_txt} ({est_txt} estimator) [{conf_txt} CI], "
+             "percent"]
     for i, r in enumerate(rows):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
         if i == 0:

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -393,19 +394,115 @@ def evaluate(model, tokenizer, examples: Sequence[dict[str, str]], *, temperatur
 
 
 # ---------------------------------------------------------------------------------------------
+# The machine a build or run happened on
+
+
+def machine_info() -> dict:
+    """What a toy build's (and a run's) numbers depend on besides the settings: the toy build is
+    bitwise reproducible on one machine but not across machines (CPU kernels, float summation
+    order), so every result records where it came from.
+
+    Returns {"cpu_model" (first "model name" of /proc/cpuinfo, or platform.processor()),
+    "cpu_count", "platform", "python", "jax", "jaxlib", "backend", "xla_flags"} (str / int).
+    """
+    import platform
+
+    import jaxlib
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu_model": cpu or platform.processor() or "unknown",
+            "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def format_machine(info: dict) -> str:
+    """One line for logs and tables: CPU, cores, jax/jaxlib, backend, XLA_FLAGS."""
+    return (f"{info['cpu_model']}, {info['cpu_count']} cores, {info['platform']}, "
+            f"jax {info['jax']} / jaxlib {info['jaxlib']} on {info['backend']}, "
+            f"XLA_FLAGS={info['xla_flags'] or '(unset)'}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Building the toy setup: data, tokenizer, teacher and student checkpoints
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """SFT of one toy model from random init (see sft_train)."""
+    """SFT of one toy model from random init (see sft_train).
+
+    op_keep: the model's training mix, as (op, fraction) pairs: of the training problems that
+      contain op, only this seeded fraction is kept (() = all problems). (("*", 0.05),) makes a
+      model that saw few products: a blind spot on multiplication (see FAMILIES["blindspot"]).
+    op_noise: (op, probability) pairs: in this model's worked solutions, each step with op gets
+      its result moved by +-1 with this probability (seeded), and the chain continues from the
+      moved value. (("*", 0.6),) makes a model that is *unsure* of products (its mass on a
+      product's result is split between the right value and its neighbours) and often wrong
+      there (FAMILIES["unsure"]).
+    """
 
     size: ModelSize
     steps: int
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 30
-    seed: int = 0  # parameter init and batch order
+    seed: int = 0  # parameter init, batch order and the op_keep subsample
+    op_keep: tuple[tuple[str, float], ...] = ()
+    op_noise: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self):
+        for op, frac in self.op_keep + self.op_noise:
+            if op not in OPS or not 0.0 <= frac <= 1.0:
+                raise ValueError(f"TrainSettings.op_keep/op_noise: ({op!r}, {frac}) needs an op of "
+                                 f"{OPS!r} and a fraction in [0, 1]")
+
+
+_STEP = re.compile(r"(\d+)([-+*])(\d+)=(\d+)\.")
+
+
+def noisy_solutions(examples: Sequence[dict[str, str]], ts: TrainSettings) -> list[dict[str, str]]:
+    """The examples with ts.op_noise applied to their worked solutions (see TrainSettings):
+    each step "a op b=c." with a listed op gets c moved by +1 or -1 (0 stays >= 0) with the
+    op's probability, and later steps continue from the moved value; the boxed answer is the
+    chain's last value. Seeded by ts.seed; examples without a noisy op are returned as is.
+    Returns a new list of {"problem", "answer", "solution"} (answer: the true answer)."""
+    noise = dict(ts.op_noise)
+    if not noise:
+        return list(examples)
+    rng = np.random.default_rng([ts.seed, 11])
+    out = []
+    for e in examples:
+        steps = _STEP.findall(e["solution"])
+        value, parts = int(steps[0][0]), []
+        for _, op, b, _ in steps:
+            new = _apply(value, op, int(b))
+            if op in noise and rng.random() < noise[op]:
+                new = new + 1 if new == 0 or rng.random() < 0.5 else new - 1
+            parts.append(f"{value}{op}{b}={new}.")
+            value = new
+        out.append({**e, "solution": " ".join(parts) + f" \\boxed{{{value}}}"})
+    return out
+
+
+def training_mix(examples: Sequence[dict[str, str]], ts: TrainSettings) -> list[int]:
+    """Indices of the examples a model with settings ts trains on (ts.op_keep; seeded by
+    ts.seed). A problem containing several listed ops is kept only if every op's draw keeps it.
+    Returns sorted int indices into examples."""
+    rng = np.random.default_rng([ts.seed, 7])
+    draws = rng.random((len(examples), max(1, len(ts.op_keep))))
+    keep = []
+    for i, e in enumerate(examples):
+        expr = e["problem"]
+        if all(draws[i, j] < frac for j, (op, frac) in enumerate(ts.op_keep) if op in expr):
+            keep.append(i)
+    return keep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,9 +526,48 @@ class ToySettings:
     max_new_tokens: int = 48
 
 
+# The toy family. "toy": the original setup (a 98%-greedy teacher). "blindspot": the same task,
+# student and teacher architecture, but the teacher saw only 5% of the training problems with a
+# product, so it is only moderately stronger than the student and unreliable on products: its
+# guidance after a student's error there is bad, which is the paper's section 7 premise
+# (recovery falls with teacher perplexity on the prefix). Measure the premise with
+# tools/premise.py before comparing methods on it.
+FAMILIES: dict[str, ToySettings] = {
+    "toy": ToySettings(),
+    "blindspot": ToySettings(teacher=TrainSettings(TEACHER_SIZE, steps=700, seed=1,
+                                                   op_keep=(("*", 0.05),))),
+    # The second design (after "blindspot" showed no fall of recovery with teacher PPL: its
+    # teacher is confidently wrong on products): a teacher trained on worked solutions whose
+    # product results are off by one 60% of the time, so it is unsure exactly where it is bad.
+    "unsure": ToySettings(teacher=TrainSettings(TEACHER_SIZE, steps=700, seed=1,
+                                                op_noise=(("*", 0.6),))),
+}
+
+
+def toy_settings(family: str = "toy", seed: int = 0) -> ToySettings:
+    """FAMILIES[family] with every seed of the build (data and test split, tokenizer, both
+    models' init, batch order and training mix) shifted by `seed`; seed 0 is FAMILIES[family]
+    itself, so existing builds stay valid."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown toy family {family!r}; choose from {sorted(FAMILIES)}")
+    s = FAMILIES[family]
+    if seed == 0:
+        return s
+    return dataclasses.replace(
+        s, seed=s.seed + seed,
+        teacher=dataclasses.replace(s.teacher, seed=s.teacher.seed + 1000 * seed),
+        student=dataclasses.replace(s.student, seed=s.student.seed + 1000 * seed))
+
+
 def _settings_dict(settings: ToySettings) -> dict:
     # JSON round trip so that tuples compare equal to the lists read back from manifest.json.
-    return json.loads(json.dumps(dataclasses.asdict(settings)))
+    d = json.loads(json.dumps(dataclasses.asdict(settings)))
+    # Empty training-mix knobs are left out, so builds made before they existed stay reusable.
+    for name in ("teacher", "student"):
+        for knob in ("op_keep", "op_noise"):
+            if not d[name][knob]:
+                del d[name][knob]
+    return d
 
 
 def toy_paths(out_dir: str | os.PathLike) -> dict[str, str]:
@@ -483,6 +619,18 @@ def _train_model(name: str, ts: TrainSettings, tokenizer, data, path: str, token
                    "final_loss": round(float(np.mean(result["losses"][-20:])), 4)}
 
 
+def _accuracy_by_op(examples: Sequence[dict[str, str]], per_problem: Sequence[float]) -> dict:
+    """Where a blind spot shows: mean accuracy on the problems with and without each op.
+    Returns {"with +": float | None, "without +": ..., ...} (None: no such problem)."""
+    per = np.asarray(per_problem, np.float64)
+    out = {}
+    for op in OPS:
+        has = np.array([op in e["problem"] for e in examples])
+        out[f"with {op}"] = float(per[has].mean()) if has.any() else None
+        out[f"without {op}"] = float(per[~has].mean()) if (~has).any() else None
+    return out
+
+
 def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
               settings: ToySettings = ToySettings(), verbose: bool = True) -> dict[str, str]:
     """Builds (or reuses) the toy setup under out_dir and returns toy_paths(out_dir).
@@ -518,19 +666,27 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
     tokenizer.save_pretrained(paths["tokenizer"])
     data = encode_sft(train, tokenizer)
     prompt_lengths = data[2].argmax(1)
+    mixes = {name: training_mix(train, getattr(settings, name)) for name in ("teacher", "student")}
+    noisy = {name: noisy_solutions(train, getattr(settings, name)) for name in ("teacher", "student")}
     seconds = {"data_and_tokenizer": round(time.perf_counter() - start, 2)}
     log_every = 100 if verbose else 0
 
     models, info = {}, {}
     for name in ("teacher", "student"):
-        models[name], info[name] = _train_model(name, getattr(settings, name), tokenizer, data,
+        rows = mixes[name]
+        own = data if not getattr(settings, name).op_noise else encode_sft(noisy[name], tokenizer)
+        mix = own if len(rows) == len(train) else tuple(a[rows] for a in own)
+        models[name], info[name] = _train_model(name, getattr(settings, name), tokenizer, mix,
                                                 paths[name], paths["tokenizer"], log_every)
+        info[name]["training_problems"] = len(rows)
 
     t = time.perf_counter()
-    accuracy, mixed = {}, {}
+    accuracy, mixed, by_op = {}, {}, {}
     ev = dict(max_new_tokens=settings.max_new_tokens)
     for name, model in models.items():
-        accuracy[name] = {"greedy": evaluate(model, tokenizer, test, **ev)["accuracy"]}
+        greedy = evaluate(model, tokenizer, test, **ev)
+        accuracy[name] = {"greedy": greedy["accuracy"]}
+        by_op[name] = _accuracy_by_op(test, greedy["per_problem"])
         for i, temp in enumerate(settings.eval_temperatures):
             r = evaluate(model, tokenizer, test, temperature=temp,
                          num_samples=settings.eval_samples, seed=settings.seed + 1000 + i, **ev)
@@ -551,12 +707,14 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
                           f"{settings.eval_samples} samples per problem at each temperature "
                           "(no top-k / top-p); verifier scope_jax.verifiers.math.verify"),
         "fraction_of_problems_with_mixed_samples": mixed,
+        "greedy_accuracy_by_op": by_op,
         "max_prompt_tokens": int(prompt_lengths.max()),
         "max_response_tokens": int((data[2].sum(1)).max()),
         "max_new_tokens": settings.max_new_tokens,
         "seconds": seconds,
         "backend": f"jax {jax.__version__} on {jax.default_backend()} "
                    f"({os.cpu_count()} CPU cores visible)",
+        "machine": machine_info(),
     }
     tmp = paths["manifest"] + ".tmp"
     with open(tmp, "w") as f:

@@ -29,3 +29,17 @@ def test_comparisons_are_paired_differences_against_the_named_baseline():
     assert d["avg_at_k_diff"] == pytest.approx((counts["scope"][1] - counts["student"][1]).mean() / 8)
     text = demo._format_comparisons(out)
     assert "scope-student" in text and f"{100 * d['avg_at_k_diff']:+.1f}" in text
+
+
+def test_machine_info_records_what_the_numbers_depend_on(monkeypatch):
+    import jax
+
+    from scope_jax import toy
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    info = toy.machine_info()
+    assert info["jax"] == jax.__version__ and info["backend"] == jax.default_backend()
+    assert info["xla_flags"] == "--xla_force_host_platform_device_count=2"
+    assert info["cpu_count"] == __import__("os").cpu_count() and info["cpu_model"]
+    line = toy.format_machine(info)
+    assert info["cpu_model"] in line and "xla_force_host_platform_device_count" in line

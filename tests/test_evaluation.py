@@ -82,6 +82,51 @@ def test_pass_at_k_edge_cases():
         ev.pass_at_k(4, 1.5, 2)
 
 
+def test_paper_pass_at_k_hand_computed():
+    # The cases: n = k = 32; the unbiased estimator gives 1 for any c >= 1.
+    assert float(ev.pass_at_k(32, 1, 32, estimator="paper")) == pytest.approx(1 - (31 / 32) ** 32)
+    assert float(ev.pass_at_k(32, 1, 32, estimator="paper")) == pytest.approx(0.638, abs=5e-4)
+    assert float(ev.pass_at_k(32, 2, 32, estimator="paper")) == pytest.approx(0.873, abs=5e-4)
+    assert float(ev.pass_at_k(32, 2, 32)) == 1.0
+    assert float(ev.pass_at_k(4, 0, 4, estimator="paper")) == 0.0
+    assert float(ev.pass_at_k(4, 4, 8, estimator="paper")) == 1.0  # k > n is allowed here
+    assert float(ev.pass_at_k(4, 1, 2, estimator="paper")) == pytest.approx(1 - 0.75 ** 2)
+    with pytest.raises(ValueError, match="estimator"):
+        ev.pass_at_k(4, 1, 2, estimator="biased")
+
+
+def test_paper_pass_at_k_is_the_with_replacement_resampling_of_the_released_script():
+    # Simulate the released script: draw k of the n samples with replacement, pass if any is
+    # correct; the mean over many draws converges to the paper estimator.
+    rng = np.random.default_rng(0)
+    n, k = 32, 32
+    for c in (1, 2, 5):
+        outcomes = np.zeros(n, bool)
+        outcomes[:c] = True
+        draws = rng.integers(0, n, size=(200_000, k))
+        sim = outcomes[draws].any(axis=1).mean()
+        assert float(ev.pass_at_k(n, c, k, estimator="paper")) == pytest.approx(sim, abs=4e-3)
+
+
+def test_summaries_carry_and_use_the_estimator():
+    n, c = np.array([32, 32, 32]), np.array([0, 1, 2])
+    s = ev.summarize(n, c, 32, estimator="paper", num_resamples=200, seed=1)
+    want = (1 - (1 - c / 32) ** 32)
+    assert s["pass_at_k"] == pytest.approx(want.mean())
+    assert s["pass_at_k_estimator"] == "paper"
+    assert s["pass_curve"][0] == pytest.approx((c / 32).mean())  # Pass@1 = accuracy either way
+    # The bootstrap interval resamples the paper-estimator values (numpy re-derivation).
+    idx = np.random.default_rng(1).integers(0, 3, size=(200, 3))
+    assert s["pass_at_k_ci"] == pytest.approx(list(np.quantile(want[idx].mean(1), [0.025, 0.975])))
+    assert ev.summarize(n, c, 32)["pass_at_k"] == pytest.approx(2 / 3)
+    d = ev.paired_difference((n, c), (n, c + 1), 32, estimator="paper", num_resamples=100)
+    assert d["pass_at_k_diff"] == pytest.approx(((1 - (1 - (c + 1) / 32) ** 32) - want).mean())
+    assert d["pass_at_k_estimator"] == "paper"
+    m = ev.macro_summary([(n, c), (n, c)], 32, estimator="paper", num_resamples=100)
+    assert m["pass_at_k"] == pytest.approx(want.mean()) and m["pass_at_k_estimator"] == "paper"
+    assert "paper estimator" in ev.format_table({"m": {"b": s}})
+
+
 def test_avg_at_k_and_pass_curve():
     correct = np.array([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]], bool)
     np.testing.assert_allclose(ev.avg_at_k(correct), [0.5, 0.0, 1.0, 0.25])
@@ -445,3 +490,52 @@ def test_tools_eval_resolves_benchmark_names(tmp_path, monkeypatch):
     assert args.data == ["math500"] and args.data_dir == eval_tool.DEFAULT_DATA_DIR
     with pytest.raises(SystemExit, match="config.json"):
         eval_tool.resolve_model(str(tmp_path))
+
+
+def test_hierarchical_bootstrap_matches_the_two_stage_variance():
+    # Two-stage bootstrap of the mean of S seed means: its variance is
+    # (1/S) * [population variance of the seed means + mean over seeds of var_s / P_s].
+    rng = np.random.default_rng(11)
+    seeds = [rng.normal(mu, sd, size=p) for mu, sd, p in
+             ((0.10, 0.3, 150), (0.02, 0.5, 200), (0.07, 0.2, 120), (0.15, 0.4, 180))]
+    m = np.array([v.mean() for v in seeds])
+    within = np.mean([v.var() / v.size for v in seeds])
+    half = 1.959964 * math.sqrt((m.var() + within) / len(seeds))
+    lo, hi = ev.hierarchical_bootstrap_ci(seeds, num_resamples=20000, seed=3)
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.08)
+    assert (lo + hi) / 2 == pytest.approx(m.mean(), abs=0.15 * half)
+    # One seed: the ordinary bootstrap over problems.
+    lo1, hi1 = ev.hierarchical_bootstrap_ci(seeds[:1], num_resamples=20000, seed=3)
+    blo, bhi = ev.bootstrap_ci(seeds[0], num_resamples=20000, seed=4)
+    assert lo1 == pytest.approx(blo, abs=0.01) and hi1 == pytest.approx(bhi, abs=0.01)
+    # No within-seed spread: a pure bootstrap over the seed means (numpy re-derivation).
+    flat = [np.full(50, x) for x in (0.0, 0.1, 0.3)]
+    lo2, hi2 = ev.hierarchical_bootstrap_ci(flat, num_resamples=20000, seed=5)
+    draws = np.array([0.0, 0.1, 0.3])[np.random.default_rng(6).integers(0, 3, (20000, 3))].mean(1)
+    assert (lo2, hi2) == pytest.approx(tuple(np.quantile(draws, [0.025, 0.975])), abs=0.012)
+    with pytest.raises(ValueError, match="non-empty"):
+        ev.hierarchical_bootstrap_ci([np.zeros(3), np.zeros(0)])
+
+
+def test_pooled_difference_and_summary_pool_seeds():
+    rng = np.random.default_rng(8)
+    pairs, counts = [], []
+    for s, p in enumerate((40, 60, 50)):
+        n = np.full(p, 8)
+        cb = rng.binomial(8, 0.3, size=p)
+        co = np.minimum(8, cb + rng.binomial(1, 0.3 + 0.1 * s, size=p))
+        pairs.append(((n, cb), (n, co)))
+        counts.append((n, co))
+    d = ev.pooled_difference(pairs, 8, num_resamples=400, estimator="paper")
+    per = [ev.paired_difference(b, o, 8, estimator="paper") for b, o in pairs]
+    assert d["avg_at_k_diff_per_seed"] == pytest.approx([x["avg_at_k_diff"] for x in per])
+    assert d["avg_at_k_diff"] == pytest.approx(np.mean([x["avg_at_k_diff"] for x in per]))
+    assert d["pass_at_k_diff"] == pytest.approx(np.mean([x["pass_at_k_diff"] for x in per]))
+    assert d["wins"] == sum(x["wins"] for x in per) and d["seeds_better"] == 3
+    lo, hi = d["avg_at_k_diff_ci"]
+    assert lo < d["avg_at_k_diff"] < hi
+    sm = ev.pooled_summary(counts, 8, num_resamples=400)
+    assert sm["avg_at_k_per_seed"] == pytest.approx([(c / 8).mean() for _, c in counts])
+    assert sm["num_seeds"] == 3 and sm["num_problems"] == 150
+    with pytest.raises(ValueError, match="seed 1"):
+        ev.pooled_difference([pairs[0], ((np.full(3, 8), np.zeros(3, int)), pairs[1][1])], 8)

@@ -332,3 +332,105 @@ def test_make_toy_cli_rejects_bad_steps(capsys):
     with pytest.raises(SystemExit):
         make_toy.main(["--out", "unused", "--teacher-steps", "0"])
     assert "--teacher-steps must be >= 1" in capsys.readouterr().err
+
+
+def test_training_mix_keeps_a_seeded_fraction_of_the_problems_with_an_op():
+    examples = toy.make_examples(4000, seed=3)
+    ts = toy.TrainSettings(toy.STUDENT_SIZE, steps=1, seed=5, op_keep=(("*", 0.1),))
+    keep = toy.training_mix(examples, ts)
+    kept = [examples[i] for i in keep]
+    with_op = [e for e in examples if "*" in e["problem"]]
+    # Every problem without a product is kept; about 10% of those with one.
+    assert sum("*" not in e["problem"] for e in kept) == len(examples) - len(with_op)
+    frac = sum("*" in e["problem"] for e in kept) / len(with_op)
+    assert abs(frac - 0.1) < 3 * (0.1 * 0.9 / len(with_op)) ** 0.5
+    assert toy.training_mix(examples, ts) == keep  # seeded
+    assert toy.training_mix(examples, toy.TrainSettings(toy.STUDENT_SIZE, steps=1)) == list(range(4000))
+    with pytest.raises(ValueError, match="op_keep"):
+        toy.TrainSettings(toy.STUDENT_SIZE, steps=1, op_keep=(("/", 0.5),))
+
+
+def test_toy_settings_families_and_seeds():
+    assert toy.toy_settings("toy", 0) == toy.ToySettings()  # seed 0: the existing build
+    b1, b2 = toy.toy_settings("blindspot", 1), toy.toy_settings("blindspot", 2)
+    assert b1.teacher.op_keep == (("*", 0.05),) and toy.toy_settings("toy", 1).teacher.op_keep == ()
+    seeds = lambda s: (s.seed, s.teacher.seed, s.student.seed)
+    assert len({seeds(b1), seeds(b2), seeds(toy.toy_settings("blindspot", 0))}) == 3
+    with pytest.raises(ValueError, match="unknown toy family"):
+        toy.toy_settings("nope")
+    # Builds made before the training-mix knobs existed keep matching the default settings.
+    d = toy._settings_dict(toy.ToySettings())
+    assert "op_keep" not in d["teacher"] and "op_noise" not in d["student"]
+    assert toy._settings_dict(b1)["teacher"]["op_keep"] == [["*", 0.05]]
+
+
+def test_build_records_training_mix_and_per_op_accuracy(built):
+    with open(built["manifest"]) as f:
+        manifest = json.load(f)
+    assert manifest["models"]["teacher"]["training_problems"] == 128
+    assert set(manifest["machine"]) >= {"cpu_model", "jax", "xla_flags"}
+    by_op = manifest["greedy_accuracy_by_op"]["student"]
+    test = load_examples(built["test"], spec=toy.TOY_SPEC)
+    if any("*" in e.problem for e in test) and any("*" not in e.problem for e in test):
+        n = sum("*" in e.problem for e in test)
+        # the overall greedy accuracy is the problem-weighted mix of the two
+        mix = (by_op["with *"] * n + by_op["without *"] * (len(test) - n)) / len(test)
+        assert mix == pytest.approx(manifest["accuracy"]["student"]["greedy"])
+
+
+def test_premise_tool_on_a_tiny_build(built, tmp_path):
+    from tools import premise
+
+    res = premise.measure(os.path.dirname(built["manifest"]), problems=4, samples=2,
+                          continuations=2, max_new_tokens=12, chunk=8)
+    assert 0.0 <= res["mixed_prompts"] <= 1.0
+    assert res["mixed_prompts"] + res["all_correct_prompts"] + res["all_wrong_prompts"] == pytest.approx(1.0)
+    assert res["wrong_rollouts"] == round(8 * (1 - res["student_accuracy"]))
+    rows = res["recovery_by_quartile"]
+    assert sum(r["n"] for r in rows) == res["wrong_rollouts"]
+    assert "paper (Q1 -> Q4)" in premise.format_result(res)
+
+
+def test_premise_quartiles_cuts_and_recovery_table():
+    from tools import premise
+
+    ppl = np.array([5.0, 1.0, 3.0, 2.0, 8.0, 4.0, 7.0, 6.0])
+    assert premise.quartiles(ppl).tolist() == [2, 0, 1, 0, 3, 1, 3, 2]
+    assert [premise.cut_point(10, f) for f in premise.FRACTIONS] == [2, 4, 6, 8]
+    assert premise.cut_point(1, 0.2) == 1 and premise.cut_point(3, 0.8) == 2
+    rec = np.array([[1.0, 0.5], [1.0, 1.0], [0.0, 0.0], [1.0, 0.0],
+                    [0.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.0, 0.0]])
+    rows = premise.recovery_table(ppl, rec)
+    assert [r["n"] for r in rows] == [2, 2, 2, 2]
+    assert rows[0]["recovery"] == [1.0, 0.5] and rows[0]["mean_ppl"] == 1.5  # ppl 1 and 2
+    assert rows[3]["recovery"] == [0.0, 0.5]  # ppl 7 and 8
+    sub = premise.recovery_table(ppl, rec, groups=np.arange(8) < 4)
+    assert [r["n"] for r in sub] == [2, 1, 1, 0]
+
+
+def test_noisy_solutions_move_only_the_listed_op_and_keep_the_chain():
+    examples = toy.make_examples(3000, seed=4)
+    ts = toy.TrainSettings(toy.STUDENT_SIZE, steps=1, seed=3, op_noise=(("*", 0.6),))
+    noisy = toy.noisy_solutions(examples, ts)
+    moved = total = 0
+    for e, n in zip(examples, noisy):
+        assert n["problem"] == e["problem"] and n["answer"] == e["answer"]
+        # a moved value may take a later difference below zero ("3-4=-1.")
+        steps = re.findall(r"(-?\d+)([-+*])(\d+)=(-?\d+)\.", n["solution"])
+        assert len(steps) == len(re.findall(r"=", e["solution"]))
+        prev = None
+        for a, op, b, c in steps:
+            a, b, c = int(a), int(b), int(c)
+            assert prev is None or a == prev  # the chain continues from the written value
+            true = a + b if op == "+" else a - b if op == "-" else a * b
+            if op == "*":
+                total += 1
+                moved += c != true
+                assert abs(c - true) <= 1 and (c >= 0 or true < 0)
+            else:
+                assert c == true
+            prev = c
+        assert n["solution"].endswith(f"\\boxed{{{prev}}}")
+    assert abs(moved / total - 0.6) < 0.04
+    assert toy.noisy_solutions(examples, ts) == noisy  # seeded
+    assert toy.noisy_solutions(examples, toy.TrainSettings(toy.STUDENT_SIZE, steps=1)) == examples

@@ -13,7 +13,12 @@
    temperature 0.6, top-p 0.95, top-k 20) and prints one table; writes
    {out}/results.json (keys student, grpo, opd, scope, teacher, each with avg_at_k, pass_at_k,
    k and their 95% bootstrap intervals; "comparisons": paired differences such as scope-student
-   with intervals from resampling the same problems for both models) and {out}/pass_at_k.png.
+   with intervals from resampling the same problems for both models; "machine": CPU model,
+   core count, platform, jax / jaxlib versions and XLA_FLAGS) and {out}/pass_at_k.png.
+
+The numbers are one machine's: the toy build is bitwise reproducible on one machine, not across
+machines (a student trained with the same settings on another CPU scores differently), so the
+machine is printed and recorded with them. Seed-pooled comparisons: tools/study.py.
 """
 
 from __future__ import annotations
@@ -109,7 +114,8 @@ def _compare(counts: dict, k: int) -> dict:
 
 def _format_comparisons(comparisons: dict) -> str:
     pct = lambda x: f"{100 * x:+.1f}"
-    lines = ["paired differences (same problems; 95% bootstrap intervals, in points):"]
+    lines = ["paired differences (same problems; 95% bootstrap intervals, in points; Pass@k by the "
+             "unbiased estimator):"]
     for name, d in comparisons.items():
         (alo, ahi), (plo, phi) = d["avg_at_k_diff_ci"], d["pass_at_k_diff_ci"]
         lines.append(f"  {name:<14} Avg@{d['k']} {pct(d['avg_at_k_diff'])} [{pct(alo)}, {pct(ahi)}]   "
@@ -137,6 +143,8 @@ def main(argv=None) -> int:
     from scope_jax import evaluation, toy
 
     t0 = time.perf_counter()
+    machine = toy.machine_info()
+    print(f"machine: {toy.format_machine(machine)}", flush=True)
     paths = toy.build_toy(args.toy_dir)
     models = {"student": paths["student"]}
     for method in METHODS:
@@ -147,12 +155,14 @@ def main(argv=None) -> int:
     table = evaluation.format_table({name: {"toy test": s} for name, s in summaries.items()})
     out = {"settings": {"steps": args.steps, "k": args.k, "problems": args.problems, "temperature": args.temperature,
                         "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1)},
-           "plot": plot, **results, "comparisons": comparisons}
+           "machine": machine, "plot": plot, **results, "comparisons": comparisons}
     evaluation.write_json(os.path.join(args.out, "results.json"), out)
     print(table)
     print(_format_comparisons(comparisons))
     print("samples that are the gold worked solution (right answer for the right reasons): " +
           ", ".join(f"{name} {100 * r['exact_solution_rate']:.1f}%" for name, r in results.items()))
+    print(f"machine: {toy.format_machine(machine)} (these numbers are this machine's: the toy build "
+          "is not bitwise identical across machines)")
     print(f"results: {os.path.join(args.out, 'results.json')}\nplot:    {plot}")
     return 0
 

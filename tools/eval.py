@@ -29,7 +29,7 @@ results.json: {"argv", "models": {name: path}, "benchmarks": {label: file},
   "results": {model: {benchmark: summary}}, "macro": {model: summary} (two or more benchmarks)}
 where a summary holds num_problems, k, avg_at_k, avg_at_k_ci [lo, hi], pass_at_k, pass_at_k_ci,
 pass_curve [K], confidence, num_dropped, reasons, mean_response_tokens, frac_length_stopped,
-settings, timings (see scope_jax.evaluation.evaluate). Metrics are fractions in [0, 1].
+pass_at_k_estimator (--pass_at_k_estimator: unbiased, or paper), settings, timings (see scope_jax.evaluation.evaluate). Metrics are fractions in [0, 1].
 """
 from __future__ import annotations
 
@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="response text kept per sample in the JSONL (0: none)")
     ap.add_argument("--num-resamples", type=int, default=1000, help="bootstrap resamples")
     ap.add_argument("--confidence", type=float, default=0.95)
+    ap.add_argument("--pass_at_k_estimator", "--pass-at-k-estimator", choices=ev.PASS_AT_K_ESTIMATORS,
+                    default="unbiased", help="unbiased: 1 - C(n-c,k)/C(n,k); paper: the released "
+                    "script's resampling with replacement, 1 - (1 - c/n)^k (to sit beside the "
+                    "paper's numbers)")
     return ap
 
 
@@ -289,7 +293,8 @@ def main(argv=None) -> int:
                     style=args.style,
                     chat_template_kwargs=args.chat_template_kwargs,
                     eos_ids=generation_eos(path), keep_response_chars=args.keep_response_chars,
-                    num_resamples=args.num_resamples, confidence=args.confidence, mesh=mesh)
+                    num_resamples=args.num_resamples, confidence=args.confidence, mesh=mesh,
+                    pass_at_k_estimator=args.pass_at_k_estimator)
                 res.summary["file"] = dict(datasets)[label]
                 results[name][label] = res.summary
                 curves[f"{name} / {label}"] = res.summary["pass_curve"]
@@ -299,7 +304,8 @@ def main(argv=None) -> int:
             if len(examples) > 1:
                 macro[name] = ev.macro_summary(
                     [counts[name][label] for label in examples], args.k,
-                    num_resamples=args.num_resamples, confidence=args.confidence, seed=args.seed)
+                    num_resamples=args.num_resamples, confidence=args.confidence, seed=args.seed,
+                    estimator=args.pass_at_k_estimator)
                 curves[f"{name} / macro average"] = macro[name]["pass_curve"]
                 log.info("%s / macro average: %s", name, ev.format_cell(macro[name]))
             del model
@@ -307,7 +313,8 @@ def main(argv=None) -> int:
         verifier.close()
 
     table = ev.format_table(results, macro or None)
-    plot = ev.plot_pass_curves(curves, os.path.join(args.out, "pass_at_k.png"))
+    plot = ev.plot_pass_curves(curves, os.path.join(args.out, "pass_at_k.png"),
+                               estimator=args.pass_at_k_estimator)
     ev.write_json(os.path.join(args.out, "results.json"), {
         "argv": sys.argv[1:] if argv is None else list(argv),
         "models": dict(models), "benchmarks": dict(datasets),

@@ -2,6 +2,7 @@
 scratch (SFT on worked solutions), saved as Hugging Face checkpoints.
 
     python -m tools.make_toy --out runs/toy [--force]
+    python -m tools.make_toy --family blindspot --seed 1 --out runs/toy_blindspot_s1
 
 Reuses a finished build in --out with the same settings; --force rebuilds it. Writes
 {out}/data/{train,test}.jsonl, {out}/tokenizer, {out}/teacher, {out}/student and
@@ -22,12 +23,17 @@ def main(argv=None) -> dict[str, str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/toy", help="output directory (default runs/toy)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a build exists")
+    parser.add_argument("--family", default="toy", choices=sorted(toy.FAMILIES),
+                        help="toy family (scope_jax.toy.FAMILIES): toy; blindspot (a teacher "
+                        "that saw few products); unsure (a teacher trained on off-by-one products)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="shifts every seed of the build (0: the family's defaults)")
     parser.add_argument("--teacher-steps", type=int, default=None,
                         help="SFT steps of the teacher (default: ToySettings)")
     parser.add_argument("--student-steps", type=int, default=None,
                         help="SFT steps of the student (default: ToySettings)")
     args = parser.parse_args(argv)
-    settings = toy.ToySettings()
+    settings = toy.toy_settings(args.family, args.seed)
     for name, steps in (("teacher", args.teacher_steps), ("student", args.student_steps)):
         if steps is not None:
             if steps < 1:

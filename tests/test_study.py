@@ -1,0 +1,60 @@
+"""tools/study.py: the plan, its budget, resumption and the pooled table, on a tiny toy (the
+training and evaluation it drives are tested in test_train.py and test_evaluation.py)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tools import study
+
+
+def test_quick_study_runs_resumes_and_pools(tmp_path, capsys):
+    out = str(tmp_path / "study")
+    # A "killed" study: only the first run (the untrained student) completes.
+    assert study.main(["--out", out, "--quick", "--max-runs", "1"]) == 0
+    first = study.record_path(out, "unsure", 0, "student")
+    assert os.path.isfile(first)
+    assert not os.path.isfile(study.record_path(out, "unsure", 0, "scope"))
+    text = capsys.readouterr().out
+    assert "CPU budget" in text and "2 of 2 runs to do" in text and "1 of 2 runs done" in text
+    mtime = os.path.getmtime(first)
+
+    # Restarted: the completed run is skipped, the rest is trained and evaluated.
+    assert study.main(["--out", out, "--quick"]) == 0
+    text = capsys.readouterr().out
+    assert "1 of 2 runs to do" in text and "2 of 2 runs done" in text
+    assert os.path.getmtime(first) == mtime
+    scope_dir = study.run_dir(out, "unsure", 0, "scope")
+    with open(os.path.join(scope_dir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [0, 1]
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    assert res["complete"] and res["machine"]["cpu_model"]
+    entry = res["analysis"]["unsure"]["scope"]
+    recs = {m: json.load(open(study.record_path(out, "unsure", 0, m))) for m in ("student", "scope")}
+    # One seed: the pooled difference is the paired per-problem difference of the two records.
+    want = np.mean(np.array(recs["scope"]["c"]) / 4 - np.array(recs["student"]["c"]) / 4)
+    assert entry["vs"]["student"]["avg_at_k_diff"] == pytest.approx(want)
+    assert "| scope | 1 |" in open(os.path.join(out, "table.md")).read()
+    # The toy build is the seed's unsure build (the teacher's noisy products).
+    with open(os.path.join(study.toy_dir(out, "unsure", 0), "manifest.json")) as f:
+        assert json.load(f)["settings"]["teacher"]["op_noise"] == [["*", 0.6]]
+    # A third invocation has nothing left to do.
+    assert study.main(["--out", out, "--quick", "--budget-only"]) == 0
+    assert "0 of 2 runs to do" in capsys.readouterr().out
+
+
+def test_budget_counts_what_is_left(tmp_path):
+    plan = study.Plan(toys=("toy", "unsure"), seeds=(0, 1, 2), methods=("student", "opd", "scope"),
+                      steps=100, problems=200, k=16)
+    costs = {"build": 100.0, "eval": 10.0, "overhead": 5.0, "step": {"opd": 0.5, "scope": 1.0}}
+    b = study.budget(plan, str(tmp_path), costs)
+    assert b["runs_to_do"] == 18 and b["toy_builds_to_do"] == 6
+    assert b["seconds"]["training"] == pytest.approx(6 * (100 * (0.5 + 1.0) + 2 * 5.0))
+    assert b["seconds"]["builds"] == 600 and b["seconds"]["evaluation"] == 180
+    # ablations cost what SCOPE costs
+    assert study.method_cost(costs, "tau_2") == 1.0
+    with pytest.raises(SystemExit, match="unknown"):
+        study.parse_list("scope,nope", study.METHODS, "methods")

@@ -1,0 +1,458 @@
+"""The reproduction study: every method and ablation, on both toys, over several seeds, with
+seed-pooled paired comparisons (issue 14).
+
+    python -m tools.study --out runs/study                     # the full study (hours; resumable)
+    python -m tools.study --out runs/study --budget-only       # print the plan and its CPU budget
+    python -m tools.study --out runs/q --quick                 # a tiny smoke run (tests)
+    python -m tools.study --out runs/s --toys blindspot --seeds 0 --methods student,opd_n,scope --steps 50
+
+For each toy family (scope_jax.toy.FAMILIES: toy, blindspot, unsure) and seed s:
+1. builds (or reuses) the toy at OUT/toys/<toy>_s<s> with toy.toy_settings(toy, s): the seed
+   changes the data, tokenizer, both models' init and batch order;
+2. trains every method from that student with the family's config (configs/toy.py,
+   configs/toy_blindspot.py, configs/toy_unsure.py) and its variant (configs/common.py VARIANTS), RL seed s, into
+   OUT/runs/<toy>/s<s>/<method> (metrics.jsonl, checkpoints, export);
+3. evaluates each model (and the untrained student and the teacher) with
+   scope_jax.evaluation.evaluate (the loop tools/eval wraps) on the seed's first --problems test
+   problems, k samples each at the paper's evaluation settings (T 0.6, top-p 0.95, top-k 20),
+   and records the per-problem counts in OUT/eval/<toy>/s<s>/<method>.json: that file is the
+   run's completion record. A killed study skips the completed runs when restarted, and a run
+   killed mid-training resumes from its last checkpoint (scope_jax.train).
+Then it writes OUT/results.json and OUT/table.md: per toy, each method's seed-pooled Avg@k and
+Pass@k with hierarchical bootstrap intervals (seeds, then problems;
+scope_jax.evaluation.pooled_summary) and its paired differences against the student and
+against OPD (N=8 and N=1) (pooled_difference), and OUT/curves_<toy>.png (rollout accuracy per
+training step from each run's metrics.jsonl, mean over seeds).
+
+Before anything runs it prints the plan's CPU budget: the runs still to do times the measured
+cost of a toy build, a training step of each method and an evaluation (COSTS, measured on the
+2-core dev machine; replaced by the study's own measurements once it has some).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import logging
+import os
+import time
+
+TOYS = ("toy", "blindspot", "unsure")
+METHODS = ("student", "teacher", "kd", "grpo", "opd", "opd_n", "scope")
+ABLATIONS = ("no_weighting", "no_student_weighting", "no_teacher_weighting", "reversed_student",
+             "reversed_teacher", "tau_0.5", "tau_2")
+UNTRAINED = ("student", "teacher")
+# Baselines of the paired differences: the student, OPD with SCOPE's 8 rollouts (same samples
+# budget) and the paper's OPD baseline (1 rollout per prompt).
+BASELINES = ("student", "opd_n", "opd")
+
+# Measured on the 2-core shared dev machine, 2026-11-30, while other engineers' jobs ran (load
+# average 11-14; the machine alone is faster), in seconds:
+#   python -m tools.study --out runs/costs --toys toy --seeds 0 \
+#       --methods student,kd,grpo,opd,opd_n,scope --steps 8 --problems 100
+# build: tools/make_toy.py of one full-size toy (340 s for toy, 157 s for blindspot at a lower
+# load). step: median time_s of steps 1-7 in metrics.jsonl (configs/toy.py: 16 prompts x 8
+# rollouts; opd 1 rollout). overhead: per trained run, start-up and the first step's
+# compilation (train_seconds minus the steps). eval: one model, 200 problems x 16 samples
+# (3 s once compiled, 26 s for the first model of a process). The study replaces these with
+# its own medians as runs complete.
+COSTS = {"build": 340.0, "eval": 5.0, "overhead": 20.0,
+         "step": {"kd": 0.5, "grpo": 0.86, "opd": 0.1, "opd_n": 1.2, "scope": 1.3}}
+
+
+def method_cost(costs: dict, method: str) -> float:
+    """Seconds per training step of `method` (ablations cost what SCOPE costs)."""
+    return costs["step"].get(method, costs["step"]["scope"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the study runs. toys / seeds / methods: the grid; steps: training steps per run;
+    problems / k: evaluation; scale: "full" toy builds or "tiny" ones (tests); prompts_per_step /
+    num_samples: None keeps the config's values."""
+
+    toys: tuple[str, ...]
+    seeds: tuple[int, ...]
+    methods: tuple[str, ...]
+    steps: int
+    problems: int
+    k: int
+    max_new_tokens: int = 48
+    scale: str = "full"
+    prompts_per_step: int | None = None
+    num_samples: int | None = None
+
+
+def runs(plan: Plan) -> list[tuple[str, int, str]]:
+    """The (toy, seed, method) runs of the plan, in execution order (a toy build is reused by
+    all of its methods)."""
+    return [(t, s, m) for t in plan.toys for s in plan.seeds for m in plan.methods]
+
+
+def toy_dir(out: str, toy_name: str, seed: int) -> str:
+    return os.path.join(out, "toys", f"{toy_name}_s{seed}")
+
+
+def run_dir(out: str, toy_name: str, seed: int, method: str) -> str:
+    return os.path.join(out, "runs", toy_name, f"s{seed}", method)
+
+
+def record_path(out: str, toy_name: str, seed: int, method: str) -> str:
+    return os.path.join(out, "eval", toy_name, f"s{seed}", f"{method}.json")
+
+
+def toy_settings(plan: Plan, toy_name: str, seed: int):
+    """The build settings of (toy, seed); scale "tiny" shrinks data, models and steps (keeping
+    the family's training mix) for smoke tests."""
+    from scope_jax import toy
+
+    s = toy.toy_settings(toy_name, seed)
+    if plan.scale == "tiny":
+        size = toy.ModelSize(32, 1, 2, 1, 64)
+        s = dataclasses.replace(
+            s, n_train=128, n_test=max(8, plan.problems), eval_temperatures=(1.0,), eval_samples=2,
+            max_new_tokens=plan.max_new_tokens,
+            teacher=dataclasses.replace(s.teacher, size=size, steps=8, batch_size=16),
+            student=dataclasses.replace(s.student, size=size, steps=4, batch_size=16))
+    elif plan.scale != "full":
+        raise ValueError(f"unknown scale {plan.scale!r}")
+    return s
+
+
+def make_config(plan: Plan, out: str, toy_name: str, seed: int, method: str, paths: dict):
+    """The training config of one run: the family's config with the method's variant."""
+    from configs import toy as toy_config
+    from configs import toy_blindspot
+
+    cfg = (toy_config.get_config(method) if toy_name == "toy"
+           else toy_blindspot.family_config(toy_name, method))
+    cfg.toy_dir = ""  # built by the study with the seed's settings
+    cfg.student, cfg.teacher = paths["student"], paths["teacher"]
+    cfg.tokenizer = paths["tokenizer"]
+    cfg.data.train_files = paths["train"]
+    cfg.seed = seed
+    cfg.num_steps = plan.steps
+    cfg.checkpoint_every = max(1, plan.steps // 4)
+    cfg.sampling.max_new_tokens = plan.max_new_tokens
+    if plan.prompts_per_step:
+        cfg.prompts_per_step = plan.prompts_per_step
+    if plan.num_samples and method != "opd":  # opd is the 1-rollout baseline by definition
+        cfg.num_samples = plan.num_samples
+    cfg.workdir = run_dir(out, toy_name, seed, method)
+    return cfg
+
+
+def measured_costs(out: str) -> dict:
+    """COSTS, with each entry replaced by the median of this study's own measurements when it
+    has some (build seconds from the toy manifests, step seconds from metrics.jsonl, eval
+    seconds from the completion records)."""
+    import numpy as np
+
+    costs = {"build": COSTS["build"], "eval": COSTS["eval"], "overhead": COSTS["overhead"],
+             "step": dict(COSTS["step"])}
+    builds = []
+    for m in glob.glob(os.path.join(out, "toys", "*", "manifest.json")):
+        with open(m) as f:
+            man = json.load(f)
+        if man["settings"]["n_train"] >= 10000:  # full-size builds only
+            builds.append(man["seconds"]["total"])
+    if builds:
+        costs["build"] = float(np.median(builds))
+    steps: dict[str, list[float]] = {}
+    for path in glob.glob(os.path.join(out, "runs", "*", "*", "*", "metrics.jsonl")):
+        method = os.path.basename(os.path.dirname(path))
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        steps.setdefault(method, []).extend(r["time_s"] for r in rows[1:])  # step 0 compiles
+    for method, ts in steps.items():
+        if ts:
+            costs["step"][method] = float(np.median(ts))
+    evals = []
+    for path in glob.glob(os.path.join(out, "eval", "*", "*", "*.json")):
+        with open(path) as f:
+            rec = json.load(f)
+        # per 200 problems x 16 samples (the unit of COSTS["eval"])
+        evals.append(rec["eval_seconds"] * 3200 / (len(rec["n"]) * rec["summary"]["k"]))
+    if evals:
+        costs["eval"] = float(np.median(evals))
+    return costs
+
+
+def budget(plan: Plan, out: str, costs: dict) -> dict:
+    """Seconds still needed: builds of toys not built yet, training of runs without an export,
+    and evaluation of runs without a completion record."""
+    todo = [r for r in runs(plan) if not os.path.isfile(record_path(out, *r))]
+    builds = {(t, s) for t, s, _ in todo
+              if not os.path.isfile(os.path.join(toy_dir(out, t, s), "manifest.json"))}
+    train_s = 0.0
+    for t, s, m in todo:
+        if m in UNTRAINED or os.path.isfile(os.path.join(run_dir(out, t, s, m), "export", "config.json")):
+            continue
+        done_steps = 0
+        metrics = os.path.join(run_dir(out, t, s, m), "metrics.jsonl")
+        if os.path.isfile(metrics):
+            with open(metrics) as f:
+                done_steps = sum(1 for line in f if line.strip())
+        train_s += max(0, plan.steps - done_steps) * method_cost(costs, m) + costs["overhead"]
+    scale = 1.0 if plan.scale == "full" else 0.05
+    seconds = {"builds": len(builds) * costs["build"] * scale, "training": train_s,
+               "evaluation": len(todo) * costs["eval"] * plan.problems * plan.k / (200 * 16)}
+    seconds["total"] = sum(seconds.values())
+    return {"runs_total": len(runs(plan)), "runs_to_do": len(todo), "toy_builds_to_do": len(builds),
+            "seconds": seconds, "costs": costs}
+
+
+def format_budget(b: dict) -> str:
+    s = b["seconds"]
+    c = b["costs"]
+    return (f"study plan: {b['runs_to_do']} of {b['runs_total']} runs to do, "
+            f"{b['toy_builds_to_do']} toy builds.\nCPU budget (measured costs: build "
+            f"{c['build']:.0f} s, run start-up {c['overhead']:.0f} s, step " + ", ".join(f"{m} {v:.2f} s" for m, v in c["step"].items())
+            + f", evaluation {c['eval']:.0f} s per model at 200 x 16): builds {s['builds'] / 60:.0f} min, "
+            f"training {s['training'] / 60:.0f} min, evaluation {s['evaluation'] / 60:.0f} min; "
+            f"total {s['total'] / 3600:.2f} h on this machine")
+
+
+def run_one(plan: Plan, out: str, toy_name: str, seed: int, method: str, verifier) -> dict:
+    """Trains (or resumes, or reuses) and evaluates one run; writes and returns its record:
+    {"toy", "seed", "method", "checkpoint", "n" [P], "c" [P], "summary", "train_seconds",
+    "eval_seconds", "machine"}."""
+    from transformers import AutoTokenizer
+
+    from scope_jax import data, evaluation, toy, train
+    from scope_jax.models import load_hf
+
+    paths = toy.build_toy(toy_dir(out, toy_name, seed), settings=toy_settings(plan, toy_name, seed),
+                          verbose=False)
+    t0 = time.perf_counter()
+    if method in UNTRAINED:
+        checkpoint = paths[method]
+    else:
+        cfg = make_config(plan, out, toy_name, seed, method, paths)
+        checkpoint = os.path.join(cfg.workdir, "export")
+        if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+            train.train(cfg)  # resumes from the workdir's latest checkpoint if there is one
+            if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+                raise RuntimeError(f"{cfg.workdir}: training stopped before the export "
+                                   "(interrupted?); rerun the study to resume it")
+    train_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    examples = data.load_examples(paths["test"], toy.TOY_SPEC)[:plan.problems]
+    res = evaluation.evaluate(
+        load_hf(checkpoint), AutoTokenizer.from_pretrained(checkpoint), examples, k=plan.k,
+        temperature=evaluation.PAPER_TEMPERATURE, top_p=evaluation.PAPER_TOP_P,
+        top_k=evaluation.PAPER_TOP_K, max_new_tokens=plan.max_new_tokens, seed=seed,
+        verifier=verifier, instruction=toy.TOY_INSTRUCTION, keep_response_chars=0)
+    n, c = res.counts()
+    record = {"toy": toy_name, "seed": seed, "method": method, "checkpoint": checkpoint,
+              "n": n.tolist(), "c": c.tolist(),
+              "summary": {k: res.summary[k] for k in ("avg_at_k", "pass_at_k", "k", "num_problems")},
+              "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
+              "steps": 0 if method in UNTRAINED else plan.steps, "machine": toy.machine_info()}
+    path = record_path(out, toy_name, seed, method)
+    evaluation.write_json(path + ".tmp", record)
+    os.replace(path + ".tmp", path)  # the record appears whole or not at all
+    return record
+
+
+def load_records(plan: Plan, out: str) -> dict:
+    """{(toy, seed, method): record} of the plan's completed runs."""
+    recs = {}
+    for r in runs(plan):
+        path = record_path(out, *r)
+        if os.path.isfile(path):
+            with open(path) as f:
+                recs[r] = json.load(f)
+    return recs
+
+
+def analyse(plan: Plan, records: dict, *, estimator: str = "unbiased",
+            num_resamples: int = 2000) -> dict:
+    """Per toy and method: pooled_summary over the seeds with a record, and pooled_difference
+    against each baseline in BASELINES (seeds where both have a record).
+    Returns {toy: {method: {"summary": ..., "vs": {baseline: diff}}}}."""
+    from scope_jax import evaluation as ev
+
+    counts = lambda r: (r["n"], r["c"])
+    out = {}
+    for t in plan.toys:
+        out[t] = {}
+        for m in plan.methods:
+            seeds = [s for s in plan.seeds if (t, s, m) in records]
+            if not seeds:
+                continue
+            entry = {"seeds": seeds, "summary": ev.pooled_summary(
+                [counts(records[t, s, m]) for s in seeds], plan.k, estimator=estimator,
+                num_resamples=num_resamples), "vs": {}}
+            for b in BASELINES:
+                both = [s for s in seeds if (t, s, b) in records]
+                if b != m and both:
+                    entry["vs"][b] = ev.pooled_difference(
+                        [(counts(records[t, s, b]), counts(records[t, s, m])) for s in both],
+                        plan.k, estimator=estimator, num_resamples=num_resamples)
+            out[t][m] = entry
+    return out
+
+
+def format_table(analysis: dict, plan: Plan, estimator: str) -> str:
+    """Markdown: one table per toy; cells in percent (points for differences), 95% intervals
+    pooled over seeds (hierarchical bootstrap), and how many seeds the difference was > 0."""
+    pct = lambda x: f"{100 * x:.1f}"
+    sgn = lambda x: f"{100 * x:+.1f}"
+    lines = []
+    for t, methods in analysis.items():
+        lines += [f"### {t} (seeds {', '.join(map(str, plan.seeds))}; {plan.steps} steps; "
+                  f"Avg@{plan.k} / Pass@{plan.k} ({estimator} estimator), 95% hierarchical "
+                  "bootstrap over seeds and problems)", "",
+                  "| method | seeds | Avg@k | Pass@k | " + " | ".join(
+                      f"Avg@k - {b} (seeds > 0)" for b in BASELINES) + " |",
+                  "|---|---|---|---|" + "---|" * len(BASELINES)]
+        for m, e in methods.items():
+            s = e["summary"]
+            cells = [f"{pct(s['avg_at_k'])} [{pct(s['avg_at_k_ci'][0])}, {pct(s['avg_at_k_ci'][1])}]",
+                     f"{pct(s['pass_at_k'])} [{pct(s['pass_at_k_ci'][0])}, {pct(s['pass_at_k_ci'][1])}]"]
+            for b in BASELINES:
+                d = e["vs"].get(b)
+                cells.append("-" if d is None else
+                             f"{sgn(d['avg_at_k_diff'])} [{sgn(d['avg_at_k_diff_ci'][0])}, "
+                             f"{sgn(d['avg_at_k_diff_ci'][1])}] ({d['seeds_better']}/{d['num_seeds']})")
+            lines.append(f"| {m} | {len(e['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(plan: Plan, out: str) -> list[str]:
+    """OUT/curves_<toy>.png: rollout accuracy (the verifier's fraction of correct rollouts) per
+    training step, mean over seeds, smoothed over 10 steps, one line per trained method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    for t in plan.toys:
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+        drawn = 0
+        for m in plan.methods:
+            series = []
+            for s in plan.seeds:
+                path = os.path.join(run_dir(out, t, s, m), "metrics.jsonl")
+                if os.path.isfile(path):
+                    with open(path) as f:
+                        series.append([json.loads(line)["accuracy"] for line in f if line.strip()])
+            series = [x for x in series if x]
+            if not series:
+                continue
+            n = min(len(x) for x in series)
+            y = np.mean([x[:n] for x in series], axis=0)
+            w = min(10, n)
+            y = np.convolve(y, np.ones(w) / w, mode="valid")
+            ax.plot(np.arange(len(y)) + w - 1, 100 * y, label=f"{m} ({len(series)} seeds)")
+            drawn += 1
+        if drawn:
+            ax.set_xlabel("training step")
+            ax.set_ylabel("rollout accuracy (%)")
+            ax.set_title(f"{t}: rollout accuracy during training (mean over seeds)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = os.path.join(out, f"curves_{t}.png")
+            fig.savefig(path)
+            written.append(path)
+        plt.close(fig)
+    return written
+
+
+def parse_list(text: str, allowed, what: str) -> tuple[str, ...]:
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        raise SystemExit(f"--{what}: unknown {bad or 'empty list'}; choose from {list(allowed)}")
+    return items
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--toys", default=None,
+                   help=f"toy families, of {TOYS} (default toy,unsure; blindspot: the first "
+                   "design, whose premise did not hold; see the README)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default=None, help="default: all of " + ",".join(METHODS + ABLATIONS))
+    p.add_argument("--steps", type=int, default=100,
+                   help="training steps per run (100: the whole default study is ~3 h at a load "
+                   "average of 11 on 2 cores; see --budget-only)")
+    p.add_argument("--problems", type=int, default=200, help="test problems per seed")
+    p.add_argument("--k", type=int, default=16, help="samples per problem")
+    p.add_argument("--pass_at_k_estimator", choices=("unbiased", "paper"), default="unbiased")
+    p.add_argument("--budget-only", action="store_true", help="print the plan and budget, run nothing")
+    p.add_argument("--max-runs", type=int, default=None,
+                   help="stop after this many runs (the rest stays for a later invocation)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny toy builds, 2 steps, 8 problems x 4 samples, seed 0; default toy "
+                   "unsure, methods student and scope (a smoke test)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax", "orbax", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.quick:
+        plan = Plan(toys=parse_list(args.toys or "unsure", TOYS, "toys"), seeds=(0,),
+                    methods=parse_list(args.methods or "student,scope", METHODS + ABLATIONS, "methods"),
+                    steps=2, problems=8, k=4, max_new_tokens=16, scale="tiny",
+                    prompts_per_step=4, num_samples=2)
+    else:
+        if args.steps < 1 or args.problems < 1 or args.k < 1:
+            raise SystemExit("--steps, --problems and --k must be >= 1")
+        plan = Plan(toys=parse_list(args.toys or "toy,unsure", TOYS, "toys"),
+                    seeds=tuple(int(s) for s in args.seeds.split(",")),
+                    methods=parse_list(args.methods or ",".join(METHODS + ABLATIONS), METHODS + ABLATIONS,
+                                       "methods"),
+                    steps=args.steps, problems=args.problems, k=args.k)
+    out = os.path.abspath(args.out)
+    from scope_jax import evaluation, toy
+    from scope_jax.verifiers import Verifier
+
+    machine = toy.machine_info()
+    print(f"machine: {toy.format_machine(machine)}")
+    b = budget(plan, out, measured_costs(out))
+    print(format_budget(b), flush=True)
+    if args.budget_only:
+        return 0
+    os.makedirs(out, exist_ok=True)
+    evaluation.write_json(os.path.join(out, "plan.json"), dataclasses.asdict(plan))
+    done_now = 0
+    with Verifier(num_workers=2) as verifier:
+        for r in runs(plan):
+            if os.path.isfile(record_path(out, *r)):
+                logging.info("%s/s%d/%s: done (record exists), skipping", r[0], r[1], r[2])
+                continue
+            if args.max_runs is not None and done_now >= args.max_runs:
+                logging.info("stopping after %d runs (--max-runs); rerun to continue", done_now)
+                break
+            rec = run_one(plan, out, *r, verifier)
+            done_now += 1
+            logging.info("%s/s%d/%s: Avg@%d %.3f Pass@%d %.3f (train %.0f s, eval %.0f s)", *r,
+                         plan.k, rec["summary"]["avg_at_k"], plan.k, rec["summary"]["pass_at_k"],
+                         rec["train_seconds"], rec["eval_seconds"])
+    records = load_records(plan, out)
+    analysis = analyse(plan, records, estimator=args.pass_at_k_estimator)
+    table = format_table(analysis, plan, args.pass_at_k_estimator)
+    curves = plot_curves(plan, out)
+    complete = len(records) == len(runs(plan))
+    evaluation.write_json(os.path.join(out, "results.json"), {
+        "plan": dataclasses.asdict(plan), "complete": complete, "runs_done": len(records),
+        "machine": machine, "pass_at_k_estimator": args.pass_at_k_estimator,
+        "analysis": analysis, "curves": curves})
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"{len(records)} of {len(runs(plan))} runs done{'' if complete else ' (incomplete: rerun to continue)'}; "
+          f"{os.path.join(out, 'results.json')}, {os.path.join(out, 'table.md')}, curves: {curves}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
