@@ -1,4 +1,4 @@
-"""Does a toy satisfy SCOPE's premise? The paper's error-recovery experiment (PAPER.md section 7),
+"""Does a toy satisfy SCOPE's premise? The paper's error-recovery experiment (section 7 of arXiv:2604.10688),
 run on a toy build, before any method is compared on it.
 
     python -m tools.premise --toy-dir runs/toy --out runs/premise/toy
@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 FRACTIONS = (0.2, 0.4, 0.6, 0.8)
-# PAPER.md section 7: recovery (%) of the lowest / highest teacher-PPL quartile (middle ones not
+# The paper's section 7 (arXiv:2604.10688): recovery (%) of the lowest / highest teacher-PPL quartile (middle ones not
 # given) and the quartile mean PPLs.
 PAPER_RECOVERY = {0.2: (64.9, 45.4), 0.8: (35.8, 28.6)}
 PAPER_QUARTILE_PPL = (1.361, 1.565, 1.710, 2.383)
