@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 
 from scope_jax import teacher as teachers
-from scope_jax import toy
 from scope_jax.models import load_hf
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_hf import make_tiny_checkpoint  # noqa: E402
+from tiny_hf import make_toy_setup  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,15 +69,7 @@ def _stop(proc):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Toy data and tokenizer, a tiny Qwen3 student and a tiny Qwen2 teacher (biases, untied head)."""
-    out = tmp_path_factory.mktemp("toy")
-    train_rows, _ = toy.split_examples(64, 8, seed=0)
-    toy.write_jsonl(train_rows, out / "data" / "train.jsonl")
-    tok = toy.train_tokenizer(toy.tokenizer_corpus(train_rows))
-    for name, family, seed, tied in (("student", "qwen3", 0, True), ("teacher", "qwen2", 1, False)):
-        make_tiny_checkpoint(out / name, family, seed=seed, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=tied)
-        tok.save_pretrained(out / name)
-    return out
+    return make_toy_setup(tmp_path_factory.mktemp("toy"), teacher_family="qwen2", teacher_tied=False)
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from scope_jax import toy, train
+from scope_jax import train
 from scope_jax import sharding as shd
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_hf import make_tiny_checkpoint  # noqa: E402
+from tiny_hf import make_toy_setup  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,16 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Toy data, a toy tokenizer and two tiny random Qwen3 checkpoints (student, teacher)."""
-    out = tmp_path_factory.mktemp("toy")
-    train_rows, _ = toy.split_examples(64, 8, seed=0)
-    toy.write_jsonl(train_rows, out / "data" / "train.jsonl")
-    tok = toy.train_tokenizer(toy.tokenizer_corpus(train_rows))
-    assert len(tok) > 200
-    for name, seed in (("student", 0), ("teacher", 1)):
-        make_tiny_checkpoint(out / name, "qwen3", seed=seed, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=True)
-        tok.save_pretrained(out / name)
-    return out
+    return make_toy_setup(tmp_path_factory.mktemp("toy"))
 
 
 def _cli(setup, workdir, algo, *extra, steps=2):

@@ -65,3 +65,20 @@ def make_tiny_checkpoint(path, family: str, seed: int = 0, max_shard_size=None, 
     kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(os.fspath(path), safe_serialization=True, **kw)
     return path
+
+
+def make_toy_setup(out, teacher_family: str = "qwen3", teacher_tied: bool = True):
+    """Toy data (64 training problems) and a toy tokenizer in ``out``, with two tiny random
+    checkpoints that use it: out/student (Qwen3, tied) and out/teacher (``teacher_family``).
+    Returns ``out``."""
+    from scope_jax import toy
+
+    train_rows, _ = toy.split_examples(64, 8, seed=0)
+    toy.write_jsonl(train_rows, out / "data" / "train.jsonl")
+    tok = toy.train_tokenizer(toy.tokenizer_corpus(train_rows))
+    assert len(tok) > 200
+    for name, family, seed, tied in (("student", "qwen3", 0, True), ("teacher", teacher_family, 1, teacher_tied)):
+        make_tiny_checkpoint(out / name, family, seed=seed, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=tied)
+        tok.save_pretrained(out / name)
+    return out
