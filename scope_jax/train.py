@@ -2,9 +2,11 @@
 
     python -m tools.train --config configs/toy.py --config.algo=scope --config.workdir=runs/x
 
-The pure part is `make_train_step` (one jitted, donated update from a `Rollouts` batch); the
-rest of this file is the short host loop (`train`) that wires the sampler, the verifier, the
-teacher and Orbax around it. Algorithms (config.algo):
+The pure part is `make_train_step` (one jitted, donated update from a `Rollouts` batch, in
+strided micro-batches); `build_step` jits it with its shardings and `lower_step` lowers exactly
+that without weights (dry runs, tools/scale_check.py, the tests). The rest of this file is the
+short host loop (`train`) that wires the sampler, the verifier, the teacher and Orbax around it,
+with the mesh in effect. Algorithms (config.algo):
 
     scope  correct rollouts -> MLE weighted by student PPL; wrong -> OPD weighted by teacher PPL
     opd    every rollout -> OPD with uniform weights (num_samples=1 is the paper's baseline)
