@@ -62,7 +62,9 @@ def base() -> ml_collections.ConfigDict:
     # transformers' repetition penalty (1.0 = off). The paper trains without one; with one the
     # rollouts come from a distribution the trainer's recomputed log-probs do not include.
     c.sampling.repetition_penalty = 1.0
-    c.sampling.eos_ids = ml_collections.config_dict.placeholder(list)  # None: tokenizer's eos
+    # Extra stop ids on top of scope_jax.sampling.stop_ids (tokenizer, model config and
+    # generation_config.json EOS ids: the same rule as evaluation).
+    c.sampling.eos_ids = ml_collections.config_dict.placeholder(list)
     c.recompute_old_logprobs = True  # pi_old from the training forward (verl), not the sampler
     # The student's log-probs (pi_theta, pi_old, GRPO's reference) are of softmax(logits / T):
     # None = the rollout temperature (the behaviour policy; verl divides the logits by it too).

@@ -387,21 +387,6 @@ def clip_text(text: str, max_chars: int) -> str:
     return f"{text[:head]}\n[... {len(text) - head - tail} characters cut ...]\n{text[-tail:]}"
 
 
-def _ids(x) -> list[int]:
-    if x is None:
-        return []
-    return [int(i) for i in (x if isinstance(x, (list, tuple)) else [x])]
-
-
-def stop_ids(model, tokenizer, extra: Sequence[int] = ()) -> list[int]:
-    """Token ids that end a response: the tokenizer's EOS, the model config's eos_token_id (an
-    int or a list, e.g. Qwen's <|im_end|> and <|endoftext|>) and `extra`, deduplicated, sorted."""
-    ids = set(_ids(getattr(tokenizer, "eos_token_id", None)))
-    ids |= set(_ids(getattr(model.config, "eos_token_id", None)))
-    ids |= set(_ids(list(extra)))
-    return sorted(ids)
-
-
 def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
              temperature: float = PAPER_TEMPERATURE, top_p: float | None = PAPER_TOP_P,
              top_k: int | None = PAPER_TOP_K, max_new_tokens: int | None = None,
@@ -438,7 +423,7 @@ def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
     instruction / style / chat_template_kwargs: prompt construction (scope_jax.data.
       build_prompt): the instruction appended to each problem (default the paper's "Please
       reason step by step, ..."; None appends none, as the toy task's TOY_INSTRUCTION).
-    eos_ids: extra stop ids on top of `stop_ids(model, tokenizer)`.
+    eos_ids: extra stop ids on top of scope_jax.sampling.stop_ids(model.config, tokenizer).
     keep_response_chars: each response's text is stored clipped to this many characters
       (`clip_text`); 0 stores none.
     num_resamples / confidence: bootstrap intervals (seed `seed`).
@@ -481,7 +466,7 @@ def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
     elif longest + max_new_tokens > max_pos:
         log.warning("evaluate: longest prompt (%d tokens) + max_new_tokens (%d) exceeds the "
                     "model's max_position_embeddings (%d)", longest, max_new_tokens, max_pos)
-    stops = stop_ids(model, tokenizer, eos_ids)
+    stops = sampling.stop_ids(model.config, tokenizer, eos_ids)
     if not stops:
         log.warning("evaluate: no EOS id in the tokenizer or model config; every response runs "
                     "to max_new_tokens=%d", max_new_tokens)

@@ -532,6 +532,34 @@ def _outputs(lengths: jax.Array, eos_hit: jax.Array, *,
 # ----------------------------------------------------------------------------- public entry
 
 
+def stop_ids(model_config=None, tokenizer=None, extra: Sequence[int] = (),
+             checkpoint: str | None = None) -> list[int]:
+    """The token ids that end a response, for training, evaluation and the tools alike: the
+    union of the tokenizer's eos_token_id, the model config's eos_token_id (an int or a list,
+    e.g. Qwen's <|im_end|> and <|endoftext|>), the eos_token_id of `checkpoint`'s
+    generation_config.json when there is one, and `extra`; sorted, deduplicated.
+
+    Raises ValueError naming the file when generation_config.json is not valid JSON.
+    """
+    import json
+    import os
+
+    def ids(x):
+        return [] if x is None else [int(i) for i in (x if isinstance(x, (list, tuple)) else [x])]
+
+    out = set(ids(getattr(tokenizer, "eos_token_id", None)))
+    out |= set(ids(getattr(model_config, "eos_token_id", None)))
+    out |= set(ids(list(extra)))
+    file = os.path.join(os.fspath(checkpoint), "generation_config.json") if checkpoint else ""
+    if file and os.path.isfile(file):
+        with open(file) as f:
+            try:
+                out |= set(ids(json.load(f).get("eos_token_id")))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    return sorted(out)
+
+
 def prompt_bucket(max_prompt_len: int, min_bucket: int = 16) -> int:
     """Bucket length for prompts of at most `max_prompt_len` tokens: the next power of two,
     at least `min_bucket`. Bounds the number of compiled programs to log2(longest prompt)."""

@@ -533,7 +533,8 @@ def train(cfg) -> dict:
     t_graph, t_params = nnx.split(teacher) if teacher is not None else (None, None)
     # Who scores the rollouts: the loaded teacher, or the server at config.teacher_url.
     teacher_scorer = teachers.from_config(cfg, teacher, mesh) if cfg.algo in ("scope", "opd") else None
-    eos = tokenizer.eos_token_id if cfg.sampling.eos_ids is None else list(cfg.sampling.eos_ids)
+    # The same stop ids as evaluation (sampling.stop_ids), plus config.sampling.eos_ids.
+    eos = sampling.stop_ids(student.config, tokenizer, cfg.sampling.eos_ids or (), checkpoint=cfg.student)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     base_key = jax.random.key(cfg.seed)
     stop = _Stop()

@@ -642,3 +642,21 @@ def test_repetition_penalty_logprobs(checkpoint):
                     assert tok == int(np.argmax(dist)), (family, row, t)
                 np.testing.assert_allclose(out.logprobs[row, t], np.log(dist[tok]), atol=1e-4,
                                            err_msg=f"{family} row {row} step {t}")
+
+
+def test_stop_ids_one_rule_for_training_evaluation_and_tools(tmp_path):
+    # Qwen-style: the tokenizer stops on <|im_end|> (7), the model config on <|endoftext|> (5)
+    # and generation_config.json names both plus 9; training, evaluation and the tools all stop
+    # on the union (they used to pick different subsets).
+    import json
+    import types
+
+    tok = types.SimpleNamespace(eos_token_id=7)
+    config = types.SimpleNamespace(eos_token_id=(5,))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9, 5]}))
+    assert sampling.stop_ids(config, tok, [11], checkpoint=str(tmp_path)) == [5, 7, 9, 11]
+    assert sampling.stop_ids(config, tok) == [5, 7]
+    assert sampling.stop_ids(checkpoint=str(tmp_path / "absent")) == []
+    (tmp_path / "generation_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="generation_config.json: invalid JSON at line 1"):
+        sampling.stop_ids(checkpoint=str(tmp_path))

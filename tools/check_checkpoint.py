@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [t for t in prompt if not 0 <= t < model.config.vocab_size]
     if bad:
         raise SystemExit(f"prompt ids {bad} are outside the vocabulary [0, {model.config.vocab_size})")
-    eos = model.config.eos_token_id
-    eos = () if eos is None else (eos if isinstance(eos, tuple) else (eos,))
+    from scope_jax.sampling import stop_ids
+
+    eos = tuple(stop_ids(model.config, tokenizer, checkpoint=args.path))  # the one stop rule
     start = time.time()
     new = greedy_continue(model, prompt, args.max_new_tokens, eos)
     print(f"prompt ids: {prompt}")

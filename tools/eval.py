@@ -136,19 +136,15 @@ def parse_mesh(text: str | None):
         raise SystemExit(f"--mesh: {e}") from None
 
 
-def generation_eos(path: str) -> list[int]:
-    """eos_token_id of PATH/generation_config.json (an int or a list; [] when absent)."""
-    file = os.path.join(path, "generation_config.json")
-    if not os.path.isfile(file):
-        return []
-    with open(file) as f:
-        try:
-            eos = json.load(f).get("eos_token_id")
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+def _checkpoint_stops(path: str) -> list[int]:
+    """The checkpoint's generation_config.json stop ids (sampling.stop_ids; evaluate adds the
+    tokenizer's and the model config's)."""
+    from scope_jax.sampling import stop_ids
+
+    try:
+        return stop_ids(checkpoint=path)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _instruction_for(examples, instruction, args):
@@ -292,7 +288,7 @@ def main(argv=None) -> int:
                     verifier_mode=args.verifier_mode, instruction=instructions[label],
                     style=args.style,
                     chat_template_kwargs=args.chat_template_kwargs,
-                    eos_ids=generation_eos(path), keep_response_chars=args.keep_response_chars,
+                    eos_ids=_checkpoint_stops(path), keep_response_chars=args.keep_response_chars,
                     num_resamples=args.num_resamples, confidence=args.confidence, mesh=mesh,
                     pass_at_k_estimator=args.pass_at_k_estimator)
                 res.summary["file"] = dict(datasets)[label]
