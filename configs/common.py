@@ -85,6 +85,7 @@ def base() -> ml_collections.ConfigDict:
     c.scope.reduction = "paper"  # paper | token_mean (the released code)
     c.scope.distill = "reinforce"  # reinforce | kl | ppo
     c.scope.kl = "k1"  # for distill=kl
+    c.scope.kl_clip = ml_collections.config_dict.placeholder(float)  # clip the KL (released: k3 at 10)
     c.scope.clip_eps = 0.2  # for distill=ppo
     c.scope.student_weighting = "paper"  # paper | reversed | uniform
     c.scope.teacher_weighting = "paper"
@@ -92,6 +93,7 @@ def base() -> ml_collections.ConfigDict:
     c.grpo = ml_collections.ConfigDict()
     c.grpo.kl_coef = 1e-4
     c.grpo.clip_eps = 0.2
+    c.grpo.kl_clip = ml_collections.config_dict.placeholder(float)  # verl clamps k3 at 10; None: no clip
     c.grpo.normalize_std = True
 
     c.kd_only_correct = True  # KD trains on the teacher's verified samples only
@@ -133,7 +135,8 @@ VARIANTS = {
     "tau_0.5": {"algo": "scope", "scope.tau": 0.5},
     "tau_2": {"algo": "scope", "scope.tau": 2.0},
     # The released code's reduction and signals.
-    "released_kl": {"algo": "scope", "scope.reduction": "token_mean", "scope.distill": "kl", "scope.kl": "k3"},
+    "released_kl": {"algo": "scope", "scope.reduction": "token_mean", "scope.distill": "kl", "scope.kl": "k3",
+                    "scope.kl_clip": 10.0},
     "released_ppo": {"algo": "scope", "scope.reduction": "token_mean", "scope.distill": "ppo"},
 }
 

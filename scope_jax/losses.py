@@ -471,14 +471,14 @@ def loss_normalizers(response_mask: Array, correct: Array, group_ids: Array) -> 
     }
 
 
-def _distill_term(logprobs, old_logprobs, teacher_logprobs, distill, kl, clip_eps, per_token_kl):
+def _distill_term(logprobs, old_logprobs, teacher_logprobs, distill, kl, clip_eps, per_token_kl, kl_clip=None):
     """Per-token wrong-path loss [B, T] for each `distill` option (see scope_loss)."""
     lp, old, tea = _f32(logprobs), jax.lax.stop_gradient(_f32(old_logprobs)), jax.lax.stop_gradient(_f32(teacher_logprobs))
     if distill == "reinforce":
         rho = jnp.exp(lp - old)
         return rho * jax.lax.stop_gradient(lp - tea)
     if distill == "kl":
-        return _f32(per_token_kl) if per_token_kl is not None else kl_estimate(lp, tea, kl)
+        return _f32(per_token_kl) if per_token_kl is not None else kl_estimate(lp, tea, kl, clip=kl_clip)
     # "ppo": the released code's reward-side signal, -(log pi_old - log pi_T), as a PPO advantage.
     return ppo_clip_objective(lp, old, -(old - tea), clip_eps)
 
@@ -495,6 +495,7 @@ def scope_loss(
     reduction: str = "paper",
     distill: str = "reinforce",
     kl: str = "k1",
+    kl_clip: float | None = None,
     clip_eps: float = 0.2,
     student_weighting: str = "paper",
     teacher_weighting: str = "paper",
@@ -522,6 +523,8 @@ def scope_loss(
           (e.g. reverse_kl_topk on the teacher's top-k ids, or reverse_kl_full);
         "ppo": PPO-clipped policy loss with advantage -(log pi_old - log pi_T) (clip_eps).
       kl: "k1" | "k2" | "k3" for distill="kl".
+      kl_clip: clip that per-token estimate to [-kl_clip, kl_clip] (the released code clamps
+        k3 at 10; None: no clip, the default).
       student_weighting, teacher_weighting: "paper" | "reversed" | "uniform" (ablations).
       per_token_kl: optional [B, T] differentiable per-token KL for distill="kl".
       weights: optional precomputed (w_stu, w_tea) [B] in their final normalisation (e.g.
@@ -554,7 +557,7 @@ def scope_loss(
     lp, old, tea = (_masked(x, mask) for x in (logprobs, old_logprobs, teacher_logprobs))
     if per_token_kl is not None:
         per_token_kl = _masked(per_token_kl, mask)
-    d_tok = _masked(_distill_term(lp, old, tea, distill, kl, clip_eps, per_token_kl), mask)
+    d_tok = _masked(_distill_term(lp, old, tea, distill, kl, clip_eps, per_token_kl, kl_clip), mask)
     if reduction == "paper":
         rho = jnp.exp(lp - jax.lax.stop_gradient(old))
         mle_row = -_masked(rho, mask).sum(-1)
@@ -619,6 +622,7 @@ def opd_loss(
     reduction: str = "paper",
     distill: str = "reinforce",
     kl: str = "k1",
+    kl_clip: float | None = None,
     clip_eps: float = 0.2,
     per_token_kl: Array | None = None,
     weights: Array | None = None,
@@ -638,7 +642,7 @@ def opd_loss(
     correct = jnp.zeros(jnp.shape(group_ids), bool)
     return scope_loss(
         logprobs, old_logprobs, teacher_logprobs, response_mask, correct, group_ids,
-        reduction=reduction, distill=distill, kl=kl, clip_eps=clip_eps,
+        reduction=reduction, distill=distill, kl=kl, kl_clip=kl_clip, clip_eps=clip_eps,
         teacher_weighting="uniform", per_token_kl=per_token_kl, normalizers=normalizers,
         weights=None if weights is None else (jnp.zeros_like(weights), weights),
     )
@@ -684,6 +688,7 @@ def grpo_loss(
     clip_eps: float = 0.2,
     kl_coef: float = 1e-4,
     kl: str = "k3",
+    kl_clip: float | None = None,
     normalize_std: bool = True,
     reduction: str = "token_mean",
     advantages: Array | None = None,
@@ -694,6 +699,7 @@ def grpo_loss(
     Args:
       logprobs, old_logprobs: [B, T]; ref_logprobs: [B, T] or None (no KL term).
       response_mask: [B, T]; rewards: [B] (1/0 from the verifier); group_ids: int [B].
+      kl_clip: clip the per-token KL to [-kl_clip, kl_clip] (verl clamps k3 at 10; None: no clip).
       reduction: "token_mean" (verl's default: mean over all response tokens of the batch)
         or "sequence_mean" (mean over rollouts of each rollout's token mean).
       advantages: optional precomputed [B] (e.g. group_advantages over the full batch).
@@ -707,7 +713,8 @@ def grpo_loss(
     adv = jax.lax.stop_gradient(_f32(advantages))
     lp, old = _masked(logprobs, mask), _masked(old_logprobs, mask)
     per_tok = ppo_clip_objective(lp, old, jnp.broadcast_to(adv[:, None], lp.shape), clip_eps)
-    kl_tok = kl_estimate(lp, jax.lax.stop_gradient(_masked(ref_logprobs, mask)), kl) if ref_logprobs is not None else jnp.zeros_like(lp)
+    kl_tok = (kl_estimate(lp, jax.lax.stop_gradient(_masked(ref_logprobs, mask)), kl, clip=kl_clip)
+              if ref_logprobs is not None else jnp.zeros_like(lp))
     norm = normalizers if normalizers is not None else loss_normalizers(mask, rewards, group_ids)
     reduce = functools.partial(_reduce_tokens, mask=mask, reduction=reduction, norm=norm)
     pg, kl_mean = reduce(per_tok), reduce(kl_tok)

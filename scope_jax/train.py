@@ -155,17 +155,17 @@ def make_loss(cfg) -> Callable:
         if algo == "scope":
             return losses.scope_loss(
                 lp, b.old_logprobs, b.teacher_logprobs, b.response_mask, b.correct, b.group_ids,
-                s.tau, reduction=s.reduction, distill=s.distill, kl=s.kl, clip_eps=s.clip_eps,
+                s.tau, reduction=s.reduction, distill=s.distill, kl=s.kl, kl_clip=s.kl_clip, clip_eps=s.clip_eps,
                 weights=aux["weights"], normalizers=aux["normalizers"])
         if algo == "opd":
             return losses.opd_loss(
                 lp, b.old_logprobs, b.teacher_logprobs, b.response_mask, b.group_ids,
-                reduction=s.reduction, distill=s.distill, kl=s.kl, clip_eps=s.clip_eps,
+                reduction=s.reduction, distill=s.distill, kl=s.kl, kl_clip=s.kl_clip, clip_eps=s.clip_eps,
                 weights=aux["weights"], normalizers=aux["normalizers"])
         if algo == "grpo":
             return losses.grpo_loss(
                 lp, b.old_logprobs, b.ref_logprobs if g.kl_coef > 0 else None, b.response_mask,
-                b.correct.astype(jnp.float32), b.group_ids, clip_eps=g.clip_eps, kl_coef=g.kl_coef,
+                b.correct.astype(jnp.float32), b.group_ids, clip_eps=g.clip_eps, kl_coef=g.kl_coef, kl_clip=g.kl_clip,
                 normalize_std=g.normalize_std, advantages=aux["advantages"],
                 normalizers=aux["normalizers"])
         # kd: NLL of the teacher's samples (only the verified ones when kd_only_correct).

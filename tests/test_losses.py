@@ -493,3 +493,25 @@ def test_losses_module_imports_without_flax():
         assert not bad, bad
     """)
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_kl_clip_clamps_the_per_token_k3_as_the_released_code():
+    # verl clamps its low-variance KL (k3) to [-10, 10]; kl_clip does the same, as an option.
+    rng = np.random.default_rng(0)
+    b, t = 6, 5
+    lp = rng.uniform(-20.0, -0.1, (b, t)).astype(np.float32)  # far from the teacher: k3 > 10
+    tea = rng.uniform(-3.0, -0.1, (b, t)).astype(np.float32)
+    mask = np.ones((b, t), bool)
+    correct = np.zeros(b, bool)
+    groups = np.arange(b) // 3
+    r = lp.astype(np.float64) - tea
+    k3 = np.exp(-r) - 1 + r
+    assert k3.max() > 10
+    kw = dict(reduction="token_mean", distill="kl", kl="k3")
+    got, _ = L.scope_loss(lp, lp, tea, mask, correct, groups, kl_clip=10.0, **kw)
+    want, _ = L.scope_loss(lp, lp, tea, mask, correct, groups, per_token_kl=np.clip(k3, -10, 10), **kw)
+    unclipped, _ = L.scope_loss(lp, lp, tea, mask, correct, groups, **kw)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    assert abs(float(unclipped) - float(got)) > 1.0
+    _, m = L.grpo_loss(lp, lp, tea, mask, correct.astype(np.float32), groups, kl_clip=10.0)
+    np.testing.assert_allclose(float(m["kl"]), np.clip(k3, -10, 10).mean(), rtol=1e-5)
