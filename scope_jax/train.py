@@ -569,7 +569,8 @@ def train(cfg) -> dict:
             # accuracy: the verifier's fraction of correct rollouts (the loss's own "accuracy"
             # leaves out empty responses and is 0 by construction for OPD).
             row = {"step": step, **m, **info, "accuracy": m["reward"], "time_s": dt,
-                   "rollout_s": t1 - t0, "rollouts_per_s": info["rollouts"] / dt}
+                   "rollout_s": t1 - t0, "time/update_s": dt - (t1 - t0),
+                   "rollouts_per_s": info["rollouts"] / dt}
             if jax.process_index() == 0:
                 metrics_out.write(row)
                 board.write(step, row)
@@ -658,8 +659,24 @@ def _progress(start: int, total: int):
 
 def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, t_params, ref_params,
              score, eos, pad, base_key, mesh, *, teacher_scorer=None):
-    """Prompts of `step` -> rollouts -> verifier -> teacher / reference / old log-probs."""
+    """Prompts of `step` -> rollouts -> verifier -> teacher / reference / old log-probs.
+
+    Verification (host processes) runs in a thread while the scoring passes run (on the
+    devices, or on the teacher's server), so it adds to the step only what outlasts them; the
+    returned info has each stage's time ("time/<stage>_s") and what the overlapped verification
+    added to the critical path ("critical/verify_s"). The order of work changes, not the math.
+    """
+    import concurrent.futures
+
     from scope_jax.sampling import full_sequences, response_lists
+
+    times = {}
+
+    def timed(name, fn, *args):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        times[f"time/{name}_s"] = time.perf_counter() - t0
+        return out
 
     items = loader.batch_at(step)
     prompts, golds = [p for p, _ in items], [a for _, a in items]
@@ -668,31 +685,40 @@ def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, 
     temp = policy_temperature(cfg)
     policy = nnx.merge(t_graph, t_params) if kd else nnx.merge(graphdef, params)
     s = cfg.sampling
-    out = sampling.generate(policy, prompts, num_samples=cfg.num_samples, max_new_tokens=s.max_new_tokens,
-                            temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p or None,
-                            eos_ids=eos, pad_id=pad, key=key, mesh=mesh if mesh.size > 1 else None,
-                            repetition_penalty=s.repetition_penalty)
-    out, shape_info = _trim_responses(out, s.max_new_tokens)
-    # Each process decodes and verifies its own rollouts (the verifier work is spread over hosts).
-    texts = tokenizer.batch_decode(response_lists(out), skip_special_tokens=True)
-    results = verifier.verify_batch(texts, [g for g in golds for _ in range(cfg.num_samples)])
+
+    def rollouts():
+        out = sampling.generate(
+            policy, prompts, num_samples=cfg.num_samples, max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p or None, eos_ids=eos,
+            pad_id=pad, key=key, mesh=mesh if mesh.size > 1 else None, repetition_penalty=s.repetition_penalty)
+        out, shape_info = _trim_responses(out, s.max_new_tokens)
+        # Each process decodes and verifies its own rollouts (verification spreads over hosts).
+        return out, shape_info, tokenizer.batch_decode(response_lists(out), skip_special_tokens=True)
+
+    out, shape_info, texts = timed("generate", rollouts)
+    ids, mask = full_sequences(out)
+    m = out.tokens.shape[1]
+    zeros = jnp.zeros(out.tokens.shape, jnp.float32)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify") as pool:
+        verifying = pool.submit(timed, "verify", verifier.verify_batch, texts,
+                                [g for g in golds for _ in range(cfg.num_samples)])
+        if kd:  # the teacher sampled; the student's log-probs are the trained quantity
+            old = teacher_lp = zeros
+        else:
+            # The sampler's policy_logprobs are at temperature 1; at any other policy temperature
+            # the behaviour log-probs come from the training forward pass.
+            old = (out.policy_logprobs if temp == 1.0 and not cfg.recompute_old_logprobs
+                   else timed("score_old", score, graphdef, params, ids, mask, m, temp))
+            teacher_lp = (timed("score_teacher", lambda: teacher_scorer.score(ids, mask, m).logprobs)
+                          if cfg.algo in ("scope", "opd") else zeros)
+        ref_lp = timed("score_ref", score, graphdef, ref_params, ids, mask, m, temp) if ref_params is not None else zeros
+        t0 = time.perf_counter()
+        results = verifying.result()
+        times["critical/verify_s"] = time.perf_counter() - t0
     correct = np.array([r.reward > 0 for r in results])
     if jax.process_count() > 1:  # this host's labels -> the global [B] array
         correct = jax.make_array_from_process_local_data(
             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sampling.BATCH_AXES)), correct)
-    ids, mask = full_sequences(out)
-    m = out.tokens.shape[1]
-    zeros = jnp.zeros(out.tokens.shape, jnp.float32)
-    if kd:  # the teacher sampled; the student's log-probs are the trained quantity
-        old = zeros
-        teacher_lp = zeros
-    else:
-        # The sampler's policy_logprobs are at temperature 1; at any other policy temperature
-        # the behaviour log-probs come from the training forward pass.
-        old = (out.policy_logprobs if temp == 1.0 and not cfg.recompute_old_logprobs
-               else score(graphdef, params, ids, mask, m, temp))
-        teacher_lp = teacher_scorer.score(ids, mask, m).logprobs if cfg.algo in ("scope", "opd") else zeros
-    ref_lp = score(graphdef, ref_params, ids, mask, m, temp) if ref_params is not None else zeros
     batch = Rollouts(input_ids=ids, attention_mask=mask, response_mask=out.response_mask,
                      old_logprobs=old, teacher_logprobs=teacher_lp, ref_logprobs=ref_lp,
                      correct=jnp.asarray(correct), group_ids=out.group_ids)
@@ -701,7 +727,7 @@ def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, 
         "rollouts": int(len(results)),
         "finished_eos": float(np.mean(sampling.local_rows(out.finish_reason) == sampling.FINISH_EOS)),
         "verifier_timeouts": float(reasons.count("timeout")),
-        **shape_info,
+        **shape_info, **times,
     }
     return batch, info
 
