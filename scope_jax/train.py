@@ -495,10 +495,6 @@ def train(cfg) -> dict:
     config_lib.validate(cfg)
     shd.initialize_distributed()
     os.makedirs(cfg.workdir, exist_ok=True)
-    if cfg.get("toy_dir"):
-        from scope_jax import toy
-
-        toy.build_toy(cfg.toy_dir)
     # Before any weights load: the workdir must hold this run (or none), see scope_jax.checkpoint.
     checkpoint.check_identity(cfg.workdir, checkpoint.identity(cfg), force=cfg.resume == "force")
     mesh = shd.make_mesh(cfg.mesh)

@@ -102,6 +102,10 @@ def main(argv):
                 CheckpointError)
     try:
         config_lib.validate(cfg)
+        if cfg.get("toy_dir"):  # the toy configs: build the toy task and models once (or reuse them)
+            from scope_jax import toy
+
+            toy.build_toy(cfg.toy_dir)
         last = train.train(cfg)
     except expected as e:
         raise SystemExit(f"error: {e}") from None
