@@ -261,7 +261,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def identity(cfg) -> dict:
     """The resolved config (JSON types) and the fingerprints of the models it names."""
     config = json.loads(json.dumps(cfg.to_dict(), default=str))
-    uses_teacher = cfg.algo in ("scope", "opd", "kd")
+    from scope_jax import algorithms
+
+    uses_teacher = algorithms.get(cfg.algo).loads_teacher
     return {"config": config, "student": fingerprint(cfg.student),
             "teacher": fingerprint(cfg.teacher) if uses_teacher else None}
 

@@ -9,7 +9,9 @@ import difflib
 import math
 from typing import Any, Callable
 
-ALGOS = ("scope", "opd", "grpo", "kd")
+from scope_jax.algorithms import ALGORITHMS
+
+ALGOS = tuple(ALGORITHMS)
 _DTYPES = ("float32", "bfloat16")
 
 
@@ -176,7 +178,7 @@ def problems(cfg) -> list[str]:
     mesh = flat.get("mesh")
     if not hasattr(mesh, "items") or not all(isinstance(v, int) and (v == -1 or v >= 1) for v in mesh.values()):
         out.append(f"config.mesh={mesh!r}: must map axis names to sizes >= 1 (one may be -1)")
-    if cfg["algo"] in ("scope", "opd", "kd") and not (cfg["teacher"] or cfg["teacher_url"]):
+    if ALGORITHMS[cfg["algo"]].loads_teacher and not (cfg["teacher"] or cfg["teacher_url"]):
         out.append(f"config.teacher: algo={cfg['algo']!r} needs a teacher checkpoint directory "
                    "(or config.teacher_url, a teacher server)")
     batch = cfg["prompts_per_step"] * cfg["num_samples"]

@@ -366,6 +366,8 @@ def check_remote_config(cfg) -> None:
     if not math.isclose(float(cfg.teacher_temperature), 1.0):
         raise ValueError(f"config.teacher_temperature={cfg.teacher_temperature}: a remote teacher "
                          f"(config.teacher_url={cfg.teacher_url!r}) scores at temperature 1 only")
-    if cfg.algo == "kd":
-        raise ValueError(f"config.algo='kd' samples from the teacher, which config.teacher_url="
+    from scope_jax import algorithms
+
+    if algorithms.get(cfg.algo).samples_with == "teacher":
+        raise ValueError(f"config.algo={cfg.algo!r} samples from the teacher, which config.teacher_url="
                          f"{cfg.teacher_url!r} does not do; load it with config.teacher instead")

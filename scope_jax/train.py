@@ -40,14 +40,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from scope_jax import checkpoint, losses, sampling, tracking
+from scope_jax import algorithms, checkpoint, losses, sampling, tracking
 from scope_jax import config as config_lib
 from scope_jax import sharding as shd
 from scope_jax import teacher as teachers
 
 log = logging.getLogger(__name__)
 
-ALGOS = ("scope", "opd", "grpo", "kd")
+ALGOS = tuple(algorithms.ALGORITHMS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,67 +137,27 @@ def policy_temperature(cfg) -> float:
     logits by the rollout temperature. config.logprob_temperature overrides it (1.0: the raw
     policy). KD trains on the teacher's samples by NLL, at 1.0. Greedy sampling (T = 0) uses 1.0.
     """
-    if cfg.algo == "kd":
-        return 1.0
-    t = cfg.get("logprob_temperature")
-    t = cfg.sampling.temperature if t is None else t
-    return float(t) if t and t > 0 else 1.0
+    return algorithms.get(cfg.algo).temperature(cfg)
 
 
 def make_loss(cfg) -> Callable:
     """loss(logprobs, batch, aux) -> (loss, metrics) for cfg.algo; aux holds full-batch constants."""
-    algo = cfg.algo
-    if algo not in ALGOS:
-        raise ValueError(f"config.algo={algo!r}; expected one of {ALGOS}")
-    s, g = cfg.scope, cfg.grpo
-
-    def loss(lp, b: Rollouts, aux):
-        if algo == "scope":
-            return losses.scope_loss(
-                lp, b.old_logprobs, b.teacher_logprobs, b.response_mask, b.correct, b.group_ids,
-                s.tau, reduction=s.reduction, distill=s.distill, kl=s.kl, kl_clip=s.kl_clip, clip_eps=s.clip_eps,
-                weights=aux["weights"], normalizers=aux["normalizers"])
-        if algo == "opd":
-            return losses.opd_loss(
-                lp, b.old_logprobs, b.teacher_logprobs, b.response_mask, b.group_ids,
-                reduction=s.reduction, distill=s.distill, kl=s.kl, kl_clip=s.kl_clip, clip_eps=s.clip_eps,
-                weights=aux["weights"], normalizers=aux["normalizers"])
-        if algo == "grpo":
-            return losses.grpo_loss(
-                lp, b.old_logprobs, b.ref_logprobs if g.kl_coef > 0 else None, b.response_mask,
-                b.correct.astype(jnp.float32), b.group_ids, clip_eps=g.clip_eps, kl_coef=g.kl_coef, kl_clip=g.kl_clip,
-                normalize_std=g.normalize_std, advantages=aux["advantages"],
-                normalizers=aux["normalizers"])
-        # kd: NLL of the teacher's samples (only the verified ones when kd_only_correct).
-        return losses.kd_loss(lp, loss_mask(cfg, b), normalizers=aux["normalizers"])
-
-    return loss
+    return algorithms.get(cfg.algo).loss(cfg)
 
 
 def loss_mask(cfg, b: Rollouts) -> jax.Array:
     """bool [B, M]: the response tokens the loss counts (KD with kd_only_correct: only the
     verified rollouts'); the loss and its full-batch denominators must use the same mask."""
-    if cfg.algo == "kd" and cfg.kd_only_correct:
-        return b.response_mask & b.correct[:, None]
-    return b.response_mask
+    return algorithms.get(cfg.algo).loss_mask(cfg, b)
 
 
 def full_batch_constants(cfg, b: Rollouts) -> dict:
-    """What micro-batches must share: weights, advantages and denominators of the whole batch."""
-    s = cfg.scope
+    """What micro-batches must share: the whole batch's loss denominators and the algorithm's
+    per-rollout weights or advantages (scope_jax.algorithms)."""
     mask = loss_mask(cfg, b)
     aux = {"normalizers": losses.loss_normalizers(mask, b.correct, b.group_ids),
            "weights": None, "advantages": None}
-    if cfg.algo == "scope":
-        aux["weights"] = losses.scope_weights(
-            b.old_logprobs, b.teacher_logprobs, mask, b.correct, b.group_ids, s.tau,
-            student_weighting=s.student_weighting, teacher_weighting=s.teacher_weighting,
-            normalize="sum" if s.reduction == "paper" else "mean")
-    if cfg.algo == "opd":
-        aux["weights"] = losses.opd_weights(mask, b.group_ids, reduction=s.reduction)
-    if cfg.algo == "grpo":
-        aux["advantages"] = losses.group_advantages(
-            b.correct.astype(jnp.float32), b.group_ids, mask.any(-1), normalize_std=cfg.grpo.normalize_std)
+    aux.update(algorithms.get(cfg.algo).constants(cfg, b, mask))
     return aux
 
 
@@ -462,7 +422,7 @@ def _load_models(cfg, mesh):
     student = load_hf(cfg.student, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype), mesh=mesh,
                       remat=m.remat_policy)
     teacher = None
-    if cfg.algo in ("scope", "opd", "kd") and not cfg.get("teacher_url"):  # else it lives on its server
+    if algorithms.get(cfg.algo).loads_teacher and not cfg.get("teacher_url"):  # else it lives on its server
         teacher = load_hf(cfg.teacher, dtype=_dtype(m.teacher_dtype), mesh=mesh)
     return student, teacher
 
@@ -505,7 +465,7 @@ def train(cfg) -> dict:
     graphdef, params = nnx.split(student)
     params = nnx.to_pure_dict(params)
     # GRPO's reference is the initial student; a copy, because the train state is donated.
-    ref_params = jax.tree.map(jnp.copy, params) if cfg.algo == "grpo" and cfg.grpo.kl_coef > 0 else None
+    ref_params = jax.tree.map(jnp.copy, params) if algorithms.get(cfg.algo).reference(cfg) else None
     optimizer = make_optimizer(cfg)
     state = TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
@@ -525,17 +485,21 @@ def train(cfg) -> dict:
     state_sh = state_shardings(optimizer, nnx.to_pure_dict(shd.model_shardings(student, mesh)), mesh, params)
     state, batch_sh = jax.device_put(state, state_sh), batch_sharding(mesh)
     step_fn = under_mesh(build_step(cfg, graphdef, optimizer, state_sh, mesh), mesh)
-    score = under_mesh(make_score(cfg), mesh)
-    t_graph, t_params = nnx.split(teacher) if teacher is not None else (None, None)
+    alg = algorithms.get(cfg.algo)
     # Who scores the rollouts: the loaded teacher, or the server at config.teacher_url.
-    teacher_scorer = teachers.from_config(cfg, teacher, mesh) if cfg.algo in ("scope", "opd") else None
-    # The same stop ids as evaluation (sampling.stop_ids), plus config.sampling.eos_ids.
-    eos = sampling.stop_ids(student.config, tokenizer, cfg.sampling.eos_ids or (), checkpoint=cfg.student)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    base_key = jax.random.key(cfg.seed)
+    teacher_scorer = teachers.from_config(cfg, teacher, mesh) if alg.teacher_scores else None
     stop = _Stop()
     previous = signal.signal(signal.SIGTERM, stop)
     verifier = Verifier(num_workers=cfg.verifier.num_workers, timeout_s=cfg.verifier.timeout_s)
+    collector = Collector(
+        cfg=cfg, loader=loader, tokenizer=tokenizer, verifier=verifier, graphdef=graphdef,
+        score=under_mesh(make_score(cfg), mesh), mesh=mesh,
+        # The same stop ids as evaluation (sampling.stop_ids), plus config.sampling.eos_ids.
+        eos=sampling.stop_ids(student.config, tokenizer, cfg.sampling.eos_ids or (), checkpoint=cfg.student),
+        pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        key=jax.random.key(cfg.seed),
+        sampler=nnx.split(teacher) if alg.samples_with == "teacher" else None,
+        reference=ref_params, teacher_scorer=teacher_scorer)
     # The streak of skipped steps continues across a resume (from the kept metrics rows).
     bad_in_a_row, last = metrics_out.tail_skipped if metrics_out is not None else 0, {}
     if jax.process_count() > 1:
@@ -547,9 +511,7 @@ def train(cfg) -> dict:
         for step in range(start, cfg.num_steps):
             t0 = time.perf_counter()
             try:
-                batch, info = _collect(cfg, step, loader, tokenizer, verifier, graphdef, state.params,
-                                       t_graph, t_params, ref_params, score, eos, pad, base_key, mesh,
-                                       teacher_scorer=teacher_scorer)
+                batch, info = collector.collect(step, state.params)
             except teachers.TeacherError as e:
                 # The teacher's server is gone: keep every finished step, then stop.
                 ckpt.manager.wait_until_finished()
@@ -653,79 +615,95 @@ def _progress(start: int, total: int):
     return update
 
 
-def _collect(cfg, step, loader, tokenizer, verifier, graphdef, params, t_graph, t_params, ref_params,
-             score, eos, pad, base_key, mesh, *, teacher_scorer=None):
-    """Prompts of `step` -> rollouts -> verifier -> teacher / reference / old log-probs.
+@dataclasses.dataclass
+class Collector:
+    """A step's prompts -> a Rollouts batch: generate, then verify while the rollouts are scored
+    (the old / teacher / reference log-probs), as scope_jax.algorithms says the algorithm needs.
 
-    Verification (host processes) runs in a thread while the scoring passes run (on the
-    devices, or on the teacher's server), so it adds to the step only what outlasts them; the
-    returned info has each stage's time ("time/<stage>_s") and what the overlapped verification
-    added to the critical path ("critical/verify_s"). The order of work changes, not the math.
+    Built once by train(); `collect(step, params)` runs the stages for one step. Verification
+    (host processes) runs in a thread while the scoring passes run (on the devices, or on the
+    teacher's server), so it adds to the step only what outlasts them; the returned info has
+    each stage's time ("time/<stage>_s") and what the overlapped verification added to the
+    critical path ("critical/verify_s"). The order of work changes, not the math.
     """
-    import concurrent.futures
 
-    from scope_jax.sampling import full_sequences, response_lists
+    cfg: Any
+    loader: Any  # data.PromptLoader: (prompt ids, gold) of each step
+    tokenizer: Any
+    verifier: Any  # verifiers.Verifier pool
+    graphdef: Any  # the student's
+    score: Callable  # make_score(cfg) under the mesh
+    mesh: Any
+    eos: list[int]  # sampling.stop_ids
+    pad: int
+    key: jax.Array  # the run's base PRNG key (each step folds its index in)
+    sampler: Any = None  # (graphdef, params) of the teacher when it samples (KD)
+    reference: Any = None  # GRPO's frozen initial student params
+    teacher_scorer: Any = None  # scope_jax.teacher.Teacher when the algorithm needs its scores
 
-    times = {}
+    def collect(self, step: int, params):
+        """(Rollouts batch, info dict) of `step`'s prompts under the student's `params`."""
+        import concurrent.futures
 
-    def timed(name, fn, *args):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        times[f"time/{name}_s"] = time.perf_counter() - t0
-        return out
+        from scope_jax.sampling import full_sequences, response_lists
 
-    items = loader.batch_at(step)
-    prompts, golds = [p for p, _ in items], [a for _, a in items]
-    key = jax.random.fold_in(base_key, step)
-    kd = cfg.algo == "kd"
-    temp = policy_temperature(cfg)
-    policy = nnx.merge(t_graph, t_params) if kd else nnx.merge(graphdef, params)
-    s = cfg.sampling
+        cfg, alg, s, times = self.cfg, algorithms.get(self.cfg.algo), self.cfg.sampling, {}
 
-    def rollouts():
-        out = sampling.generate(
-            policy, prompts, num_samples=cfg.num_samples, max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p or None, eos_ids=eos,
-            pad_id=pad, key=key, mesh=mesh if mesh.size > 1 else None, repetition_penalty=s.repetition_penalty)
-        out, shape_info = _trim_responses(out, s.max_new_tokens)
-        # Each process decodes and verifies its own rollouts (verification spreads over hosts).
-        return out, shape_info, tokenizer.batch_decode(response_lists(out), skip_special_tokens=True)
+        def timed(name, fn, *args):
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(fn(*args))
+            times[f"time/{name}_s"] = time.perf_counter() - t0
+            return out
 
-    out, shape_info, texts = timed("generate", rollouts)
-    ids, mask = full_sequences(out)
-    m = out.tokens.shape[1]
-    zeros = jnp.zeros(out.tokens.shape, jnp.float32)
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify") as pool:
-        verifying = pool.submit(timed, "verify", verifier.verify_batch, texts,
-                                [g for g in golds for _ in range(cfg.num_samples)])
-        if kd:  # the teacher sampled; the student's log-probs are the trained quantity
-            old = teacher_lp = zeros
-        else:
-            # The sampler's policy_logprobs are at temperature 1; at any other policy temperature
-            # the behaviour log-probs come from the training forward pass.
-            old = (out.policy_logprobs if temp == 1.0 and not cfg.recompute_old_logprobs
-                   else timed("score_old", score, graphdef, params, ids, mask, m, temp))
-            teacher_lp = (timed("score_teacher", lambda: teacher_scorer.score(ids, mask, m).logprobs)
-                          if cfg.algo in ("scope", "opd") else zeros)
-        ref_lp = timed("score_ref", score, graphdef, ref_params, ids, mask, m, temp) if ref_params is not None else zeros
-        t0 = time.perf_counter()
-        results = verifying.result()
-        times["critical/verify_s"] = time.perf_counter() - t0
-    correct = np.array([r.reward > 0 for r in results])
-    if jax.process_count() > 1:  # this host's labels -> the global [B] array
-        correct = jax.make_array_from_process_local_data(
-            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sampling.BATCH_AXES)), correct)
-    batch = Rollouts(input_ids=ids, attention_mask=mask, response_mask=out.response_mask,
-                     old_logprobs=old, teacher_logprobs=teacher_lp, ref_logprobs=ref_lp,
-                     correct=jnp.asarray(correct), group_ids=out.group_ids)
-    reasons = [r.reason for r in results]
-    info = {  # this host's rollouts
-        "rollouts": int(len(results)),
-        "finished_eos": float(np.mean(sampling.local_rows(out.finish_reason) == sampling.FINISH_EOS)),
-        "verifier_timeouts": float(reasons.count("timeout")),
-        **shape_info, **times,
-    }
-    return batch, info
+        items = self.loader.batch_at(step)
+        prompts, golds = [p for p, _ in items], [a for _, a in items]
+        temp = alg.temperature(cfg)
+        policy = nnx.merge(*self.sampler) if alg.samples_with == "teacher" else nnx.merge(self.graphdef, params)
+
+        def rollouts():
+            out = sampling.generate(
+                policy, prompts, num_samples=cfg.num_samples, max_new_tokens=s.max_new_tokens,
+                temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p or None, eos_ids=self.eos,
+                pad_id=self.pad, key=jax.random.fold_in(self.key, step),
+                mesh=self.mesh if self.mesh.size > 1 else None, repetition_penalty=s.repetition_penalty)
+            out, shape_info = _trim_responses(out, s.max_new_tokens)
+            # Each process decodes and verifies its own rollouts (verification spreads over hosts).
+            return out, shape_info, self.tokenizer.batch_decode(response_lists(out), skip_special_tokens=True)
+
+        out, shape_info, texts = timed("generate", rollouts)
+        ids, mask = full_sequences(out)
+        m = out.tokens.shape[1]
+        zeros = jnp.zeros(out.tokens.shape, jnp.float32)
+        old, teacher_lp, ref_lp = zeros, zeros, zeros
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify") as pool:
+            verifying = pool.submit(timed, "verify", self.verifier.verify_batch, texts,
+                                    [g for g in golds for _ in range(cfg.num_samples)])
+            if alg.old_logprobs:
+                # The sampler's policy_logprobs are at temperature 1; at any other policy
+                # temperature the behaviour log-probs come from the training forward pass.
+                old = (out.policy_logprobs if temp == 1.0 and not cfg.recompute_old_logprobs
+                       else timed("score_old", self.score, self.graphdef, params, ids, mask, m, temp))
+            if alg.teacher_scores:
+                teacher_lp = timed("score_teacher", lambda: self.teacher_scorer.score(ids, mask, m).logprobs)
+            if self.reference is not None:
+                ref_lp = timed("score_ref", self.score, self.graphdef, self.reference, ids, mask, m, temp)
+            t0 = time.perf_counter()
+            results = verifying.result()
+            times["critical/verify_s"] = time.perf_counter() - t0
+        correct = np.array([r.reward > 0 for r in results])
+        if jax.process_count() > 1:  # this host's labels -> the global [B] array
+            correct = jax.make_array_from_process_local_data(batch_sharding(self.mesh), correct)
+        batch = Rollouts(input_ids=ids, attention_mask=mask, response_mask=out.response_mask,
+                         old_logprobs=old, teacher_logprobs=teacher_lp, ref_logprobs=ref_lp,
+                         correct=jnp.asarray(correct), group_ids=out.group_ids)
+        reasons = [r.reason for r in results]
+        info = {  # this host's rollouts
+            "rollouts": int(len(results)),
+            "finished_eos": float(np.mean(sampling.local_rows(out.finish_reason) == sampling.FINISH_EOS)),
+            "verifier_timeouts": float(reasons.count("timeout")),
+            **shape_info, **times,
+        }
+        return batch, info
 
 
 def _trim_responses(out, max_new_tokens: int):
@@ -779,7 +757,8 @@ def dry_run(cfg) -> dict:
     per device. tools/scale_check.py compiles the same step for memory, FLOPs and collectives."""
     mesh = shd.make_mesh(cfg.mesh)
     report = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": int(mesh.size)}
-    for role in ("student", "teacher") if cfg.algo != "grpo" and not cfg.get("teacher_url") else ("student",):
+    teacher = algorithms.get(cfg.algo).loads_teacher and not cfg.get("teacher_url")
+    for role in ("student", "teacher") if teacher else ("student",):
         _, params, shardings = abstract_model(cfg, role, mesh)
         leaves, shard_leaves = jax.tree.leaves(params), jax.tree.leaves(shardings)
         per_device = sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize

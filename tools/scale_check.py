@@ -243,8 +243,8 @@ def _extrapolate(points: dict[int, float], depth: int) -> float:
 def run(cfg, *, layers: list[int], rows: int, seq_len: int, response_len: int, teacher: bool = True) -> dict:
     import jax
 
+    from scope_jax import algorithms, train
     from scope_jax import sharding as shd
-    from scope_jax import train
 
     mesh = shd.make_mesh(cfg.mesh)
     student = train._hf_config(cfg, "student")
@@ -263,7 +263,7 @@ def run(cfg, *, layers: list[int], rows: int, seq_len: int, response_len: int, t
         ideal = ideal_flops(c.arch.student, rows, seq_len, response_len, c.model.remat_policy != "none")
         r["ideal_flops_per_chip"] = {k: v / mesh.size for k, v in ideal.items()}
         r["flops_vs_ideal"] = r["matmul_flops"] / r["ideal_flops_per_chip"]["total"]
-        if teacher and cfg.algo in ("scope", "opd", "kd"):
+        if teacher and algorithms.get(cfg.algo).loads_teacher:
             t0 = time.perf_counter()
             scored = train.lower_score(cfg, "teacher", rows=rows, seq_len=seq_len, response_len=response_len,
                                        mesh=mesh, num_layers=n_layers).compile()
