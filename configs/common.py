@@ -41,6 +41,7 @@ def base() -> ml_collections.ConfigDict:
     c.teacher_client.backoff_s = 1.0  # wait before retry r: backoff_s * 2**(r - 1), at most 60 s
     c.tokenizer = ""  # default: the student's directory
     c.toy_dir = ""  # when set, tools/train.py runs scope_jax.toy.build_toy(toy_dir) first (or reuses it)
+    c.toy_family = "toy"  # which toy it builds there (scope_jax.toy.FAMILIES)
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""  # one path or a list; JSONL / parquet (scope_jax.data.load_examples)

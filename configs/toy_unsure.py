@@ -2,8 +2,7 @@
 product results are off by one 60% of the time (scope_jax.toy.FAMILIES["unsure"]), so it is
 unsure, and often wrong, exactly on products.
 
-    python -m tools.make_toy --family unsure --out runs/toy_unsure      # build it first
-    python -m tools.train --config configs/toy_unsure.py:scope --config.num_steps=30
+    python -m tools.train --config configs/toy_unsure.py:scope --config.num_steps=30   # builds it first
 """
 
 from configs.toy_blindspot import family_config

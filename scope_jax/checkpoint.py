@@ -263,7 +263,8 @@ def identity(cfg) -> dict:
     config = json.loads(json.dumps(cfg.to_dict(), default=str))
     from scope_jax import algorithms
 
-    uses_teacher = algorithms.get(cfg.algo).loads_teacher
+    # A teacher on its server (config.teacher_url) has no local files to fingerprint.
+    uses_teacher = algorithms.get(cfg.algo).loads_teacher and not cfg.get("teacher_url")
     return {"config": config, "student": fingerprint(cfg.student),
             "teacher": fingerprint(cfg.teacher) if uses_teacher else None}
 

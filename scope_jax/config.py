@@ -85,6 +85,7 @@ SCHEMA: dict[str, Callable[[Any], str | None]] = {
     "logging.run_name": _STR,
     "tokenizer": _STR,
     "toy_dir": _STR,
+    "toy_family": _STR,  # scope_jax.toy.toy_settings checks the name when the toy is built
     "data.train_files": _files,
     "data.spec": _STR,
     "data.style": _one_of("chat", "raw", "deepmath"),

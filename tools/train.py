@@ -98,14 +98,16 @@ def main(argv):
     if _DRY_RUN.value:
         print(json.dumps(train.dry_run(cfg), indent=2))
         return
+    from scope_jax.teacher import TeacherError
+
     expected = (config_lib.ConfigError, checkpoint.RunMismatch, checkpoint.NonFiniteError, DataError,
-                CheckpointError)
+                CheckpointError, TeacherError)
     try:
         config_lib.validate(cfg)
         if cfg.get("toy_dir"):  # the toy configs: build the toy task and models once (or reuse them)
             from scope_jax import toy
 
-            toy.build_toy(cfg.toy_dir)
+            toy.build_toy(cfg.toy_dir, settings=toy.toy_settings(cfg.toy_family))
         last = train.train(cfg)
     except expected as e:
         raise SystemExit(f"error: {e}") from None
