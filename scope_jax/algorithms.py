@@ -135,6 +135,12 @@ ALGORITHMS: dict[str, Algorithm] = {
 }
 
 
+def loads_local_teacher(cfg) -> bool:
+    """The trainer loads the teacher's weights: the algorithm needs a teacher and it is not on a
+    server (config.teacher_url)."""
+    return get(cfg.algo).loads_teacher and not cfg.get("teacher_url")
+
+
 def get(name: str) -> Algorithm:
     """ALGORITHMS[name], or a ValueError naming config.algo and the choices."""
     if name not in ALGORITHMS:

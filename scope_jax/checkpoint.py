@@ -264,7 +264,7 @@ def identity(cfg) -> dict:
     from scope_jax import algorithms
 
     # A teacher on its server (config.teacher_url) has no local files to fingerprint.
-    uses_teacher = algorithms.get(cfg.algo).loads_teacher and not cfg.get("teacher_url")
+    uses_teacher = algorithms.loads_local_teacher(cfg)
     return {"config": config, "student": fingerprint(cfg.student),
             "teacher": fingerprint(cfg.teacher) if uses_teacher else None}
 

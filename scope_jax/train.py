@@ -47,8 +47,6 @@ from scope_jax import teacher as teachers
 
 log = logging.getLogger(__name__)
 
-ALGOS = tuple(algorithms.ALGORITHMS)
-
 
 # --------------------------------------------------------------------------------------------
 # The batch layout and the train state.
@@ -422,7 +420,7 @@ def _load_models(cfg, mesh):
     student = load_hf(cfg.student, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype), mesh=mesh,
                       remat=m.remat_policy)
     teacher = None
-    if algorithms.get(cfg.algo).loads_teacher and not cfg.get("teacher_url"):  # else it lives on its server
+    if algorithms.loads_local_teacher(cfg):  # else it lives on its server (config.teacher_url)
         teacher = load_hf(cfg.teacher, dtype=_dtype(m.teacher_dtype), mesh=mesh)
     return student, teacher
 
@@ -757,8 +755,7 @@ def dry_run(cfg) -> dict:
     per device. tools/scale_check.py compiles the same step for memory, FLOPs and collectives."""
     mesh = shd.make_mesh(cfg.mesh)
     report = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "devices": int(mesh.size)}
-    teacher = algorithms.get(cfg.algo).loads_teacher and not cfg.get("teacher_url")
-    for role in ("student", "teacher") if teacher else ("student",):
+    for role in ("student", "teacher") if algorithms.loads_local_teacher(cfg) else ("student",):
         _, params, shardings = abstract_model(cfg, role, mesh)
         leaves, shard_leaves = jax.tree.leaves(params), jax.tree.leaves(shardings)
         per_device = sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
