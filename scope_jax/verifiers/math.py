@@ -635,15 +635,19 @@ class Verifier:
             self.close()
             raise
 
-    def _new_worker(self) -> _Worker:
-        try:
-            return _Worker(self._ctx, self._inner_timeout, self.memory_limit_mb, self._check_fn)
-        except (EOFError, ConnectionError, FileNotFoundError) as e:
-            # The fork server died (killed, OOM) while starting this worker; multiprocessing
-            # starts a new one on the next request, so try once more.
-            log.warning("verifier fork server lost while starting a worker (%s: %s); restarting it",
-                        type(e).__name__, e)
-            return _Worker(self._ctx, self._inner_timeout, self.memory_limit_mb, self._check_fn)
+    def _new_worker(self, attempts: int = 5) -> _Worker:
+        for attempt in range(attempts):
+            try:
+                return _Worker(self._ctx, self._inner_timeout, self.memory_limit_mb, self._check_fn)
+            except (EOFError, ConnectionError, FileNotFoundError) as e:
+                # The fork server died (killed, OOM); multiprocessing starts a new one on a later
+                # request, but only once it sees the old one gone (a killed server that is not
+                # reaped yet still looks alive, and its socket refuses): wait a little, retry.
+                if attempt == attempts - 1:
+                    raise
+                log.warning("verifier fork server lost while starting a worker (%s: %s); restarting it",
+                            type(e).__name__, e)
+                time.sleep(0.1 * (attempt + 1))
 
     def _lost_fork_server(self, w: _Worker) -> bool:
         """True when `w` looks dead because the fork server is gone: multiprocessing then reads
