@@ -55,6 +55,14 @@ def base() -> ml_collections.ConfigDict:
     c.num_samples = 8  # rollouts per prompt (the paper's OPD baseline: 1)
     c.micro_batches = 1  # gradient accumulation slices of the rollout batch
 
+    # Rollout collection as a pipeline (train.Collector): the step's prompts in `chunks` chunks
+    # (must divide prompts_per_step); each chunk is verified, and scored by a remote teacher,
+    # while the next one generates. Chunk c samples with a key derived from (step, c), so the
+    # rollouts depend on `chunks` (1: one key per step, as before) but not on `overlap`.
+    c.pipeline = ml_collections.ConfigDict()
+    c.pipeline.chunks = 1
+    c.pipeline.overlap = True  # False: the same work in series (same results, longer steps)
+
     c.sampling = ml_collections.ConfigDict()
     c.sampling.max_new_tokens = 12288
     c.sampling.temperature = 0.6

@@ -95,6 +95,8 @@ SCHEMA: dict[str, Callable[[Any], str | None]] = {
     "prompts_per_step": _int(1),
     "num_samples": _int(1),
     "micro_batches": _int(1),
+    "pipeline.chunks": _int(1),
+    "pipeline.overlap": _BOOL,
     "sampling.max_new_tokens": _int(1),
     "sampling.temperature": _num(0),
     "sampling.top_k": _int(0),
@@ -186,6 +188,9 @@ def problems(cfg) -> list[str]:
     if batch % cfg["micro_batches"]:
         out.append(f"config.micro_batches={cfg['micro_batches']}: must divide the rollout batch "
                    f"prompts_per_step * num_samples = {batch}")
+    if cfg["prompts_per_step"] % cfg["pipeline"]["chunks"]:
+        out.append(f"config.pipeline.chunks={cfg['pipeline']['chunks']}: must divide prompts_per_step="
+                   f"{cfg['prompts_per_step']} (every chunk holds the same number of prompts)")
     return out
 
 

@@ -52,6 +52,10 @@ class TeacherScores:
 
 
 class Teacher(Protocol):
+    # True when scoring runs off this process's devices (a server): the trainer then calls
+    # `score` from a worker thread while its devices generate (train.Collector).
+    remote: bool
+
     def score(self, input_ids, attention_mask, num_response: int, *, top_k: int = 0) -> TeacherScores:
         ...
 
@@ -104,6 +108,11 @@ class LocalTeacher:
     model: a scope_jax.models.Transformer (sharded as loaded). temperature: the teacher scores
     log softmax(logits / temperature) (config.teacher_temperature). chunk_size: vocabulary tile.
     """
+
+    # Its passes run on the trainer's devices, so the trainer keeps them on its main thread:
+    # programs with collectives dispatched from two threads can start in different orders on
+    # different devices (or hosts) and deadlock, and they would share the chips anyway.
+    remote = False
 
     def __init__(self, model, *, temperature: float = 1.0, chunk_size: int = 512, score=None):
         from scope_jax.train import response_logprobs  # train imports this module
@@ -225,7 +234,10 @@ class RemoteTeacher:
     408 / 429 or a 5xx, waiting backoff_s * 2**attempt (capped at 60 s) before each; any other
     4xx fails at once. mesh: needed in a multi-process run (rows are split over its batch axes).
     Errors are TeacherError naming the server, the request (rows, sequences, tokens) and cause.
+    `score` may be called from any thread (httpx.Client is thread-safe).
     """
+
+    remote = True
 
     def __init__(self, url: str, *, model: str = "", batch_size: int = 16, max_concurrency: int = 4,
                  timeout_s: float = 300.0, retries: int = 5, backoff_s: float = 1.0, mesh=None):

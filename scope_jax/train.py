@@ -23,6 +23,7 @@ a non-finite model raises (no export).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -615,79 +616,119 @@ def _progress(start: int, total: int):
 
 @dataclasses.dataclass
 class Collector:
-    """A step's prompts -> a Rollouts batch: generate, then verify while the rollouts are scored
-    (the old / teacher / reference log-probs), as scope_jax.algorithms says the algorithm needs.
+    """A step's prompts -> a Rollouts batch: generate, verify and score (the old / teacher /
+    reference log-probs, as scope_jax.algorithms says the algorithm needs), as a pipeline.
 
-    Built once by train(); `collect(step, params)` runs the stages for one step. Verification
-    (host processes) runs in a thread while the scoring passes run (on the devices, or on the
-    teacher's server), so it adds to the step only what outlasts them; the returned info has
-    each stage's time ("time/<stage>_s") and what the overlapped verification added to the
-    critical path ("critical/verify_s"). The order of work changes, not the math.
+    Built once by train(); `collect(step, params)` runs the stages for one step. The prompts go
+    in config.pipeline.chunks chunks, generated one after another. With pipeline.overlap, each
+    finished chunk's verification (host processes) and, when the teacher is remote
+    (config.teacher_url), its teacher scoring start in worker threads while the next chunk
+    generates; the chunks are then assembled into one batch (assemble_chunks) for the student's
+    passes (pi_old, GRPO's reference) and a co-located teacher's, which stay on this thread
+    (LocalTeacher.remote says why), then the teacher's and the verifier's results are awaited.
+    Without overlap the same calls run in series on this thread: generation, then the passes,
+    then each chunk's teacher scores and verification. The order of work changes, not the math.
+
+    The returned info has each stage's time summed over chunks ("time/<stage>_s": generate,
+    verify, score_old, score_teacher, score_ref) and the time the teacher and the verifier added
+    to the critical path after the student's passes ("critical/score_teacher_s": the wait for
+    the teacher's scores, all of its time when it is co-located or not overlapped;
+    "critical/verify_s": the wait for the verifier's labels).
     """
 
     cfg: Any
     loader: Any  # data.PromptLoader: (prompt ids, gold) of each step
     tokenizer: Any
-    verifier: Any  # verifiers.Verifier pool
+    verifier: Any  # verifiers.Verifier pool (thread-safe)
     graphdef: Any  # the student's
     score: Callable  # make_score(cfg) under the mesh
     mesh: Any
     eos: list[int]  # sampling.stop_ids
     pad: int
-    key: jax.Array  # the run's base PRNG key (each step folds its index in)
+    key: jax.Array  # the run's base PRNG key (each step folds its index in, each chunk its own)
     sampler: Any = None  # (graphdef, params) of the teacher when it samples (KD)
     reference: Any = None  # GRPO's frozen initial student params
     teacher_scorer: Any = None  # scope_jax.teacher.Teacher when the algorithm needs its scores
 
+    def __post_init__(self):
+        if int(self.cfg.pipeline.chunks) > 1 and jax.process_count() > 1:
+            raise ValueError(f"config.pipeline.chunks={self.cfg.pipeline.chunks}: chunked collection runs in "
+                             "one process only (chunks are assembled from local rows); use 1 on several hosts")
+
     def collect(self, step: int, params):
         """(Rollouts batch, info dict) of `step`'s prompts under the student's `params`."""
-        import concurrent.futures
-
         from scope_jax.sampling import full_sequences, response_lists
 
         cfg, alg, s, times = self.cfg, algorithms.get(self.cfg.algo), self.cfg.sampling, {}
+        chunks, overlap = int(cfg.pipeline.chunks), bool(cfg.pipeline.overlap)
 
         def timed(name, fn, *args):
             t0 = time.perf_counter()
             out = jax.block_until_ready(fn(*args))
-            times[f"time/{name}_s"] = time.perf_counter() - t0
+            key = f"time/{name}_s"  # each key is written by one thread only
+            times[key] = times.get(key, 0.0) + time.perf_counter() - t0
             return out
 
         items = self.loader.batch_at(step)
-        prompts, golds = [p for p, _ in items], [a for _, a in items]
+        per_chunk = len(items) // chunks  # prompts; config.validate checks that chunks divides them
+        golds = [a for _, a in items for _ in range(cfg.num_samples)]
         temp = alg.temperature(cfg)
         policy = nnx.merge(*self.sampler) if alg.samples_with == "teacher" else nnx.merge(self.graphdef, params)
+        stream_teacher = alg.teacher_scores and self.teacher_scorer.remote
+        step_key = jax.random.fold_in(self.key, step)
 
-        def rollouts():
+        def rollouts(c):
             out = sampling.generate(
-                policy, prompts, num_samples=cfg.num_samples, max_new_tokens=s.max_new_tokens,
-                temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p or None, eos_ids=self.eos,
-                pad_id=self.pad, key=jax.random.fold_in(self.key, step),
+                policy, [p for p, _ in items[c * per_chunk:(c + 1) * per_chunk]], num_samples=cfg.num_samples,
+                max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k or None,
+                top_p=s.top_p or None, eos_ids=self.eos, pad_id=self.pad, key=chunk_key(step_key, c, chunks),
                 mesh=self.mesh if self.mesh.size > 1 else None, repetition_penalty=s.repetition_penalty)
-            out, shape_info = _trim_responses(out, s.max_new_tokens)
             # Each process decodes and verifies its own rollouts (verification spreads over hosts).
-            return out, shape_info, self.tokenizer.batch_decode(response_lists(out), skip_special_tokens=True)
+            return out, self.tokenizer.batch_decode(response_lists(out), skip_special_tokens=True)
 
-        out, shape_info, texts = timed("generate", rollouts)
-        ids, mask = full_sequences(out)
-        m = out.tokens.shape[1]
-        zeros = jnp.zeros(out.tokens.shape, jnp.float32)
-        old, teacher_lp, ref_lp = zeros, zeros, zeros
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify") as pool:
-            verifying = pool.submit(timed, "verify", self.verifier.verify_batch, texts,
-                                    [g for g in golds for _ in range(cfg.num_samples)])
+        def teacher_logprobs(ids, mask, m):
+            return self.teacher_scorer.score(ids, mask, m).logprobs
+
+        pools = [concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=p) for p in ("verify", "teacher")]
+        submit = ((lambda pool, *a: pool.submit(timed, *a)) if overlap
+                  else (lambda pool, *a: _Later(timed, *a)))  # in series: run when awaited
+        outs, verifying, scoring = [], [], []
+        rows = per_chunk * cfg.num_samples
+        try:
+            for c in range(chunks):
+                out, texts = timed("generate", rollouts, c)
+                outs.append(out)
+                verifying.append(submit(pools[0], "verify", self.verifier.verify_batch, texts,
+                                        golds[c * rows:(c + 1) * rows]))
+                if stream_teacher:  # scored at the chunk's own response length (place_chunks)
+                    cut, _ = _trim_responses(out, s.max_new_tokens)
+                    scoring.append(submit(pools[1], "score_teacher", teacher_logprobs, *full_sequences(cut),
+                                          cut.tokens.shape[1]))
+            out, shape_info = _trim_responses(assemble_chunks(outs, per_chunk, self.pad), s.max_new_tokens)
+            ids, mask = full_sequences(out)
+            m = out.tokens.shape[1]
+            zeros = jnp.zeros(out.tokens.shape, jnp.float32)
+            old, teacher_lp, ref_lp = zeros, zeros, zeros
             if alg.old_logprobs:
                 # The sampler's policy_logprobs are at temperature 1; at any other policy
                 # temperature the behaviour log-probs come from the training forward pass.
                 old = (out.policy_logprobs if temp == 1.0 and not cfg.recompute_old_logprobs
                        else timed("score_old", self.score, self.graphdef, params, ids, mask, m, temp))
-            if alg.teacher_scores:
-                teacher_lp = timed("score_teacher", lambda: self.teacher_scorer.score(ids, mask, m).logprobs)
             if self.reference is not None:
                 ref_lp = timed("score_ref", self.score, self.graphdef, self.reference, ids, mask, m, temp)
             t0 = time.perf_counter()
-            results = verifying.result()
+            if stream_teacher:
+                teacher_lp = place_chunks([f.result() for f in scoring], m)
+            elif alg.teacher_scores:
+                teacher_lp = timed("score_teacher", teacher_logprobs, ids, mask, m)
+            if alg.teacher_scores:
+                times["critical/score_teacher_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            results = [r for f in verifying for r in f.result()]
             times["critical/verify_s"] = time.perf_counter() - t0
+        finally:
+            for pool in pools:
+                pool.shutdown(wait=True, cancel_futures=True)
         correct = np.array([r.reward > 0 for r in results])
         if jax.process_count() > 1:  # this host's labels -> the global [B] array
             correct = jax.make_array_from_process_local_data(batch_sharding(self.mesh), correct)
@@ -702,6 +743,52 @@ class Collector:
             **shape_info, **times,
         }
         return batch, info
+
+
+class _Later:
+    """fn(*args) run on the calling thread when its result is first asked for: the in-series
+    twin of a worker thread's Future, so that both orders of work share one code path."""
+
+    def __init__(self, fn, *args):
+        self._fn, self._args = fn, args
+
+    def result(self):
+        if self._fn is not None:
+            self._value, self._fn = self._fn(*self._args), None
+        return self._value
+
+
+def chunk_key(step_key: jax.Array, chunk: int, chunks: int) -> jax.Array:
+    """The sampling key of prompt chunk `chunk` of a step split into `chunks`: the step's key
+    itself for one chunk (the key a step had before chunking), else the step's key with the
+    chunk's index folded in. The rollouts depend on (step, chunk, chunks) only."""
+    return step_key if chunks == 1 else jax.random.fold_in(step_key, chunk)
+
+
+def assemble_chunks(outs: list, prompts_per_chunk: int, pad_id: int):
+    """SamplerOutputs of consecutive prompt chunks -> one SamplerOutput of all their rows in
+    order, what sampling them together would have laid out: each chunk's prompts left-padded
+    with pad_id to the widest chunk's prompt bucket (prompt_lengths keep the padding out of the
+    attention mask), group ids offset by the prompts of the chunks before it. Every chunk's
+    responses have the sampler's max_new_tokens positions, so they line up as they are (trim
+    the assembled output with _trim_responses). One chunk comes back as it is."""
+    if len(outs) == 1:
+        return outs[0]
+    width = max(o.prompt_ids.shape[1] for o in outs)
+    parts = [o.replace(prompt_ids=jnp.pad(o.prompt_ids, ((0, 0), (width - o.prompt_ids.shape[1], 0)),
+                                          constant_values=pad_id),
+                       group_ids=o.group_ids + c * prompts_per_chunk) for c, o in enumerate(outs)]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
+def place_chunks(parts: list, num_response: int) -> jax.Array:
+    """Per-chunk response-aligned scores -> the assembled batch's: parts[c] f32 [B_c, m_c] (a
+    chunk's teacher log-probs at its own trimmed response length m_c <= num_response) ->
+    f32 [sum B_c, num_response], rows in chunk order, zero past each chunk's m_c (no response
+    token of that chunk reaches there). One part of the full width comes back as it is."""
+    if len(parts) == 1 and parts[0].shape[1] == num_response:
+        return parts[0]
+    return jnp.concatenate([jnp.pad(x, ((0, 0), (0, num_response - x.shape[1]))) for x in parts])
 
 
 def _trim_responses(out, max_new_tokens: int):

@@ -197,13 +197,13 @@ def test_identity_refuses_meaning_changes_and_allows_the_rest(tmp_path):
     cfg.student = cfg.teacher = str(tmp_path / "s1")
     checkpoint.check_identity(str(tmp_path), checkpoint.identity(cfg))  # writes config.json
     assert json.load(open(tmp_path / "config.json"))["student"]["tensors"]["model.embed_tokens.weight"][0] == [160, 64]
-    cfg.num_steps, cfg.checkpoint_every, cfg.mesh.fsdp = 7, 3, 2
+    cfg.num_steps, cfg.checkpoint_every, cfg.mesh.fsdp, cfg.pipeline.overlap = 7, 3, 2, False
     checkpoint.check_identity(str(tmp_path), checkpoint.identity(cfg))  # allowed
-    cfg.seed, cfg.scope.tau, cfg.data.train_files = 1, 0.5, "other.jsonl"
+    cfg.seed, cfg.scope.tau, cfg.data.train_files, cfg.pipeline.chunks = 1, 0.5, "other.jsonl", 2
     cfg.student = str(tmp_path / "s2")
     with pytest.raises(checkpoint.RunMismatch) as e:
         checkpoint.check_identity(str(tmp_path), checkpoint.identity(cfg))
-    for key in ("seed: 0 -> 1", "scope.tau: 1.0 -> 0.5", "data.train_files", "student fingerprint",
+    for key in ("seed: 0 -> 1", "scope.tau: 1.0 -> 0.5", "data.train_files", "pipeline.chunks: 1 -> 2", "student fingerprint",
                 "mlp.down_proj.weight"):
         assert key in str(e.value), key
     assert "num_steps" not in str(e.value)
@@ -222,6 +222,10 @@ def test_config_schema_is_the_base_config_and_names_the_closest_keys():
     got = "\n".join(config_lib.problems(cfg))
     for w in ("config.optim.lr=nan: must be finite", "config.sampling.top_p=0.0", "config.optim.learnig_rate: unknown key"):
         assert w in got, w
+    cfg = common.base()
+    cfg.student, cfg.teacher, cfg.data.train_files, cfg.pipeline.chunks = "s", "t", "d.jsonl", 3
+    assert config_lib.problems(cfg) == ["config.pipeline.chunks=3: must divide prompts_per_step=256 "
+                                        "(every chunk holds the same number of prompts)"]
 
 
 def test_truncated_safetensors_names_the_file_and_the_tensor(tmp_path):

@@ -315,3 +315,89 @@ def test_server_killed_mid_run_retries_then_checkpoints(setup, colocated_run, tm
     finally:
         _stop(proc)
     _assert_same_run(colocated_run, _metrics(wd))
+
+
+# ------------------------------------------------------------------ pipelined collection
+
+
+def test_chunks_assemble_into_the_batch_they_would_make_together(setup):
+    """Two chunks with different prompt buckets and response lengths, assembled: each chunk's
+    teacher log-probs (scored at its own shape) placed into the batch equal a direct scoring of
+    the assembled batch; rows, masks, group ids and the shape metrics are the chunks'."""
+    import jax
+
+    from scope_jax import sampling, train
+
+    student, teacher = load_hf(setup / "student"), teachers.LocalTeacher(load_hf(setup / "teacher"))
+    rng = np.random.default_rng(0)
+    vocab, pad, ns, k = student.config.vocab_size, 0, 2, 2
+    # chunk 0: short prompts (bucket 16), stops early on many EOS ids; chunk 1: bucket 32, no EOS.
+    prompts = [[rng.integers(3, vocab, n).tolist() for n in lens] for lens in ((5, 9), (20, 3))]
+    outs = [sampling.generate(student, p, num_samples=ns, max_new_tokens=24, temperature=1.0, pad_id=pad,
+                              eos_ids=eos, key=jax.random.key(c))
+            for c, (p, eos) in enumerate(zip(prompts, (list(range(3, vocab, 4)), None)))]
+    cuts = [train._trim_responses(o, 24)[0] for o in outs]
+    widths = [(c.prompt_ids.shape[1], c.tokens.shape[1]) for c in cuts]
+    assert widths[0][0] < widths[1][0] and widths[0][1] < widths[1][1], widths  # the case under test
+    parts = [teacher.score(*sampling.full_sequences(c), c.tokens.shape[1]).logprobs for c in cuts]
+
+    out, info = train._trim_responses(train.assemble_chunks(outs, k, pad), 24)
+    ids, mask = sampling.full_sequences(out)
+    m = out.tokens.shape[1]
+    direct = np.asarray(teacher.score(ids, mask, m).logprobs)
+    placed = np.asarray(train.place_chunks(parts, m))
+    np.testing.assert_allclose(placed, direct, atol=1e-5, rtol=0)
+    assert np.all(placed[~np.asarray(out.response_mask)] == 0)
+    np.testing.assert_array_equal(np.asarray(out.group_ids), np.arange(2 * k * ns) // ns)
+    ids, mask = np.asarray(ids), np.asarray(mask)
+    chunk_rows = [r for c in cuts for r in zip(*map(np.asarray, sampling.full_sequences(c)))]
+    for i, (cid, cmask) in enumerate(chunk_rows):  # the same real tokens, row by row
+        np.testing.assert_array_equal(ids[i][mask[i]], cid[cmask])
+    lengths = np.concatenate([np.asarray(o.lengths) for o in outs])
+    prompt_lengths = np.concatenate([np.asarray(o.prompt_lengths) for o in outs])
+    assert info["seq_len"] == ids.shape[1] == widths[1][0] + m
+    assert info["padding"] == pytest.approx(1 - (lengths.sum() + prompt_lengths.sum()) / ids.size)
+
+
+def _pipeline_run(setup, workdir, *, chunks, overlap, url=""):
+    """Two in-process SCOPE steps on the toy with config.pipeline set; (metrics rows, export bytes)."""
+    from configs import toy as toy_config
+    from scope_jax import train
+
+    cfg = toy_config.get_config()
+    cfg.update_from_flattened_dict({
+        "workdir": str(workdir), "toy_dir": "", "student": str(setup / "student"),
+        "teacher": "" if url else str(setup / "teacher"), "teacher_url": url,
+        "data.train_files": str(setup / "data" / "train.jsonl"), "num_steps": 2, "prompts_per_step": 4,
+        "num_samples": 2, "sampling.max_new_tokens": 8, "verifier.num_workers": 1,
+        "optim.warmup_steps": 0, "async_checkpointing": False, "pipeline.chunks": chunks,
+        "pipeline.overlap": overlap})
+    train.train(cfg)
+    with open(workdir / "export" / "model.safetensors", "rb") as f:
+        return _metrics(workdir), f.read()
+
+
+def _stage_free(row):
+    return {k: v for k, v in row.items() if not k.startswith(("time", "critical/", "rollout")) and k != "rollouts_per_s"}
+
+
+@pytest.mark.slow
+def test_pipelined_collection_equals_serial(setup, server, tmp_path):
+    """chunks=2: overlap=True gives exactly the serial run's metrics and parameters with the
+    co-located teacher. With the teacher on its server both orders agree to float rounding
+    (the server gathers concurrent requests into batches by arrival, so its shapes vary) and
+    agree with the co-located run, whose teacher scores the assembled batch in one pass."""
+    serial, serial_params = _pipeline_run(setup, tmp_path / "serial", chunks=2, overlap=False)
+    piped, piped_params = _pipeline_run(setup, tmp_path / "piped", chunks=2, overlap=True)
+    assert [_stage_free(r) for r in piped] == [_stage_free(r) for r in serial]
+    assert piped_params == serial_params
+    for rows in (serial, piped):
+        assert all(r["critical/score_teacher_s"] == pytest.approx(r["time/score_teacher_s"], rel=0.05, abs=0.05)
+                   for r in rows)  # co-located: all of it on the critical path
+    remote_serial, _ = _pipeline_run(setup, tmp_path / "remote_serial", chunks=2, overlap=False, url=server)
+    remote_piped, _ = _pipeline_run(setup, tmp_path / "remote_piped", chunks=2, overlap=True, url=server)
+    assert any(r["wrong/teacher_ppl"] > 0 for r in remote_piped)
+    _assert_same_run(remote_serial, remote_piped)
+    _assert_same_run(serial, remote_piped)
+    for r in remote_piped:
+        assert 0 <= r["critical/score_teacher_s"] and r["time/score_teacher_s"] > 0
