@@ -95,6 +95,7 @@ SCHEMA: dict[str, Callable[[Any], str | None]] = {
     "prompts_per_step": _int(1),
     "num_samples": _int(1),
     "micro_batches": _int(1),
+    "packing": _int(0),
     "sampling.max_new_tokens": _int(1),
     "sampling.temperature": _num(0),
     "sampling.top_k": _int(0),
@@ -186,6 +187,13 @@ def problems(cfg) -> list[str]:
     if batch % cfg["micro_batches"]:
         out.append(f"config.micro_batches={cfg['micro_batches']}: must divide the rollout batch "
                    f"prompts_per_step * num_samples = {batch}")
+    if cfg["packing"]:
+        from scope_jax.sampling import prompt_bucket
+
+        longest = prompt_bucket(cfg["data"]["max_prompt_len"]) + cfg["sampling"]["max_new_tokens"]
+        if cfg["packing"] < longest:
+            out.append(f"config.packing={cfg['packing']}: a packed row must hold any rollout, "
+                       f"prompt bucket + sampling.max_new_tokens = {longest} tokens; set it >= {longest}")
     return out
 
 

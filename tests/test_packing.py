@@ -157,3 +157,88 @@ def test_plan_and_pack_tokens_keep_every_rollout_on_its_shard_intact():
                 np.testing.assert_array_equal(packed[row, at], ids[r][mask[r]])
     assert sorted(seen) == list(range(shards * per))  # each rollout exactly once, on its shard
     assert 0 < p.padding == pytest.approx(1 - lengths.sum() / (s * n * cap))
+
+
+# ---- the packed train step -----------------------------------------------------------------
+
+from scope_jax import train  # noqa: E402
+
+
+def _rollouts(b=16, p=6, m=7, seed=0):
+    """b rollouts of 4 prompts: prompts of 3..6 tokens, responses of 4..7 (each rollout 7..13
+    real tokens, so two never share a 13-token row), mixed labels."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, TINY["vocab_size"], (b, p + m)).astype(np.int32)
+    prompt, resp = rng.integers(3, p + 1, b), rng.integers(4, m + 1, b)
+    attn = np.concatenate([np.arange(p)[None] >= (p - prompt)[:, None],
+                           np.arange(m)[None] < resp[:, None]], 1)
+    resp_mask = np.arange(m)[None] < resp[:, None]
+    lp = lambda: np.where(resp_mask, np.log(rng.uniform(0.05, 1, (b, m))), 0).astype(np.float32)
+    return train.Rollouts(
+        input_ids=np.where(attn, ids, 0), attention_mask=attn, response_mask=resp_mask,
+        old_logprobs=lp(), teacher_logprobs=lp(), ref_logprobs=lp(),
+        correct=rng.random(b) < 0.5, group_ids=(np.arange(b) // 4).astype(np.int32))
+
+
+def _step_cfg(algo, packing=0):
+    from configs import toy
+
+    c = toy.get_config()
+    c.algo, c.micro_batches, c.packing = algo, 1, packing
+    c.optim.warmup_steps = 0
+    if algo == "grpo":
+        c.grpo.kl_coef = 0.1  # the reference log-probs count too
+    return c
+
+
+def _run_step(cfg, mesh, batch, packed=None):
+    model = _model(remat="full")
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    opt = train.make_optimizer(cfg)
+    param_sh = nnx.to_pure_dict(shd.model_shardings(model, mesh))
+    state_sh = train.state_shardings(opt, param_sh, mesh, params)
+    state = jax.device_put(train.TrainState(params=params, opt_state=opt.init(params),
+                                            step=jnp.zeros((), jnp.int32)), state_sh)
+    step = train.build_step(cfg, graphdef, opt, state_sh, mesh)
+    rows = train.batch_sharding(mesh)
+    args = (jax.device_put(batch, rows),) + (() if packed is None else (jax.device_put(packed, rows),))
+    with jax.set_mesh(mesh):
+        state, metrics = step(state, *args)
+    return jax.device_get(metrics), jax.device_get(state.params)
+
+
+@pytest.mark.parametrize("algo", ["scope", "opd", "grpo", "kd"])
+def test_packed_step_equals_the_unpacked_step(algo):
+    mesh = shd.make_mesh({"data": 2, "fsdp": 4})
+    batch = _rollouts(seed=3)
+    if algo == "kd":  # kd_only_correct: the loss mask also drops the wrong rollouts
+        assert _step_cfg(algo).kd_only_correct
+    ref_metrics, ref_params = _run_step(_step_cfg(algo), mesh, batch)
+    for capacity, micro_batches in ((32, 1), (13, 2)):
+        permuted, packed, info = train.pack_rollouts(batch, train.batch_shards(mesh), capacity)
+        assert packed.input_ids.shape == (8 * micro_batches, capacity), capacity
+        assert info["seq_len"] == capacity and 0 < info["padding"] < 1
+        metrics, params = _run_step(_step_cfg(algo, capacity), mesh, permuted, packed)
+        for key in ("loss", "grad_norm"):
+            assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5), (capacity, key)
+        assert set(metrics) == set(ref_metrics)
+        for key in metrics:  # the routing metrics too (the rows' order does not matter)
+            assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5, abs=1e-6), (capacity, key)
+        for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert abs(ref_metrics["loss"]) > 1e-3 and ref_metrics["grad_norm"] > 1e-3  # not a vacuous step
+
+
+def test_config_packing_must_hold_any_rollout():
+    from configs import common
+    from scope_jax import config as config_lib
+
+    cfg = common.base()
+    cfg.student, cfg.teacher, cfg.data.train_files = "s", "t", "d.jsonl"
+    cfg.data.max_prompt_len, cfg.sampling.max_new_tokens = 100, 50  # prompt bucket 128
+    cfg.packing = 177
+    assert config_lib.problems(cfg) == ["config.packing=177: a packed row must hold any rollout, "
+                                        "prompt bucket + sampling.max_new_tokens = 178 tokens; set it >= 178"]
+    cfg.packing = 178
+    assert config_lib.problems(cfg) == []
