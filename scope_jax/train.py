@@ -597,6 +597,11 @@ def train(cfg) -> dict:
     checkpoint.check_identity(cfg.workdir, checkpoint.identity(cfg), force=cfg.resume == "force")
     mesh = shd.make_mesh(cfg.mesh)
     check_partition(cfg, mesh, cfg.prompts_per_step * cfg.num_samples)
+    if cfg.packing and jax.process_count() > 1:
+        raise NotImplementedError(
+            "config.packing with several processes: each host would pack its own shards' rows, "
+            "which train() does not do yet (pack_rollouts reads the whole batch); set "
+            "config.packing=0")
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.student)
     loader = _load_prompts(cfg, tokenizer)
     student, teacher = _load_models(cfg, mesh)
@@ -659,7 +664,12 @@ def train(cfg) -> dict:
                     f"{e}\nstep {step} was not trained; checkpoint {int(state.step)} in {ckpt.directory} "
                     "holds every finished step: the same command resumes from it") from e
             t1 = time.perf_counter()
-            state, m = step_fn(state, jax.device_put(batch, batch_sh))
+            if cfg.packing:  # several rollouts per row; seq_len and padding: the packed rows'
+                batch, packed, layout = pack_rollouts(batch, batch_shards(mesh), cfg.packing)
+                info.update(layout)
+                state, m = step_fn(state, jax.device_put(batch, batch_sh), jax.device_put(packed, batch_sh))
+            else:
+                state, m = step_fn(state, jax.device_put(batch, batch_sh))
             m = _to_host(m)
             dt = time.perf_counter() - t0
             # accuracy: the verifier's fraction of correct rollouts (the loss's own "accuracy"
@@ -904,8 +914,10 @@ def dry_run(cfg) -> dict:
                         "param_bytes_per_device": int(per_device)}
     rows = cfg.prompts_per_step * cfg.num_samples  # global: the step takes the global batch
     p, r = sampling.prompt_bucket(cfg.data.max_prompt_len), int(cfg.sampling.max_new_tokens)
-    lowered = lower_step(cfg, rows=rows, seq_len=p + r, response_len=r, mesh=mesh)
+    # Packed: the most packed rows a batch can need, one rollout per row of config.packing tokens.
+    lowered = lower_step(cfg, rows=rows, seq_len=cfg.packing or p + r, response_len=r, mesh=mesh)
     new_state, metrics = lowered.out_info
-    report["batch"] = {"rollouts": rows, "sequence": p + r, "micro_batches": int(cfg.micro_batches)}
+    report["batch"] = {"rollouts": rows, "sequence": cfg.packing or p + r,
+                       "micro_batches": int(cfg.micro_batches), "packing": int(cfg.packing)}
     report["train_step"] = {"metrics": sorted(metrics), "state_leaves": len(jax.tree.leaves(new_state))}
     return report
