@@ -115,7 +115,7 @@ class Plan:
         return 1.0 - float(self.lengths.sum()) / (s * n * self.capacity)
 
 
-def plan(lengths, shards: int, capacity: int) -> Plan:
+def plan(lengths, shards: int, capacity: int, micro_batches: int = 0, slots: int = 0) -> Plan:
     """Packs rollouts of `lengths` real tokens each (rows in batch order, split over `shards`
     contiguous blocks as the batch sharding splits them) into packed rows of `capacity`.
 
@@ -123,14 +123,16 @@ def plan(lengths, shards: int, capacity: int) -> Plan:
       lengths: int [N], real prompt + response tokens of each rollout, N a multiple of shards.
       shards: batch shards (of this host's rows).
       capacity: tokens per packed row (prompt bucket + max_new_tokens holds any rollout).
+      micro_batches, slots: at least this many (n, K): every host of a multi-host step must
+        use the same, the largest any host needs.
     """
     lengths = np.asarray(lengths, np.int64)
     order = snake_order(lengths, shards)
     lengths = lengths[order]
     per = len(lengths) // shards
     bins = [first_fit_decreasing(lengths[s * per:(s + 1) * per], capacity) for s in range(shards)]
-    n = count_bucket(max(len(b) for b in bins))
-    k = count_bucket(max(len(x) for b in bins for x in b))
+    n = max(count_bucket(max(len(b) for b in bins)), micro_batches)
+    k = max(count_bucket(max(len(x) for b in bins for x in b)), slots)
     rollout = np.zeros((shards, n, k), np.int32)
     real = np.zeros((shards, n, k), bool)
     start = np.zeros((shards, n, k), np.int32)

@@ -335,30 +335,45 @@ def make_train_step(cfg, graphdef, optimizer) -> Callable:
     return step
 
 
-def pack_rollouts(batch: Rollouts, shards: int, capacity: int) -> tuple[Rollouts, Packed, dict]:
-    """Plans and packs a batch on the host (scope_jax.packing), for a step on `shards` batch
-    shards with packed rows of `capacity` tokens.
+def pack_rollouts(batch: Rollouts, mesh, capacity: int) -> tuple[Rollouts, Packed, dict]:
+    """Plans and packs a batch on the host (scope_jax.packing) for a step on `mesh`, packed
+    rows of `capacity` tokens. Each process packs its own rows over its own batch shards (no
+    row leaves its shard); the processes agree on the plan's shape (n, K) first.
 
     Returns:
-      (the batch with its rows permuted as the plan deals them over the shards (the same rows
-      per shard; the update does not depend on the rows' order), its Packed, {"seq_len":
-      capacity, "padding": share of the packed rows' positions that are padding}).
+      (the batch with each host's rows permuted as the plan deals them over its shards (the
+      same rows per shard; the update does not depend on the rows' order), its Packed,
+      {"seq_len": capacity, "padding": this host's share of padding in its packed rows}).
+      Arrays are global (row-sharded) with several processes, numpy with one.
     """
     from scope_jax import packing
 
-    mask = np.asarray(batch.attention_mask).astype(bool)
-    p = packing.plan(mask.sum(1), shards, capacity)
-    batch = jax.tree.map(lambda x: np.asarray(x)[p.order], batch)
-    ids, segments = packing.pack_tokens(p, batch.input_ids, batch.attention_mask)
+    local = jax.tree.map(sampling.local_rows, batch)  # this host's rows (all of them in one process)
+    mask = local.attention_mask.astype(bool)
+    shards = batch_shards(mesh)
+    local_shards = shards * len(mask) // batch.correct.shape[0]
+    p = packing.plan(mask.sum(1), local_shards, capacity)
+    if jax.process_count() > 1:  # every host packs into the same (n, K): the largest needed
+        from jax.experimental import multihost_utils
+
+        need = multihost_utils.process_allgather(np.asarray(p.rollout.shape[1:], np.int32))
+        n, k = (int(x) for x in np.max(need.reshape(-1, 2), axis=0))
+        p = packing.plan(mask.sum(1), local_shards, capacity, micro_batches=n, slots=k)
+    local = jax.tree.map(lambda x: x[p.order], local)
+    ids, segments = packing.pack_tokens(p, local.input_ids, local.attention_mask)
     s, n, k = p.rollout.shape
-    prompt_lengths = batch.attention_mask[:, :-batch.response_mask.shape[1]].sum(1)
+    prompt_lengths = local.attention_mask[:, :-local.response_mask.shape[1]].sum(1)
     per = len(mask) // s
     shard_rows = np.arange(s)[:, None, None] * per + p.rollout  # [S, n, K] rows of the batch
     predict = p.start + prompt_lengths[shard_rows] - 1
     packed = Packed(input_ids=ids, segment_ids=segments, rollout=p.rollout.reshape(s * n, k),
                     real=p.real.reshape(s * n, k),
-                    predict=predict.astype(np.int32).reshape(s * n, k), shards=s)
-    return batch, packed, {"seq_len": float(capacity), "padding": p.padding}
+                    predict=predict.astype(np.int32).reshape(s * n, k), shards=shards)
+    if jax.process_count() > 1:  # this host's rows -> the global arrays
+        rows = batch_sharding(mesh)
+        local, packed = jax.tree.map(lambda x: jax.make_array_from_process_local_data(rows, x),
+                                     (local, packed))
+    return local, packed, {"seq_len": float(capacity), "padding": p.padding}
 
 
 def state_shardings(optimizer, param_shardings, mesh, params) -> TrainState:
@@ -597,11 +612,6 @@ def train(cfg) -> dict:
     checkpoint.check_identity(cfg.workdir, checkpoint.identity(cfg), force=cfg.resume == "force")
     mesh = shd.make_mesh(cfg.mesh)
     check_partition(cfg, mesh, cfg.prompts_per_step * cfg.num_samples)
-    if cfg.packing and jax.process_count() > 1:
-        raise NotImplementedError(
-            "config.packing with several processes: each host would pack its own shards' rows, "
-            "which train() does not do yet (pack_rollouts reads the whole batch); set "
-            "config.packing=0")
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.student)
     loader = _load_prompts(cfg, tokenizer)
     student, teacher = _load_models(cfg, mesh)
@@ -665,7 +675,7 @@ def train(cfg) -> dict:
                     "holds every finished step: the same command resumes from it") from e
             t1 = time.perf_counter()
             if cfg.packing:  # several rollouts per row; seq_len and padding: the packed rows'
-                batch, packed, layout = pack_rollouts(batch, batch_shards(mesh), cfg.packing)
+                batch, packed, layout = pack_rollouts(batch, mesh, cfg.packing)
                 info.update(layout)
                 state, m = step_fn(state, jax.device_put(batch, batch_sh), jax.device_put(packed, batch_sh))
             else:

@@ -3,6 +3,11 @@ own forward, the host packer's plans, and the packed train step equals the unpac
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -216,7 +221,7 @@ def test_packed_step_equals_the_unpacked_step(algo):
         assert _step_cfg(algo).kd_only_correct
     ref_metrics, ref_params = _run_step(_step_cfg(algo), mesh, batch)
     for capacity, micro_batches in ((32, 1), (13, 2)):
-        permuted, packed, info = train.pack_rollouts(batch, train.batch_shards(mesh), capacity)
+        permuted, packed, info = train.pack_rollouts(batch, mesh, capacity)
         assert packed.input_ids.shape == (8 * micro_batches, capacity), capacity
         assert info["seq_len"] == capacity and 0 < info["padding"] < 1
         metrics, params = _run_step(_step_cfg(algo, capacity), mesh, permuted, packed)
@@ -244,34 +249,45 @@ def test_config_packing_must_hold_any_rollout():
     assert config_lib.problems(cfg) == []
 
 
-def test_cli_packed_run_logs_the_packed_layout_and_the_same_update(tmp_path_factory):
-    """tools.train with config.packing: the same step-0 loss and gradient as without, and
-    metrics.jsonl's seq_len / padding are the packed rows' (one CPU device: one shard)."""
-    import json
-    import os
-    import subprocess
-    import sys
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+@pytest.fixture(scope="module")
+def toy_setup(tmp_path_factory):
     sys.path.insert(0, os.path.dirname(__file__))
     from tiny_hf import make_toy_setup
 
-    setup = make_toy_setup(tmp_path_factory.mktemp("toy"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+    return make_toy_setup(tmp_path_factory.mktemp("toy"))
+
+
+def _cli(setup, workdir, packing, *extra):
+    return [sys.executable, "-m", "tools.train", "--config", "configs/toy.py", "--config.algo=scope",
+            f"--config.workdir={workdir}", "--config.toy_dir=", f"--config.student={setup / 'student'}",
+            f"--config.teacher={setup / 'teacher'}", f"--config.data.train_files={setup / 'data' / 'train.jsonl'}",
+            "--config.num_steps=1", "--config.prompts_per_step=2", "--config.num_samples=4",
+            "--config.sampling.max_new_tokens=8", "--config.verifier.num_workers=1",
+            "--config.optim.warmup_steps=0", "--config.export=False", f"--config.packing={packing}", *extra]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env.update(JAX_PLATFORMS="cpu", **extra)
+    return env
+
+
+def _first_row(workdir):
+    with open(workdir / "metrics.jsonl") as f:
+        return json.loads(f.readline())
+
+
+def test_cli_packed_run_logs_the_packed_layout_and_the_same_update(toy_setup, tmp_path):
+    """tools.train with config.packing: the same step-0 loss and gradient as without, and
+    metrics.jsonl's seq_len / padding are the packed rows' (one CPU device: one shard)."""
     rows = {}
     for packing in (0, 72):  # prompt bucket 64 + 8 new tokens
-        wd = tmp_path_factory.mktemp(f"packing{packing}")
-        subprocess.run(
-            [sys.executable, "-m", "tools.train", "--config", "configs/toy.py", "--config.algo=scope",
-             f"--config.workdir={wd}", "--config.toy_dir=", f"--config.student={setup / 'student'}",
-             f"--config.teacher={setup / 'teacher'}", f"--config.data.train_files={setup / 'data' / 'train.jsonl'}",
-             "--config.num_steps=1", "--config.prompts_per_step=2", "--config.num_samples=4",
-             "--config.sampling.max_new_tokens=8", "--config.verifier.num_workers=1",
-             "--config.optim.warmup_steps=0", "--config.export=False", f"--config.packing={packing}"],
-            cwd=root, env=env, check=True, capture_output=True, timeout=300)
-        with open(wd / "metrics.jsonl") as f:
-            rows[packing] = json.loads(f.readline())
+        subprocess.run(_cli(toy_setup, tmp_path / str(packing), packing), cwd=ROOT, env=_env(),
+                       check=True, capture_output=True, timeout=300)
+        rows[packing] = _first_row(tmp_path / str(packing))
     plain, packed = rows[0], rows[72]
     assert packed["seq_len"] == 72 and plain["seq_len"] < 72  # the batch's prompt bucket + 16
     real = (1 - plain["padding"]) * plain["seq_len"] * 8  # the rollouts' real tokens
@@ -279,3 +295,31 @@ def test_cli_packed_run_logs_the_packed_layout_and_the_same_update(tmp_path_fact
     assert rows_used == pytest.approx(round(rows_used), abs=1e-6) and rows_used < 8  # packed rows
     for key in ("loss", "grad_norm", "reward", "response_length"):
         assert packed[key] == pytest.approx(plain[key], rel=1e-5), key
+
+
+def test_two_processes_pack_their_own_rows_and_match_one_process(toy_setup, tmp_path):
+    """2 local processes (1 CPU device each, gloo): each packs its half of the rollouts on its
+    own shard; the update equals one unpacked process's on the same global batch."""
+    import socket
+
+    greedy = "--config.sampling.temperature=0.0"
+    subprocess.run(_cli(toy_setup, tmp_path / "one", 0, greedy), cwd=ROOT, env=_env(), check=True,
+                   capture_output=True, timeout=300)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(_cli(toy_setup, tmp_path / "two", 72, greedy), cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE,
+                              env=_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                       JAX_PROCESS_ID=str(pid)))
+             for pid in range(2)]
+    try:
+        errs = [p.communicate(timeout=600)[1].decode() for p in procs]
+    finally:  # a process whose peer died waits on collectives forever: never leave it behind
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    one, two = _first_row(tmp_path / "one"), _first_row(tmp_path / "two")
+    assert two["seq_len"] == 72 and two["rollouts"] == 4  # 4 of 8 per host
+    for key in ("loss", "grad_norm", "wrong/teacher_ppl", "response_length"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
