@@ -300,25 +300,12 @@ def test_cli_packed_run_logs_the_packed_layout_and_the_same_update(toy_setup, tm
 def test_two_processes_pack_their_own_rows_and_match_one_process(toy_setup, tmp_path):
     """2 local processes (1 CPU device each, gloo): each packs its half of the rollouts on its
     own shard; the update equals one unpacked process's on the same global batch."""
-    import socket
+    from tiny_hf import run_two_processes
 
     greedy = "--config.sampling.temperature=0.0"
     subprocess.run(_cli(toy_setup, tmp_path / "one", 0, greedy), cwd=ROOT, env=_env(), check=True,
                    capture_output=True, timeout=300)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen(_cli(toy_setup, tmp_path / "two", 72, greedy), cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE,
-                              env=_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                                       JAX_PROCESS_ID=str(pid)))
-             for pid in range(2)]
-    try:
-        errs = [p.communicate(timeout=600)[1].decode() for p in procs]
-    finally:  # a process whose peer died waits on collectives forever: never leave it behind
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    run_two_processes(_cli(toy_setup, tmp_path / "two", 72, greedy), ROOT, _env())
     one, two = _first_row(tmp_path / "one"), _first_row(tmp_path / "two")
     assert two["seq_len"] == 72 and two["rollouts"] == 4  # 4 of 8 per host
     for key in ("loss", "grad_norm", "wrong/teacher_ppl", "response_length"):
