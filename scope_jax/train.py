@@ -335,6 +335,48 @@ def make_train_step(cfg, graphdef, optimizer) -> Callable:
     return step
 
 
+def _pack_local(ids: np.ndarray, mask: np.ndarray, num_response: int, shards: int,
+                global_rows: int, capacity: int):
+    """This host's rows packed for a step or scoring pass on `shards` batch shards.
+
+    Args:
+      ids, mask: this host's rows [N, T] (prompt bucket + num_response positions).
+      global_rows: rows of the whole batch (N of all hosts).
+    Returns:
+      (the packing.Plan, this host's Packed as numpy); the rows must be permuted by the plan's
+      order before the Packed applies to them. Every process of a multi-host run must call it
+      (the hosts agree on the plan's micro-batch and slot counts: the largest any needs).
+    """
+    from scope_jax import packing
+
+    mask = mask.astype(bool)
+    local_shards = shards * len(mask) // global_rows
+    p = packing.plan(mask.sum(1), local_shards, capacity)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        need = multihost_utils.process_allgather(np.asarray(p.rollout.shape[1:], np.int32))
+        n, k = (int(x) for x in np.max(need.reshape(-1, 2), axis=0))
+        p = packing.plan(mask.sum(1), local_shards, capacity, micro_batches=n, slots=k)
+    ids, mask = ids[p.order], mask[p.order]
+    tokens, segments = packing.pack_tokens(p, ids, mask)
+    s, n, k = p.rollout.shape
+    prompt_lengths = mask[:, :-num_response].sum(1)
+    shard_rows = np.arange(s)[:, None, None] * (len(mask) // s) + p.rollout  # [S, n, K]
+    predict = p.start + prompt_lengths[shard_rows] - 1
+    return p, Packed(input_ids=tokens, segment_ids=segments, rollout=p.rollout.reshape(s * n, k),
+                     real=p.real.reshape(s * n, k), predict=predict.astype(np.int32).reshape(s * n, k),
+                     shards=shards)
+
+
+def _global(tree, mesh):
+    """This host's rows (numpy) -> global row-sharded arrays (as they are in one process)."""
+    if jax.process_count() == 1:
+        return tree
+    rows = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rows, x), tree)
+
+
 def pack_rollouts(batch: Rollouts, mesh, capacity: int) -> tuple[Rollouts, Packed, dict]:
     """Plans and packs a batch on the host (scope_jax.packing) for a step on `mesh`, packed
     rows of `capacity` tokens. Each process packs its own rows over its own batch shards (no
@@ -346,34 +388,11 @@ def pack_rollouts(batch: Rollouts, mesh, capacity: int) -> tuple[Rollouts, Packe
       {"seq_len": capacity, "padding": this host's share of padding in its packed rows}).
       Arrays are global (row-sharded) with several processes, numpy with one.
     """
-    from scope_jax import packing
-
     local = jax.tree.map(sampling.local_rows, batch)  # this host's rows (all of them in one process)
-    mask = local.attention_mask.astype(bool)
-    shards = batch_shards(mesh)
-    local_shards = shards * len(mask) // batch.correct.shape[0]
-    p = packing.plan(mask.sum(1), local_shards, capacity)
-    if jax.process_count() > 1:  # every host packs into the same (n, K): the largest needed
-        from jax.experimental import multihost_utils
-
-        need = multihost_utils.process_allgather(np.asarray(p.rollout.shape[1:], np.int32))
-        n, k = (int(x) for x in np.max(need.reshape(-1, 2), axis=0))
-        p = packing.plan(mask.sum(1), local_shards, capacity, micro_batches=n, slots=k)
+    p, packed = _pack_local(local.input_ids, local.attention_mask, local.response_mask.shape[1],
+                            batch_shards(mesh), batch.correct.shape[0], capacity)
     local = jax.tree.map(lambda x: x[p.order], local)
-    ids, segments = packing.pack_tokens(p, local.input_ids, local.attention_mask)
-    s, n, k = p.rollout.shape
-    prompt_lengths = local.attention_mask[:, :-local.response_mask.shape[1]].sum(1)
-    per = len(mask) // s
-    shard_rows = np.arange(s)[:, None, None] * per + p.rollout  # [S, n, K] rows of the batch
-    predict = p.start + prompt_lengths[shard_rows] - 1
-    packed = Packed(input_ids=ids, segment_ids=segments, rollout=p.rollout.reshape(s * n, k),
-                    real=p.real.reshape(s * n, k),
-                    predict=predict.astype(np.int32).reshape(s * n, k), shards=shards)
-    if jax.process_count() > 1:  # this host's rows -> the global arrays
-        rows = batch_sharding(mesh)
-        local, packed = jax.tree.map(lambda x: jax.make_array_from_process_local_data(rows, x),
-                                     (local, packed))
-    return local, packed, {"seq_len": float(capacity), "padding": p.padding}
+    return (*_global((local, packed), mesh), {"seq_len": float(capacity), "padding": p.padding})
 
 
 def state_shardings(optimizer, param_shardings, mesh, params) -> TrainState:
@@ -506,6 +525,10 @@ def make_score(cfg) -> Callable:
 
     The rows go through in cfg.micro_batches strided micro-batches, as the train step takes
     them, so a scoring pass holds one micro-batch's activations, not the whole batch's.
+    With config.packing the rows are packed first, as the step packs them (on the host: each
+    process its own rows, over its own batch shards; call it under the rows' mesh): one
+    packed row per batch shard per micro-batch; the log-probs come back in the rows' order
+    (values at positions past a response's end are meaningless, as without packing).
     """
     chunk, n = int(cfg.model.logprob_chunk), int(cfg.micro_batches)
 
@@ -519,13 +542,52 @@ def make_score(cfg) -> Callable:
         out = jax.lax.map(one, _strided_micro_batches((ids, mask), n))  # [n, B / n, M]
         return out.swapaxes(0, 1).reshape(ids.shape[0], num_response)  # back to row order
 
-    return jax.jit(score, static_argnums=(0, 4, 5))
+    def packed_score(graphdef, params, packed: Packed, num_response, temperature):
+        """-> float32 [S * n * K, M]: each loss slot's response log-probs, shard-major."""
+        model = nnx.merge(graphdef, params)
+        shards = batch_shards(jax.sharding.get_abstract_mesh())
+        _, (ids, segments, _, predict) = _packed_micro_batches({}, packed, shards)
+
+        def one(xs):  # one packed row per shard: [S, C], [S, C], [S, K] -> [S, K, M]
+            ids_mb, seg_mb, predict_mb = (shd.constrain(x, ("batch", None)) for x in xs)
+            row_lp = packed_logprobs(model, ids_mb, seg_mb, chunk, temperature)
+            at = jnp.minimum(predict_mb[..., None] + jnp.arange(num_response, dtype=jnp.int32),
+                             ids_mb.shape[1] - 1)
+            return jax.vmap(lambda a, i: a[i])(row_lp, at)
+
+        out = jax.lax.map(one, (ids, segments, predict))  # [n, S, K, M]
+        return out.swapaxes(0, 1).reshape(-1, num_response)
+
+    if not cfg.get("packing"):
+        return jax.jit(score, static_argnums=(0, 4, 5))
+    packed_jit = jax.jit(packed_score, static_argnums=(0, 3, 4))
+
+    def score_packed(graphdef, params, ids, mask, num_response, temperature):
+        mesh = jax.sharding.get_mesh()  # the caller's (under_mesh); empty: one device
+        put = ((lambda x: jax.tree.map(jnp.asarray, x)) if mesh.empty
+               else lambda x: jax.device_put(_global(x, mesh), batch_sharding(mesh)))
+        local_ids, local_mask = sampling.local_rows(ids), sampling.local_rows(mask)
+        p, packed = _pack_local(local_ids, local_mask, num_response, batch_shards(mesh),
+                                ids.shape[0], int(cfg.packing))
+        slots = sampling.local_rows(packed_jit(graphdef, params, put(packed), num_response, temperature))
+        s, n_mb, k = p.rollout.shape
+        slots = slots.reshape(s, n_mb, k, num_response)
+        per = len(local_ids) // s
+        out = np.zeros((len(local_ids), num_response), np.float32)
+        shard, j, slot = np.nonzero(p.real)
+        # slot -> its row in the plan's order -> the row it came from
+        out[p.order[shard * per + p.rollout[shard, j, slot]]] = slots[shard, j, slot]
+        return put(out)
+
+    return score_packed
 
 
 def lower_score(cfg, role: str, *, rows: int, seq_len: int, response_len: int, mesh=None,
                 num_layers: int | None = None) -> jax.stages.Lowered:
     """Lowers, without weights, the scoring pass train() runs for cfg.<role> ("teacher" or
-    "student": pi_old and GRPO's reference) on rows x seq_len tokens (see make_score)."""
+    "student": pi_old and GRPO's reference) on rows x seq_len tokens (see make_score),
+    unpacked (with config.packing train() packs the rows on the host first, into micro-batches
+    of one packed row per batch shard)."""
     mesh = shd.make_mesh(cfg.mesh) if mesh is None else mesh
     check_partition(cfg, mesh, rows)
     graphdef, params, _ = abstract_model(cfg, role, mesh, num_layers)
@@ -533,7 +595,9 @@ def lower_score(cfg, role: str, *, rows: int, seq_len: int, response_len: int, m
     ids = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=rows_sh)
     mask = jax.ShapeDtypeStruct((rows, seq_len), jnp.bool_, sharding=rows_sh)
     with jax.set_mesh(mesh):
-        return make_score(cfg).lower(graphdef, params, ids, mask, response_len, 1.0)
+        unpacked = cfg.copy_and_resolve_references()
+        unpacked.packing = 0
+        return make_score(unpacked).lower(graphdef, params, ids, mask, response_len, 1.0)
 
 
 def response_bucket(length: int, cap: int, minimum: int = 16) -> int:

@@ -310,3 +310,26 @@ def test_two_processes_pack_their_own_rows_and_match_one_process(toy_setup, tmp_
     assert two["seq_len"] == 72 and two["rollouts"] == 4  # 4 of 8 per host
     for key in ("loss", "grad_norm", "wrong/teacher_ppl", "response_length"):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("mesh_shape", [None, {"data": 2, "fsdp": 4}])
+def test_packed_scoring_pass_equals_the_unpacked_one(mesh_shape):
+    """make_score with config.packing (same signature): the same response log-probs, in the
+    rows' order (the plan permutes rows over shards and back)."""
+    batch = _rollouts(seed=4)
+    model = _model()
+    graphdef, params = nnx.split(model)
+    m = batch.response_mask.shape[1]
+    real = batch.attention_mask[:, -m:]  # the response tokens the rollouts hold
+    mesh = shd.make_mesh(mesh_shape) if mesh_shape else None
+    out = {}
+    for packing in (0, 13):
+        cfg = _step_cfg("scope", packing)
+        score = train.make_score(cfg) if mesh is None else train.under_mesh(train.make_score(cfg), mesh)
+        ids, mask = jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)
+        if mesh is not None:
+            ids, mask = jax.device_put((ids, mask), train.batch_sharding(mesh))
+        out[packing] = np.asarray(score(graphdef, params, ids, mask, m, 0.6))
+    assert out[13].shape == out[0].shape == (16, m)
+    np.testing.assert_allclose(out[13][real], out[0][real], atol=1e-5, rtol=0)
+    assert np.abs(out[0][real]).min() > 1e-3  # real log-probs, not zeros
