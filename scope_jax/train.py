@@ -150,6 +150,23 @@ def packed_logprobs(model, input_ids, segment_ids, chunk_size: int = 512,
     return _token_logprobs(model, hidden, targets, chunk_size, temperature)
 
 
+def slot_logprobs(model, input_ids, segment_ids, predict, num_response: int,
+                  chunk_size: int = 512, temperature: float = 1.0):
+    """Response log-probs of the rollouts packed in one row per batch shard, float32 [S, K, M].
+
+    Args:
+      input_ids, segment_ids: int32 [S, C], one packed row per shard (Packed's layout).
+      predict: int32 [S, K], each slot's column whose next token is response token 0.
+    Position predict + t holds response token t's log-prob for t below the response's length;
+    later positions (clipped to the row) hold other tokens' log-probs, which the masks drop.
+    The gather picks within each row, so it stays on the row's shard.
+    """
+    row_lp = packed_logprobs(model, input_ids, segment_ids, chunk_size, temperature)  # [S, C]
+    at = jnp.minimum(predict[..., None] + jnp.arange(num_response, dtype=jnp.int32),
+                     input_ids.shape[1] - 1)
+    return jax.vmap(lambda lp, i: lp[i])(row_lp, at)
+
+
 def _token_logprobs(model, h, targets, chunk_size: int, temperature: float):
     """h [B, L, H] hidden states, targets int [B, L] -> float32 [B, L] log softmax(logits / T).
 
@@ -289,10 +306,7 @@ def make_train_step(cfg, graphdef, optimizer) -> Callable:
             lp = response_logprobs(model, mb.input_ids, mb.attention_mask, m, chunk, temperature)
             return loss_fn(lp, mb, aux)[0]
         ids, segments, real, predict = rows_sharded(rows)  # [S, C], [S, C], [S, K], [S, K]
-        s, c = ids.shape
-        row_lp = packed_logprobs(model, ids, segments, chunk, temperature)  # [S, C]
-        at = jnp.minimum(predict[..., None] + jnp.arange(m, dtype=jnp.int32), c - 1)
-        lp = jax.vmap(lambda a, i: a[i])(row_lp, at.reshape(s, -1)).reshape(-1, m)
+        lp = slot_logprobs(model, ids, segments, predict, m, chunk, temperature).reshape(-1, m)
         mb = mb.replace(response_mask=mb.response_mask & real.reshape(-1)[:, None])
         return loss_fn(lp, mb, aux)[0]
 
@@ -343,8 +357,8 @@ def _pack_local(ids: np.ndarray, mask: np.ndarray, num_response: int, shards: in
       ids, mask: this host's rows [N, T] (prompt bucket + num_response positions).
       global_rows: rows of the whole batch (N of all hosts).
     Returns:
-      (the packing.Plan, this host's Packed as numpy); the rows must be permuted by the plan's
-      order before the Packed applies to them. Every process of a multi-host run must call it
+      (the packing.Plan, this host's Packed as numpy, whose `rollout` indices count the rows in
+      the plan's order). Every process of a multi-host run must call it
       (the hosts agree on the plan's micro-batch and slot counts: the largest any needs).
     """
     from scope_jax import packing
@@ -550,10 +564,7 @@ def make_score(cfg) -> Callable:
 
         def one(xs):  # one packed row per shard: [S, C], [S, C], [S, K] -> [S, K, M]
             ids_mb, seg_mb, predict_mb = (shd.constrain(x, ("batch", None)) for x in xs)
-            row_lp = packed_logprobs(model, ids_mb, seg_mb, chunk, temperature)
-            at = jnp.minimum(predict_mb[..., None] + jnp.arange(num_response, dtype=jnp.int32),
-                             ids_mb.shape[1] - 1)
-            return jax.vmap(lambda a, i: a[i])(row_lp, at)
+            return slot_logprobs(model, ids_mb, seg_mb, predict_mb, num_response, chunk, temperature)
 
         out = jax.lax.map(one, (ids, segments, predict))  # [n, S, K, M]
         return out.swapaxes(0, 1).reshape(-1, num_response)
