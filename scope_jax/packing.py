@@ -9,8 +9,9 @@ positions at 0 for each, so each rollout's log-probs are those of its own row.
 Packing happens WITHIN each batch shard: the rollouts a shard holds go into packed rows of that
 shard, so no collective moves tokens and each host packs its own rows. Before packing, the
 host's rollouts are dealt over its shards in snake order of length (the same number per shard
-as before), so that every shard needs about the same number of packed rows: the step's packed
-row count is the largest shard's, and the others' extra rows are padding.
+as before), so that every shard needs about the same number of packed rows, then swapped
+between shards where that lets a shard that needs a row more fit (swap_to_fit): the step's
+packed row count is the largest shard's, and the others' extra rows are padding.
 
 The step takes one packed row per batch shard per micro-batch (the memory unit: one row of
 `capacity` tokens per chip), so the plan's micro-batch count is the packed rows per shard,
@@ -84,6 +85,44 @@ def snake_order(lengths, shards: int) -> np.ndarray:
     return order
 
 
+def swap_to_fit(lengths, shards: int, capacity: int) -> np.ndarray:
+    """A permutation of the rows that swaps rollouts between shards (each keeps its N / S rows)
+    so that fewer shards need more packed rows than the fullest shard's lower bound T =
+    max_s ceil(load_s / capacity): the step's micro-batch count is the most rows any shard
+    needs, so one shard that first-fit-decreasing packs into T + 1 rows costs every shard a
+    row. For each such shard A, the first swap of one of A's rollouts with a shorter one of a
+    shard B (tried in order of B's room under T rows) after which both pack into T rows.
+
+    Args:
+      lengths: int [N], shard-major (shard s holds rows s * N / S ...), e.g. after snake_order.
+    Returns:
+      int [N]: new row i is old row perm[i] (the identity where no swap helps).
+    """
+    lengths = np.asarray(lengths, np.int64).copy()
+    per = len(lengths) // shards
+    perm = np.arange(len(lengths))
+    block = lambda s: slice(s * per, (s + 1) * per)
+    rows = lambda s: len(first_fit_decreasing(lengths[block(s)], capacity))
+    need = np.array([rows(s) for s in range(shards)])
+    target = max(-(-int(lengths[block(s)].sum()) // capacity) for s in range(shards))
+    for a in np.flatnonzero(need > target):
+        room = {b: target * capacity - int(lengths[block(b)].sum())
+                for b in range(shards) if need[b] <= target}
+        for b in sorted(room, key=room.get, reverse=True):
+            pairs = [(i, j) for i in range(a * per, (a + 1) * per) for j in range(b * per, (b + 1) * per)
+                     if 0 < lengths[i] - lengths[j] <= room[b]]
+            for i, j in pairs:
+                lengths[[i, j]] = lengths[[j, i]]
+                if rows(a) <= target and rows(b) <= target:
+                    perm[[i, j]] = perm[[j, i]]
+                    need[a] = target
+                    break
+                lengths[[i, j]] = lengths[[j, i]]  # no good: undo
+            if need[a] <= target:
+                break
+    return perm
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Where each rollout goes (see the module docstring for the layout).
@@ -128,6 +167,7 @@ def plan(lengths, shards: int, capacity: int, micro_batches: int = 0, slots: int
     """
     lengths = np.asarray(lengths, np.int64)
     order = snake_order(lengths, shards)
+    order = order[swap_to_fit(lengths[order], shards, capacity)]
     lengths = lengths[order]
     per = len(lengths) // shards
     bins = [first_fit_decreasing(lengths[s * per:(s + 1) * per], capacity) for s in range(shards)]

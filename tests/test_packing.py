@@ -128,6 +128,29 @@ def test_snake_order_keeps_rows_per_shard_and_balances_lengths():
     assert sums.max() - sums.min() <= lengths.max()  # within one row's length
 
 
+def test_swap_to_fit_moves_a_rollout_so_every_shard_packs_into_the_bound():
+    lengths = np.array([6, 6, 6, 2, 5, 5, 4, 4])  # shard 0 needs 3 rows of 10 (6 | 6 | 6 + 2)
+    assert len(packing.first_fit_decreasing(lengths[:4], 10)) == 3
+    perm = packing.swap_to_fit(lengths, 2, 10)
+    swapped = lengths[perm]
+    assert sorted(perm) == list(range(8))
+    assert [len(packing.first_fit_decreasing(swapped[s * 4:(s + 1) * 4], 10)) for s in (0, 1)] == [2, 2]
+    fits = np.array([6, 4, 5, 5, 3, 3, 4, 4])  # nothing to do: the identity
+    np.testing.assert_array_equal(packing.swap_to_fit(fits, 2, 10), np.arange(8))
+
+
+def test_packing_at_the_realistic_mix_is_within_the_issues_goal():
+    """Issue 11's mix on the paper's 64 batch shards of 32 rollouts: <= 10% padding (one
+    draw; the README gives 10 draws' spread)."""
+    from tools.scale_check import response_lengths
+
+    r = response_lengths(2048, median=4000, cap=12288, cap_share=0.05, seed=0)
+    prompts = np.random.default_rng(1).integers(64, 512, 2048)
+    p = packing.plan(prompts + r, 64, 16384)
+    assert p.padding <= 0.10, p.padding
+    assert 1 - (prompts + r).sum() / (2048 * 16384) > 0.6  # one rollout per row: > 60% padding
+
+
 def _unpacked_rows(rng, n, p, m):
     """Left-padded prompts + right-padded responses: (ids [n, p + m], mask [n, p + m])."""
     prompt = rng.integers(1, p + 1, n)
