@@ -85,7 +85,7 @@ def snake_order(lengths, shards: int) -> np.ndarray:
     return order
 
 
-def swap_to_fit(lengths, shards: int, capacity: int) -> np.ndarray:
+def swap_to_fit(lengths, shards: int, capacity: int, budget: int = 640_000) -> np.ndarray:
     """A permutation of the rows that swaps rollouts between shards (each keeps its N / S rows)
     so that fewer shards need more packed rows than the fullest shard's lower bound T =
     max_s ceil(load_s / capacity): the step's micro-batch count is the most rows any shard
@@ -95,30 +95,37 @@ def swap_to_fit(lengths, shards: int, capacity: int) -> np.ndarray:
 
     Args:
       lengths: int [N], shard-major (shard s holds rows s * N / S ...), e.g. after snake_order.
+      budget: bounds the host's time: at most budget / (N / S) swaps are tried, each
+        re-packing two shards (issue 11's mix: under a second for 64 or 16 shards of 2,048).
     Returns:
       int [N]: new row i is old row perm[i] (the identity where no swap helps).
     """
     lengths = np.asarray(lengths, np.int64).copy()
     per = len(lengths) // shards
     perm = np.arange(len(lengths))
+    budget //= per
     block = lambda s: slice(s * per, (s + 1) * per)
     rows = lambda s: len(first_fit_decreasing(lengths[block(s)], capacity))
     need = np.array([rows(s) for s in range(shards)])
     target = max(-(-int(lengths[block(s)].sum()) // capacity) for s in range(shards))
     for a in np.flatnonzero(need > target):
+        if budget <= 0:
+            break
         room = {b: target * capacity - int(lengths[block(b)].sum())
                 for b in range(shards) if need[b] <= target}
         for b in sorted(room, key=room.get, reverse=True):
-            pairs = [(i, j) for i in range(a * per, (a + 1) * per) for j in range(b * per, (b + 1) * per)
-                     if 0 < lengths[i] - lengths[j] <= room[b]]
-            for i, j in pairs:
+            pairs = sorted(((i, j) for i in range(a * per, (a + 1) * per) for j in range(b * per, (b + 1) * per)
+                            if 0 < lengths[i] - lengths[j] <= room[b]),
+                           key=lambda ij: lengths[ij[1]] - lengths[ij[0]])  # A's biggest relief first
+            for i, j in pairs[:budget]:
+                budget -= 1
                 lengths[[i, j]] = lengths[[j, i]]
                 if rows(a) <= target and rows(b) <= target:
                     perm[[i, j]] = perm[[j, i]]
                     need[a] = target
                     break
                 lengths[[i, j]] = lengths[[j, i]]  # no good: undo
-            if need[a] <= target:
+            if need[a] <= target or budget <= 0:
                 break
     return perm
 

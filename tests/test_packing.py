@@ -135,6 +135,7 @@ def test_swap_to_fit_moves_a_rollout_so_every_shard_packs_into_the_bound():
     swapped = lengths[perm]
     assert sorted(perm) == list(range(8))
     assert [len(packing.first_fit_decreasing(swapped[s * 4:(s + 1) * 4], 10)) for s in (0, 1)] == [2, 2]
+    np.testing.assert_array_equal(packing.swap_to_fit(lengths, 2, 10, budget=0), np.arange(8))
     fits = np.array([6, 4, 5, 5, 3, 3, 4, 4])  # nothing to do: the identity
     np.testing.assert_array_equal(packing.swap_to_fit(fits, 2, 10), np.arange(8))
 
