@@ -54,6 +54,12 @@ def base() -> ml_collections.ConfigDict:
     c.prompts_per_step = 256  # the paper's prompt batch (= mini-batch: one update per batch)
     c.num_samples = 8  # rollouts per prompt (the paper's OPD baseline: 1)
     c.micro_batches = 1  # gradient accumulation slices of the rollout batch
+    # Tokens per packed row (scope_jax.packing: several rollouts per row, each attending only
+    # to itself); 0 = off (one rollout per row: prompt bucket + trimmed response). On, the step
+    # and the scoring passes take one packed row per batch shard per micro-batch, as many
+    # micro-batches as the batch needs (micro_batches is then unused). At least prompt bucket +
+    # max_new_tokens, so any rollout fits.
+    c.packing = 0
 
     # Rollout collection as a pipeline (train.Collector): the step's prompts in `chunks` chunks
     # (must divide prompts_per_step); each chunk is verified, and scored by a remote teacher,

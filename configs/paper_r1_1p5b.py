@@ -45,6 +45,7 @@ def get_config(variant: str = ""):
     c.prompts_per_step = 256
     c.num_samples = 8
     c.micro_batches = 32  # 2,048 rollouts -> 64 per slice: one 16k-token row per batch shard
+    c.packing = 4096 + 12288  # packed train step, rows of prompt bucket + max_new_tokens (common.py)
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 64, "tensor": 4})
     c.verifier.num_workers = 8
     c.arch = ml_collections.ConfigDict({"student": R1_DISTILL_QWEN_1P5B, "teacher": SKYWORK_OR1_7B})

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # grpo.*, optim.*, sampling.*, model.*, ...) refuses unless --config.resume=force.
 ALLOWED_CHANGES = ("workdir", "num_steps", "checkpoint_every", "max_to_keep", "async_checkpointing",
                    "export", "max_nonfinite_steps", "toy_dir", "resume", "verifier.num_workers",
-                   "micro_batches", "mesh", "logging", "model.remat_policy", "model.logprob_chunk",
+                   "micro_batches", "packing", "mesh", "logging", "model.remat_policy", "model.logprob_chunk",
                    # where the teacher runs (the server must serve the same teacher: not checkable)
                    "teacher_url", "teacher_client",
                    # the order of work, not the math (train.Collector); pipeline.chunks does change it

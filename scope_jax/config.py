@@ -97,6 +97,7 @@ SCHEMA: dict[str, Callable[[Any], str | None]] = {
     "micro_batches": _int(1),
     "pipeline.chunks": _int(1),
     "pipeline.overlap": _BOOL,
+    "packing": _int(0),
     "sampling.max_new_tokens": _int(1),
     "sampling.temperature": _num(0),
     "sampling.top_k": _int(0),
@@ -191,6 +192,13 @@ def problems(cfg) -> list[str]:
     if cfg["prompts_per_step"] % cfg["pipeline"]["chunks"]:
         out.append(f"config.pipeline.chunks={cfg['pipeline']['chunks']}: must divide prompts_per_step="
                    f"{cfg['prompts_per_step']} (every chunk holds the same number of prompts)")
+    if cfg["packing"]:
+        from scope_jax.sampling import prompt_bucket
+
+        longest = prompt_bucket(cfg["data"]["max_prompt_len"]) + cfg["sampling"]["max_new_tokens"]
+        if cfg["packing"] < longest:
+            out.append(f"config.packing={cfg['packing']}: a packed row must hold any rollout, "
+                       f"prompt bucket + sampling.max_new_tokens = {longest} tokens; set it >= {longest}")
     return out
 
 

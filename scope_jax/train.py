@@ -79,6 +79,28 @@ class Rollouts:
 
 
 @flax.struct.dataclass
+class Packed:
+    """A Rollouts batch's tokens packed several rollouts per row (scope_jax.packing): S batch
+    shards, n micro-batches of one packed row per shard, C tokens per row, K loss slots per
+    row. Shard-major: row s * n + j is shard s's row of micro-batch j.
+
+    input_ids:   int32 [S * n, C]  the rollouts' real tokens end to end
+    segment_ids: int32 [S * n, C]  k + 1 on the row's k-th rollout, 0 on padding
+    rollout:     int32 [S * n, K]  each slot's rollout: its row among its shard's B / S rows
+    real:        bool  [S * n, K]  False on dummy slots (masked out of the loss)
+    predict:     int32 [S * n, K]  column whose next-token log-prob is response token 0
+    shards:      S (static), which the step checks against its mesh
+    """
+
+    input_ids: jax.Array
+    segment_ids: jax.Array
+    rollout: jax.Array
+    real: jax.Array
+    predict: jax.Array
+    shards: int = flax.struct.field(pytree_node=False, default=1)
+
+
+@flax.struct.dataclass
 class TrainState:
     """params: the student's parameters as a pure dict; opt_state: optax state; step: int32 []."""
 
@@ -110,16 +132,52 @@ def response_logprobs(model, input_ids, attention_mask, num_response: int, chunk
     """log softmax(logits / temperature) of each response token under `model`, float32 [B, M].
 
     The hidden state at position P + t - 1 predicts response token t; only the M hidden
-    states that predict response tokens go through the vocabulary-tiled log-softmax. The
-    lm_head has no bias, so dividing the hidden states by the temperature divides the logits.
+    states that predict response tokens go through the vocabulary-tiled log-softmax.
     """
     hidden = model.hidden(input_ids, attention_mask=attention_mask)
     p = input_ids.shape[1] - num_response
+    return _token_logprobs(model, hidden[:, p - 1: p - 1 + num_response], input_ids[:, p:],
+                           chunk_size, temperature)
+
+
+def packed_logprobs(model, input_ids, segment_ids, chunk_size: int = 512,
+                    temperature: float = 1.0):
+    """float32 [R, C]: at each position of packed rows (scope_jax.packing), the log-prob of the
+    row's next token given the position's own sequence (segments attend within themselves).
+    The last position of a sequence scores the next sequence's first token: meaningless, and
+    never read (the loss reads the positions that predict response tokens)."""
+    hidden = model.hidden(input_ids, segment_ids=segment_ids)
+    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    return _token_logprobs(model, hidden, targets, chunk_size, temperature)
+
+
+def slot_logprobs(model, input_ids, segment_ids, predict, num_response: int,
+                  chunk_size: int = 512, temperature: float = 1.0):
+    """Response log-probs of the rollouts packed in one row per batch shard, float32 [S, K, M].
+
+    Args:
+      input_ids, segment_ids: int32 [S, C], one packed row per shard (Packed's layout).
+      predict: int32 [S, K], each slot's column whose next token is response token 0.
+    Position predict + t holds response token t's log-prob for t below the response's length;
+    later positions (clipped to the row) hold other tokens' log-probs, which the masks drop.
+    The gather picks within each row, so it stays on the row's shard.
+    """
+    row_lp = packed_logprobs(model, input_ids, segment_ids, chunk_size, temperature)  # [S, C]
+    at = jnp.minimum(predict[..., None] + jnp.arange(num_response, dtype=jnp.int32),
+                     input_ids.shape[1] - 1)
+    return jax.vmap(lambda lp, i: lp[i])(row_lp, at)
+
+
+def _token_logprobs(model, h, targets, chunk_size: int, temperature: float):
+    """h [B, L, H] hidden states, targets int [B, L] -> float32 [B, L] log softmax(logits / T).
+
+    The lm_head has no bias, so dividing the hidden states by the temperature divides the logits.
+    """
     # The rows are split over the batch axes and repeated over 'tensor': split the positions
     # over 'tensor' too, and give each chip the whole (gathered) lm_head, so that no chip
     # repeats another's vocabulary-sized work (the vocabulary tiles slice the lm_head freely).
-    h = shd.constrain(hidden[:, p - 1: p - 1 + num_response], ("batch", "logprob_length", None))
-    targets = shd.constrain(input_ids[:, p:], ("batch", "logprob_length"))
+    h = shd.constrain(h, ("batch", "logprob_length", None))
+    targets = shd.constrain(targets, ("batch", "logprob_length"))
     if temperature != 1.0:
         h = h / jnp.asarray(temperature, h.dtype)
     w = shd.constrain(model.lm_head_weight(), (None, None))
@@ -194,12 +252,42 @@ def check_partition(cfg, mesh, rows: int) -> None:
             f"would idle or hold the whole micro-batch; use micro_batches in {ok}")
 
 
-def make_train_step(cfg, graphdef, optimizer) -> Callable:
-    """(state, batch) -> (state, metrics), pure; jit it with the state donated.
+def _packed_micro_batches(tree, packed: Packed, shards: int):
+    """Per-micro-batch views of a packed step's inputs, all shard-local (no collective).
 
-    Gradients are accumulated over cfg.micro_batches strided row slices (see
-    _strided_micro_batches) with the full batch's weights, advantages and denominators, so the
-    update equals the one-shot update on the whole batch.
+    Args:
+      tree: rollout-layout leaves [B, ...] (the batch, its row constants), B over S shards.
+      packed: the batch's Packed (made for `shards` batch shards).
+    Returns:
+      (slots, rows): slots = tree's leaves gathered per loss slot, [n, S * K, ...] (slot
+      s * K + k of micro-batch j: the k-th rollout of shard s's row j); rows = (input_ids,
+      segment_ids [n, S, C], real, predict [n, S, K]).
+    """
+    if packed.shards != shards:
+        raise ValueError(f"packed rows were planned for {packed.shards} batch shards; the step "
+                         f"runs on {shards} (the mesh's data x fsdp)")
+    s, (rows, k) = shards, packed.rollout.shape
+    n = rows // s
+    index = packed.rollout.reshape(s, n * k)
+
+    def slots(x):  # each shard picks among its own B / S rows
+        picked = jax.vmap(lambda a, i: a[i])(x.reshape(s, x.shape[0] // s, *x.shape[1:]), index)
+        return picked.reshape(s, n, k, *x.shape[1:]).swapaxes(0, 1).reshape(n, s * k, *x.shape[1:])
+
+    per_row = lambda x: x.reshape(s, n, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(slots, tree), tuple(per_row(x) for x in (
+        packed.input_ids, packed.segment_ids, packed.real, packed.predict))
+
+
+def make_train_step(cfg, graphdef, optimizer) -> Callable:
+    """(state, batch[, packed]) -> (state, metrics), pure; jit it with the state donated.
+
+    Gradients are accumulated over micro-batches with the full batch's weights, advantages and
+    denominators, so the update equals the one-shot update on the whole batch. Without
+    `packed`: cfg.micro_batches strided row slices (see _strided_micro_batches). With a Packed
+    (config.packing): its n micro-batches of one packed row per batch shard; the log-probs of
+    each row's tokens are gathered back per rollout into the loss kernels' [rollouts, M]
+    layout (dummy slots masked), so the loss kernels and their constants are the same.
     A step whose loss or gradient norm is not finite leaves params and optimizer state as they
     were (metrics["skipped"] = 1); the host loop counts such steps.
     """
@@ -207,27 +295,39 @@ def make_train_step(cfg, graphdef, optimizer) -> Callable:
     n_micro = int(cfg.micro_batches)
     chunk = int(cfg.model.logprob_chunk)
     temperature = policy_temperature(cfg)
+    rows_sharded = lambda tree: jax.tree.map(
+        lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), tree)
 
-    def micro_loss(params, mb: Rollouts, aux):
+    def micro_loss(params, mb: Rollouts, aux, rows):
         # Each micro-batch stays split over the batch shards (rows), whatever XLA infers.
-        mb = jax.tree.map(lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
+        mb = rows_sharded(mb)
         model = nnx.merge(graphdef, params)
-        lp = response_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], chunk,
-                               temperature)
+        m = mb.response_mask.shape[1]
+        if rows is None:
+            lp = response_logprobs(model, mb.input_ids, mb.attention_mask, m, chunk, temperature)
+            return loss_fn(lp, mb, aux)[0]
+        ids, segments, real, predict = rows_sharded(rows)  # [S, C], [S, C], [S, K], [S, K]
+        lp = slot_logprobs(model, ids, segments, predict, m, chunk, temperature).reshape(-1, m)
+        mb = mb.replace(response_mask=mb.response_mask & real.reshape(-1)[:, None])
         return loss_fn(lp, mb, aux)[0]
 
-    def step(state: TrainState, batch: Rollouts):
+    def step(state: TrainState, batch: Rollouts, packed: Packed | None = None):
         aux = full_batch_constants(cfg, batch)
         row_aux = {k: v for k, v in aux.items() if k in ("weights", "advantages") and v is not None}
         shared = {k: v for k, v in aux.items() if k not in row_aux}
 
         def body(acc, xs):
-            mb, mb_aux = xs
-            val, grads = jax.value_and_grad(micro_loss)(state.params, mb, {**shared, **mb_aux})
+            mb, mb_aux, rows = xs
+            val, grads = jax.value_and_grad(micro_loss)(state.params, mb, {**shared, **mb_aux}, rows)
             return jax.tree.map(jnp.add, acc, (val, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        micro = _strided_micro_batches((batch, row_aux), n_micro)
+        if packed is None:
+            micro = (*_strided_micro_batches((batch, row_aux), n_micro), None)
+        else:
+            shards = batch_shards(jax.sharding.get_abstract_mesh())
+            slots, rows = _packed_micro_batches((batch, row_aux), packed, shards)
+            micro = (*slots, rows)
         (loss, grads), _ = jax.lax.scan(body, zeros, micro)
         # Routing metrics (weights, ESS, PPLs, prompt kinds) over the whole batch; they do not
         # depend on the current log-probs, so evaluate them at pi_old.
@@ -248,6 +348,66 @@ def make_train_step(cfg, graphdef, optimizer) -> Callable:
         return new_state, metrics
 
     return step
+
+
+def _pack_local(ids: np.ndarray, mask: np.ndarray, num_response: int, shards: int,
+                global_rows: int, capacity: int):
+    """This host's rows packed for a step or scoring pass on `shards` batch shards.
+
+    Args:
+      ids, mask: this host's rows [N, T] (prompt bucket + num_response positions).
+      global_rows: rows of the whole batch (N of all hosts).
+    Returns:
+      (the packing.Plan, this host's Packed as numpy, whose `rollout` indices count the rows in
+      the plan's order). Every process of a multi-host run must call it
+      (the hosts agree on the plan's micro-batch and slot counts: the largest any needs).
+    """
+    from scope_jax import packing
+
+    mask = mask.astype(bool)
+    local_shards = shards * len(mask) // global_rows
+    p = packing.plan(mask.sum(1), local_shards, capacity)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        need = multihost_utils.process_allgather(np.asarray(p.rollout.shape[1:], np.int32))
+        n, k = (int(x) for x in np.max(need.reshape(-1, 2), axis=0))
+        p = packing.plan(mask.sum(1), local_shards, capacity, micro_batches=n, slots=k)
+    ids, mask = ids[p.order], mask[p.order]
+    tokens, segments = packing.pack_tokens(p, ids, mask)
+    s, n, k = p.rollout.shape
+    prompt_lengths = mask[:, :-num_response].sum(1)
+    shard_rows = np.arange(s)[:, None, None] * (len(mask) // s) + p.rollout  # [S, n, K]
+    predict = p.start + prompt_lengths[shard_rows] - 1
+    return p, Packed(input_ids=tokens, segment_ids=segments, rollout=p.rollout.reshape(s * n, k),
+                     real=p.real.reshape(s * n, k), predict=predict.astype(np.int32).reshape(s * n, k),
+                     shards=shards)
+
+
+def _global(tree, mesh):
+    """This host's rows (numpy) -> global row-sharded arrays (as they are in one process)."""
+    if jax.process_count() == 1:
+        return tree
+    rows = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rows, x), tree)
+
+
+def pack_rollouts(batch: Rollouts, mesh, capacity: int) -> tuple[Rollouts, Packed, dict]:
+    """Plans and packs a batch on the host (scope_jax.packing) for a step on `mesh`, packed
+    rows of `capacity` tokens. Each process packs its own rows over its own batch shards (no
+    row leaves its shard); the processes agree on the plan's shape (n, K) first.
+
+    Returns:
+      (the batch with each host's rows permuted as the plan deals them over its shards (the
+      same rows per shard; the update does not depend on the rows' order), its Packed,
+      {"seq_len": capacity, "padding": this host's share of padding in its packed rows}).
+      Arrays are global (row-sharded) with several processes, numpy with one.
+    """
+    local = jax.tree.map(sampling.local_rows, batch)  # this host's rows (all of them in one process)
+    p, packed = _pack_local(local.input_ids, local.attention_mask, local.response_mask.shape[1],
+                            batch_shards(mesh), batch.correct.shape[0], capacity)
+    local = jax.tree.map(lambda x: x[p.order], local)
+    return (*_global((local, packed), mesh), {"seq_len": float(capacity), "padding": p.padding})
 
 
 def state_shardings(optimizer, param_shardings, mesh, params) -> TrainState:
@@ -272,9 +432,12 @@ def batch_sharding(mesh):
 def build_step(cfg, graphdef, optimizer, state_sh: TrainState, mesh) -> Callable:
     """The jitted update train() runs: the state donated, fixed shardings in and out (so step 1
     reuses step 0's executable). Call it, and lower it, under jax.set_mesh(mesh), which makes
-    the model's activation sharding constraints take effect."""
+    the model's activation sharding constraints take effect. With config.packing it takes
+    (state, batch, packed), the Packed rows split over the batch shards like the rollouts."""
+    rows = batch_sharding(mesh)
+    inputs = (state_sh, rows, rows) if cfg.get("packing") else (state_sh, rows)
     return jax.jit(make_train_step(cfg, graphdef, optimizer), donate_argnums=0,
-                   in_shardings=(state_sh, batch_sharding(mesh)), out_shardings=(state_sh, None))
+                   in_shardings=inputs, out_shardings=(state_sh, None))
 
 
 def abstract_batch(rows: int, seq_len: int, response_len: int) -> Rollouts:
@@ -290,6 +453,15 @@ def abstract_batch(rows: int, seq_len: int, response_len: int) -> Rollouts:
         teacher_logprobs=sd((rows, response_len), jnp.float32),
         ref_logprobs=sd((rows, response_len), jnp.float32),
         correct=sd((rows,), jnp.bool_), group_ids=sd((rows,), jnp.int32))
+
+
+def abstract_packed(rows: int, capacity: int, slots: int, shards: int) -> Packed:
+    """ShapeDtypeStructs of a Packed: rows packed rows of capacity tokens, `slots` loss slots
+    per row (K), planned for `shards` batch shards."""
+    sd = jax.ShapeDtypeStruct
+    return Packed(input_ids=sd((rows, capacity), jnp.int32), segment_ids=sd((rows, capacity), jnp.int32),
+                  rollout=sd((rows, slots), jnp.int32), real=sd((rows, slots), jnp.bool_),
+                  predict=sd((rows, slots), jnp.int32), shards=shards)
 
 
 def abstract_model(cfg, role: str, mesh, num_layers: int | None = None):
@@ -323,15 +495,23 @@ def lower_step(cfg, *, rows: int, seq_len: int, response_len: int | None = None,
     architecture comes from cfg.student's config.json or cfg.arch.student.
 
     Args:
-      rows: rollouts in the step's batch (train() passes prompts_per_step x num_samples).
-      seq_len: tokens per row as the step sees them (prompt bucket + trimmed response).
-      response_len: response positions of each row (default: min(max_new_tokens, seq_len - 1)).
+      rows: rows of the step's token batch: without config.packing the rollouts (train()
+        passes prompts_per_step x num_samples); with it the packed rows (batch shards x
+        packed micro-batches), the rollouts being prompts_per_step x num_samples, each
+        holding ceil(rollouts / rows) loss slots (count_bucket'ed).
+      seq_len: tokens per row as the step sees them: prompt bucket + trimmed response, or
+        with config.packing the packed rows' capacity.
+      response_len: response positions of each rollout (default: min(max_new_tokens, seq_len
+        - 1)).
       mesh: default shd.make_mesh(cfg.mesh).
     Returns:
       jax.stages.Lowered; .compile() gives memory_analysis() / cost_analysis() per device.
     """
+    from scope_jax import packing
+
     mesh = shd.make_mesh(cfg.mesh) if mesh is None else mesh
-    check_partition(cfg, mesh, rows)
+    rollouts = cfg.prompts_per_step * cfg.num_samples if cfg.get("packing") else rows
+    check_partition(cfg, mesh, rollouts)
     graphdef, params, param_sh = abstract_model(cfg, "student", mesh)
     optimizer = make_optimizer(cfg)
     state_sh = state_shardings(optimizer, param_sh, mesh, params)
@@ -340,9 +520,17 @@ def lower_step(cfg, *, rows: int, seq_len: int, response_len: int | None = None,
     state = TrainState(params=params, opt_state=opt,
                        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=state_sh.step))
     response_len = min(int(cfg.sampling.max_new_tokens), seq_len - 1) if response_len is None else response_len
+    args = (state, abstract_batch(rows, seq_len, response_len))
+    if cfg.get("packing"):
+        shards = batch_shards(mesh)
+        if rows % shards:
+            raise ValueError(f"lower_step: {rows} packed rows do not split over the {shards} batch "
+                             f"shards (one row per shard per micro-batch)")
+        prompt = sampling.prompt_bucket(cfg.data.max_prompt_len)
+        args = (state, abstract_batch(rollouts, prompt + response_len, response_len),
+                abstract_packed(rows, seq_len, packing.count_bucket(-(-rollouts // rows)), shards))
     with jax.set_mesh(mesh):
-        return build_step(cfg, graphdef, optimizer, state_sh, mesh).lower(
-            state, abstract_batch(rows, seq_len, response_len))
+        return build_step(cfg, graphdef, optimizer, state_sh, mesh).lower(*args)
 
 
 def make_score(cfg) -> Callable:
@@ -352,6 +540,10 @@ def make_score(cfg) -> Callable:
 
     The rows go through in cfg.micro_batches strided micro-batches, as the train step takes
     them, so a scoring pass holds one micro-batch's activations, not the whole batch's.
+    With config.packing the rows are packed first, as the step packs them (on the host: each
+    process its own rows, over its own batch shards; call it under the rows' mesh): one
+    packed row per batch shard per micro-batch; the log-probs come back in the rows' order
+    (values at positions past a response's end are meaningless, as without packing).
     """
     chunk, n = int(cfg.model.logprob_chunk), int(cfg.micro_batches)
 
@@ -365,13 +557,49 @@ def make_score(cfg) -> Callable:
         out = jax.lax.map(one, _strided_micro_batches((ids, mask), n))  # [n, B / n, M]
         return out.swapaxes(0, 1).reshape(ids.shape[0], num_response)  # back to row order
 
-    return jax.jit(score, static_argnums=(0, 4, 5))
+    def packed_score(graphdef, params, packed: Packed, num_response, temperature):
+        """-> float32 [S * n * K, M]: each loss slot's response log-probs, shard-major."""
+        model = nnx.merge(graphdef, params)
+        shards = batch_shards(jax.sharding.get_abstract_mesh())
+        _, (ids, segments, _, predict) = _packed_micro_batches({}, packed, shards)
+
+        def one(xs):  # one packed row per shard: [S, C], [S, C], [S, K] -> [S, K, M]
+            ids_mb, seg_mb, predict_mb = (shd.constrain(x, ("batch", None)) for x in xs)
+            return slot_logprobs(model, ids_mb, seg_mb, predict_mb, num_response, chunk, temperature)
+
+        out = jax.lax.map(one, (ids, segments, predict))  # [n, S, K, M]
+        return out.swapaxes(0, 1).reshape(-1, num_response)
+
+    if not cfg.get("packing"):
+        return jax.jit(score, static_argnums=(0, 4, 5))
+    packed_jit = jax.jit(packed_score, static_argnums=(0, 3, 4))
+
+    def score_packed(graphdef, params, ids, mask, num_response, temperature):
+        mesh = jax.sharding.get_mesh()  # the caller's (under_mesh); empty: one device
+        put = ((lambda x: jax.tree.map(jnp.asarray, x)) if mesh.empty
+               else lambda x: jax.device_put(_global(x, mesh), batch_sharding(mesh)))
+        local_ids, local_mask = sampling.local_rows(ids), sampling.local_rows(mask)
+        p, packed = _pack_local(local_ids, local_mask, num_response, batch_shards(mesh),
+                                ids.shape[0], int(cfg.packing))
+        slots = sampling.local_rows(packed_jit(graphdef, params, put(packed), num_response, temperature))
+        s, n_mb, k = p.rollout.shape
+        slots = slots.reshape(s, n_mb, k, num_response)
+        per = len(local_ids) // s
+        out = np.zeros((len(local_ids), num_response), np.float32)
+        shard, j, slot = np.nonzero(p.real)
+        # slot -> its row in the plan's order -> the row it came from
+        out[p.order[shard * per + p.rollout[shard, j, slot]]] = slots[shard, j, slot]
+        return put(out)
+
+    return score_packed
 
 
 def lower_score(cfg, role: str, *, rows: int, seq_len: int, response_len: int, mesh=None,
                 num_layers: int | None = None) -> jax.stages.Lowered:
     """Lowers, without weights, the scoring pass train() runs for cfg.<role> ("teacher" or
-    "student": pi_old and GRPO's reference) on rows x seq_len tokens (see make_score)."""
+    "student": pi_old and GRPO's reference) on rows x seq_len tokens (see make_score),
+    unpacked (with config.packing train() packs the rows on the host first, into micro-batches
+    of one packed row per batch shard)."""
     mesh = shd.make_mesh(cfg.mesh) if mesh is None else mesh
     check_partition(cfg, mesh, rows)
     graphdef, params, _ = abstract_model(cfg, role, mesh, num_layers)
@@ -379,7 +607,9 @@ def lower_score(cfg, role: str, *, rows: int, seq_len: int, response_len: int, m
     ids = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=rows_sh)
     mask = jax.ShapeDtypeStruct((rows, seq_len), jnp.bool_, sharding=rows_sh)
     with jax.set_mesh(mesh):
-        return make_score(cfg).lower(graphdef, params, ids, mask, response_len, 1.0)
+        unpacked = cfg.copy_and_resolve_references()
+        unpacked.packing = 0
+        return make_score(unpacked).lower(graphdef, params, ids, mask, response_len, 1.0)
 
 
 def response_bucket(length: int, cap: int, minimum: int = 16) -> int:
@@ -520,7 +750,12 @@ def train(cfg) -> dict:
                     f"{e}\nstep {step} was not trained; checkpoint {int(state.step)} in {ckpt.directory} "
                     "holds every finished step: the same command resumes from it") from e
             t1 = time.perf_counter()
-            state, m = step_fn(state, jax.device_put(batch, batch_sh))
+            if cfg.packing:  # several rollouts per row; seq_len and padding: the packed rows'
+                batch, packed, layout = pack_rollouts(batch, mesh, cfg.packing)
+                info.update(layout)
+                state, m = step_fn(state, jax.device_put(batch, batch_sh), jax.device_put(packed, batch_sh))
+            else:
+                state, m = step_fn(state, jax.device_put(batch, batch_sh))
             m = _to_host(m)
             dt = time.perf_counter() - t0
             # accuracy: the verifier's fraction of correct rollouts (the loss's own "accuracy"
@@ -851,8 +1086,10 @@ def dry_run(cfg) -> dict:
                         "param_bytes_per_device": int(per_device)}
     rows = cfg.prompts_per_step * cfg.num_samples  # global: the step takes the global batch
     p, r = sampling.prompt_bucket(cfg.data.max_prompt_len), int(cfg.sampling.max_new_tokens)
-    lowered = lower_step(cfg, rows=rows, seq_len=p + r, response_len=r, mesh=mesh)
+    # Packed: the most packed rows a batch can need, one rollout per row of config.packing tokens.
+    lowered = lower_step(cfg, rows=rows, seq_len=cfg.packing or p + r, response_len=r, mesh=mesh)
     new_state, metrics = lowered.out_info
-    report["batch"] = {"rollouts": rows, "sequence": p + r, "micro_batches": int(cfg.micro_batches)}
+    report["batch"] = {"rollouts": rows, "sequence": cfg.packing or p + r,
+                       "micro_batches": int(cfg.micro_batches), "packing": int(cfg.packing)}
     report["train_step"] = {"metrics": sorted(metrics), "state_leaves": len(jax.tree.leaves(new_state))}
     return report

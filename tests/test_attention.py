@@ -193,3 +193,53 @@ def test_kernels_run_per_shard_under_a_mesh(kv_heads):
         np.testing.assert_allclose(_real(out, valid), _real(ref, valid), atol=1e-5, rtol=0,
                                    err_msg=name)
         assert ("all-gather" in hlo) == (kv_heads == 1), name  # MQA gathers the query heads
+
+
+def _packed_inputs(seed=4, t=T):
+    """Two rows of packed sequences: segment ids [B, T] (0 = trailing padding)."""
+    q, k, v, _ = _inputs(seed, t)
+    lengths = [[11, 20, 5], [t], [3, 1, 25]]  # a row with one, with 3 and a 1-token segment
+    seg = np.zeros((B, t), np.int32)
+    for row, ls in enumerate(lengths):
+        seg[row, :sum(ls)] = np.repeat(np.arange(1, len(ls) + 1), ls)
+    return q, k, v, jnp.asarray(seg)
+
+
+def _per_segment_reference(q, k, v, seg, scale):
+    """Each segment attended alone (the float64 reference on its slice); NaN at padding."""
+    out = np.full((q.shape[0], q.shape[1], q.shape[2] * q.shape[3]), np.nan)
+    seg = np.asarray(seg)
+    for b in range(seg.shape[0]):
+        for s in set(seg[b]) - {0}:
+            at = np.flatnonzero(seg[b] == s)
+            part = lambda x: np.asarray(x)[b:b + 1, at]
+            out[b, at] = _numpy_reference(part(q), part(k), part(v), np.ones((1, len(at)), bool),
+                                          scale)[0]
+    return out
+
+
+@pytest.mark.parametrize("kernel", ["xla", "xla_chunked", "splash"])
+def test_packed_segments_attend_only_within_themselves(kernel):
+    q, k, v, seg = _packed_inputs()
+    scale = D ** -0.5
+    ref = _per_segment_reference(q, k, v, seg, scale)
+    slots = jnp.arange(T, dtype=jnp.int32)
+    if kernel == "splash":
+        out = splash_attention(q, k, v, seg, scale, interpret=True)
+    else:
+        out = attention(q, k, v, slots, seg, scale, chunk=16 if kernel == "xla_chunked" else None,
+                        implementation="xla")
+    real = np.asarray(seg) > 0
+    np.testing.assert_allclose(np.asarray(out)[real], ref[real], atol=1e-5, rtol=0)
+    # and not what one sequence per row would give (the test can fail)
+    mixed = np.asarray(attend(q, k, v, slots, seg > 0, scale))
+    assert np.abs(mixed[real] - ref[real]).max() > 1e-2
+
+
+def test_cudnn_refuses_packed_rows_and_auto_picks_xla_for_them(monkeypatch):
+    q, k, v, seg = _packed_inputs()
+    with pytest.raises(ValueError, match="'cudnn' cannot run packed rows"):
+        attention(q, k, v, jnp.arange(T, dtype=jnp.int32), seg, D ** -0.5, implementation="cudnn")
+    monkeypatch.setattr(attn, "_logged", set())
+    assert attn.default_implementation("gpu", jnp.bfloat16, True, packed=True) == "xla"
+    assert attn.default_implementation("tpu", jnp.bfloat16, True, packed=True) == "splash"

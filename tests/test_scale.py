@@ -105,3 +105,18 @@ def test_response_bucket():
     assert [train.response_bucket(n, 1000) for n in (1, 16, 17, 25, 33, 49, 97, 999)] == \
         [16, 16, 24, 32, 48, 64, 128, 1000]
     assert train.response_bucket(5000, 4096) == 4096
+
+
+def test_packed_step_keeps_tokens_on_their_shards():
+    # Packed rows (config.packing): the per-rollout gathers into loss slots and of the rows'
+    # log-probs are shard-local, so no all-gather of an activation or batch array appears.
+    cfg = _cfg(1)
+    cfg.prompts_per_step, cfg.num_samples, cfg.packing = 16, 4, SEQ  # 64 rollouts
+    lowered = train.lower_step(cfg, rows=16, seq_len=SEQ, response_len=RESP)  # 2 micro-batches
+    costs = scale_check.hlo_costs(lowered.compile().as_text())
+    assert costs["unknown_trip_counts"] == 0
+    assert _activation_gathers(costs) == []
+    assert len(re.findall(r"sharding_constraint", lowered.as_text())) >= 2 * TINY["num_hidden_layers"]
+    # the step's matmuls are the packed rows' (16 x 48 tokens), not 64 rollouts' worth
+    ideal = scale_check.ideal_flops(TINY, 16, SEQ, SEQ, remat=True)["total"] / 8
+    assert 0.8 < costs["matmul_flops"] / ideal < 1.25, (costs["matmul_flops"], ideal)

@@ -324,27 +324,13 @@ def test_paper_configs_build_on_a_256_chip_layout(config):
 def test_two_processes_match_one_process(setup, tmp_path):
     """2 local processes (1 CPU device each, gloo collectives) train on the same global batch as
     1 process: each host samples, verifies and scores its half; the step is one global program."""
-    import socket
+    from tiny_hf import run_two_processes
 
     common = ["--config.sampling.temperature=0.0", "--config.prompts_per_step=4", "--config.num_samples=2",
               "--config.checkpoint_every=1"]
     subprocess.run(_cli(setup, tmp_path / "one", "scope", *common), cwd=ROOT, env=_env(), check=True,
                    capture_output=True, timeout=300)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for pid in range(2):
-        env = _env()
-        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(_cli(setup, tmp_path / "two", "scope", *common), cwd=ROOT, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    try:
-        errs = [p.communicate(timeout=600)[1].decode() for p in procs]
-    finally:  # a process whose peer died waits on collectives forever: never leave it behind
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    run_two_processes(_cli(setup, tmp_path / "two", "scope", *common), ROOT, _env())
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [0, 1] and all(r["rollouts"] == 4 for r in two)  # 4 of 8 per host
     for a, b in zip(one, two):

@@ -82,3 +82,24 @@ def make_toy_setup(out, teacher_family: str = "qwen3", teacher_tied: bool = True
                              pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=tied)
         tok.save_pretrained(out / name)
     return out
+
+
+def run_two_processes(args, cwd, env) -> None:
+    """Runs `args` as 2 local JAX processes (process ids 0 and 1, a free coordinator port, the
+    caller's `env` otherwise) and asserts both exit 0, showing their stderr tails if not."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env={**env, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                   "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)})
+             for pid in range(2)]
+    try:
+        errs = [p.communicate(timeout=600)[1].decode() for p in procs]
+    finally:  # a process whose peer died waits on collectives forever: never leave it behind
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)

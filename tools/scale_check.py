@@ -17,8 +17,11 @@ micro-batching train() uses) and the teacher-scoring pass, and prints per chip:
 
 It also prints the padding share of the step at a length distribution (default: the issue's
 realistic mix, lognormal with median 4,000 response tokens and 5% at the cap) under the
-trainer's response bucketing (scope_jax.train.response_bucket), and the sampler's KV-cache
-bytes per chip and bytes read per decode step. On fake CPU devices the memory and FLOPs are
+trainer's response bucketing (scope_jax.train.response_bucket) and, with config.packing, under
+packing (scope_jax.packing.plan on the mesh's batch shards), and the sampler's KV-cache bytes
+per chip and bytes read per decode step. With config.packing the step is compiled as train()
+runs it at that mix: rows = batch shards x the plan's micro-batches, seq_len = config.packing
+(the scoring pass keeps the unpacked rollouts). On fake CPU devices the memory and FLOPs are
 XLA:CPU's figures for the partitioned program, an estimate of a TPU's (TPU fusion and layout
 differ). --fake_devices must be given before jax starts (it sets XLA_FLAGS).
 """
@@ -220,6 +223,18 @@ def padding_share(prompt_bucket: int, prompt_lengths, lengths, max_new_tokens: i
     return {"seq_len": prompt_bucket + m, "padding_share": 1.0 - real / total}
 
 
+def packed_padding(prompt_lengths, lengths, shards: int, capacity: int) -> dict:
+    """The packed step's layout at a length mix: scope_jax.packing.plan of the rollouts (prompt
+    + response real tokens) on `shards` batch shards, rows of `capacity` tokens."""
+    import numpy as np
+
+    from scope_jax import packing
+
+    p = packing.plan(np.asarray(prompt_lengths) + np.asarray(lengths), shards, capacity)
+    return {"capacity": capacity, "micro_batches": p.micro_batches, "rows": shards * p.micro_batches,
+            "slots_per_row": int(p.rollout.shape[2]), "padding_share": p.padding}
+
+
 def kv_cache(arch: dict, rows_per_chip: int, cache_len: int, tensor: int, dtype_bytes: int = 2) -> dict:
     """Sampler KV-cache bytes per chip and the bytes one decode step reads at a given length."""
     kv = arch.get("num_key_value_heads") or arch["num_attention_heads"]
@@ -240,7 +255,11 @@ def _extrapolate(points: dict[int, float], depth: int) -> float:
     return v0 + (v1 - v0) * (depth - l0) / (l1 - l0) if l1 != l0 else v0
 
 
-def run(cfg, *, layers: list[int], rows: int, seq_len: int, response_len: int, teacher: bool = True) -> dict:
+def run(cfg, *, layers: list[int], rows: int, seq_len: int, response_len: int, teacher: bool = True,
+        score_rows: int = 0, score_seq_len: int = 0) -> dict:
+    """Compiles the step (rows x seq_len: rollouts, or with config.packing packed rows) and the
+    teacher's scoring pass (score_rows x score_seq_len rollouts; default rows x seq_len) at each
+    depth; returns the report (see the module docstring)."""
     import jax
 
     from scope_jax import algorithms, train
@@ -260,13 +279,15 @@ def run(cfg, *, layers: list[int], rows: int, seq_len: int, response_len: int, t
         compiled = train.lower_step(c, rows=rows, seq_len=seq_len, response_len=response_len, mesh=mesh).compile()
         r = compiled_report(compiled)
         r["compile_s"] = time.perf_counter() - t0
-        ideal = ideal_flops(c.arch.student, rows, seq_len, response_len, c.model.remat_policy != "none")
+        # packed rows run the lm_head on every position (the loss slots are gathered after it)
+        head = seq_len if cfg.get("packing") else response_len
+        ideal = ideal_flops(c.arch.student, rows, seq_len, head, c.model.remat_policy != "none")
         r["ideal_flops_per_chip"] = {k: v / mesh.size for k, v in ideal.items()}
         r["flops_vs_ideal"] = r["matmul_flops"] / r["ideal_flops_per_chip"]["total"]
         if teacher and algorithms.get(cfg.algo).loads_teacher:
             t0 = time.perf_counter()
-            scored = train.lower_score(cfg, "teacher", rows=rows, seq_len=seq_len, response_len=response_len,
-                                       mesh=mesh, num_layers=n_layers).compile()
+            scored = train.lower_score(cfg, "teacher", rows=score_rows or rows, seq_len=score_seq_len or seq_len,
+                                       response_len=response_len, mesh=mesh, num_layers=n_layers).compile()
             r["teacher_score"] = compiled_report(scored)
             r["teacher_score"]["compile_s"] = time.perf_counter() - t0
         report["steps"][n_layers] = r
@@ -288,8 +309,10 @@ def run(cfg, *, layers: list[int], rows: int, seq_len: int, response_len: int, t
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variant] (configs/*.py)")
 _FAKE = flags.DEFINE_integer("fake_devices", 0, "XLA:CPU devices to fake (sets XLA_FLAGS before jax starts)")
 _LAYERS = flags.DEFINE_string("layers", "", "comma-separated student depths to compile (default: the real one)")
-_ROWS = flags.DEFINE_integer("rows", 0, "rows of the step (default: prompts_per_step x num_samples)")
-_SEQ = flags.DEFINE_integer("seq_len", 0, "tokens per row (default: prompt bucket + max_new_tokens)")
+_ROWS = flags.DEFINE_integer("rows", 0, "rows of the step (default: prompts_per_step x num_samples; "
+                             "with config.packing the packed rows of the length mix's plan)")
+_SEQ = flags.DEFINE_integer("seq_len", 0, "tokens per row (default: prompt bucket + max_new_tokens; "
+                            "with config.packing, config.packing)")
 _NO_TEACHER = flags.DEFINE_bool("no_teacher", False, "skip the teacher-scoring pass")
 _MEDIAN = flags.DEFINE_float("median", 4000, "median response length of the padding mix")
 _CAP_SHARE = flags.DEFINE_float("cap_share", 0.05, "share of responses at max_new_tokens in the mix")
@@ -308,22 +331,38 @@ def main(argv) -> None:
     from scope_jax import sharding as shd
 
     cfg = _CONFIG.value
-    rows = _ROWS.value or cfg.prompts_per_step * cfg.num_samples
+    # --rows: the rollouts without packing, the packed rows with it
+    rollouts = (_ROWS.value if _ROWS.value and not cfg.packing
+                else cfg.prompts_per_step * cfg.num_samples)
     bucket = sampling.prompt_bucket(cfg.data.max_prompt_len)
     m = int(cfg.sampling.max_new_tokens)
-    seq_len = _SEQ.value or bucket + m
+    mesh = shd.make_mesh(cfg.mesh)
+    lengths = response_lengths(rollouts, median=_MEDIAN.value, cap=m, cap_share=_CAP_SHARE.value)
+    prompts = np.minimum(np.random.default_rng(1).integers(64, 512, rollouts), bucket)
+    mix = {"median": _MEDIAN.value, "cap_share": _CAP_SHARE.value,
+           **padding_share(bucket, prompts, lengths, m)}
+    if cfg.packing:
+        mix["packed"] = packed_padding(prompts, lengths, train.batch_shards(mesh), int(cfg.packing))
+        # one draw's batch shards may need one packed row more than another's: 10 draws' spread
+        draws = [packed_padding(np.minimum(np.random.default_rng(seed + 1).integers(64, 512, rollouts), bucket),
+                                response_lengths(rollouts, median=_MEDIAN.value, cap=m, cap_share=_CAP_SHARE.value,
+                                                 seed=seed), train.batch_shards(mesh), int(cfg.packing))["padding_share"]
+                 for seed in range(10)]
+        mix["packed"]["padding_share_10_draws"] = {"mean": float(np.mean(draws)), "min": min(draws), "max": max(draws)}
+    rows = _ROWS.value or (mix["packed"]["rows"] if cfg.packing else rollouts)
+    seq_len = _SEQ.value or cfg.packing or bucket + m
     response_len = min(m, seq_len - 1)
     depth = int(train._hf_config(cfg, "student")["num_hidden_layers"])
     layers = [int(x) for x in _LAYERS.value.split(",") if x] or [depth]
     report = run(cfg, layers=layers, rows=rows, seq_len=seq_len, response_len=response_len,
-                 teacher=not _NO_TEACHER.value)
-
-    lengths = response_lengths(rows, median=_MEDIAN.value, cap=m, cap_share=_CAP_SHARE.value)
-    prompts = np.minimum(np.random.default_rng(1).integers(64, 512, rows), bucket)
-    report["padding_at_length_mix"] = {"median": _MEDIAN.value, "cap_share": _CAP_SHARE.value,
-                                       **padding_share(bucket, prompts, lengths, m)}
-    mesh = shd.make_mesh(cfg.mesh)
-    rows_per_chip = max(1, rows // train.batch_shards(mesh))
+                 teacher=not _NO_TEACHER.value, score_rows=rollouts, score_seq_len=bucket + m)
+    report["padding_at_length_mix"] = mix
+    print(f"padding at the length mix: {mix['padding_share']:.1%} trimmed to the longest response"
+          + (f", {mix['packed']['padding_share']:.1%} packed ({mix['packed']['micro_batches']} "
+             f"micro-batches of one {cfg.packing}-token row per batch shard; 10 draws: mean "
+             f"{np.mean(draws):.1%}, max {max(draws):.1%})" if cfg.packing else ""),
+          file=sys.stderr)
+    rows_per_chip = max(1, rollouts // train.batch_shards(mesh))
     cache = kv_cache(train._hf_config(cfg, "student"), rows_per_chip, bucket + m - 1, mesh.shape["tensor"])
     report["sampler"] = {
         "rows_per_chip": rows_per_chip, "cache_len": bucket + m - 1,

@@ -2,10 +2,14 @@
 
     out = attention(q, k, v, q_slot, kv_valid, scale)            # [B, T, N * D]
 
+kv_valid is bool [B, S] (False at padding), or, for packed rows (several sequences per row),
+int32 segment ids [B, S] with 0 at padding: a query then sees only the keys of its own
+segment (segments_allowed). Packed rows run on "xla" and "splash"; "cudnn" refuses them.
+
 Implementations (``implementation=``):
   "xla":    attend(), pure JAX with optional query chunking. The reference; runs everywhere.
   "splash": jax.experimental.pallas.ops.tpu.splash_attention (TPU flash attention), causal
-            mask plus segment ids made from kv_valid. Tested here only in Pallas interpret
+            mask plus segment ids (kv_valid's, or 1 / 0 from a bool kv_valid). Tested here only in Pallas interpret
             mode on CPU (tests/test_attention.py), never compiled for a TPU by this project's
             tests: head_dim and block-size limits of the Mosaic compiler are not checked.
   "cudnn":  jax.nn.dot_product_attention(implementation="cudnn") (GPU flash attention). Each
@@ -15,7 +19,8 @@ Implementations (``implementation=``):
             itself has NOT been run by this project (no GPU here).
 
 implementation=None picks by jax.default_backend(): splash on TPU, cudnn on GPU for bf16 /
-fp16 inputs, else xla; attention over a KV cache (S != T) always uses xla. A pick other than
+fp16 inputs (xla for packed rows, which cuDNN's padding masks cannot express), else xla;
+attention over a KV cache (S != T) always uses xla. A pick other than
 xla is logged once per process with a warning saying what it was tested on.
 
 tokamax (0.0.12, the newest the package index here serves) was read and not used: its TPU kernel is a vendored copy of the
@@ -41,14 +46,34 @@ _log = logging.getLogger(__name__)
 _logged: set[tuple[str, str]] = set()
 
 
+def is_packed(kv_valid: jax.Array) -> bool:
+    """Whether kv_valid holds segment ids (packed rows) rather than a bool padding mask."""
+    return not jnp.issubdtype(kv_valid.dtype, jnp.bool_)
+
+
+def segments_allowed(q_slot: jax.Array, kv_valid: jax.Array) -> jax.Array:
+    """bool [B, T, S]: query t may attend key slot s.
+
+    Always s <= q_slot[t] (causal). With a bool kv_valid [B, S], also kv_valid[b, s]. With
+    segment ids [B, S] (0 = padding), also segment[b, s] == segment[b, q_slot[t]] != 0: the
+    sequences packed in one row never see each other, and a padding query sees nothing.
+    """
+    s = kv_valid.shape[1]
+    causal = (jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot[:, None])[None]
+    if not is_packed(kv_valid):
+        return causal & kv_valid[:, None, :]
+    # q_slot may be -1 (attend's padded chunk queries): clipped, those rows are causal-empty
+    q_segment = jnp.take(kv_valid, jnp.clip(q_slot, 0, s - 1), axis=1)  # [B, T]
+    return causal & (kv_valid[:, None, :] == q_segment[:, :, None]) & (kv_valid[:, None, :] != 0)
+
+
 def _attend_block(q, k, v, q_slot, kv_valid, scale):
     """attend() for one block of queries; see attend for shapes."""
     b, t, n, d = q.shape
     kh = k.shape[2]
     q = q.reshape(b, t, kh, n // kh, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    mask = (jnp.arange(k.shape[1], dtype=jnp.int32)[None, :] <= q_slot[:, None])[None]
-    mask = mask & kv_valid[:, None, :]  # [B, T, S]
+    mask = segments_allowed(q_slot, kv_valid)  # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -88,14 +113,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_slot: jax.Array, kv_valid
            scale: float, chunk: int | None = None) -> jax.Array:
     """Causal grouped-query attention with a float32 softmax.
 
-    Query t attends to key slot s iff s <= q_slot[t] and kv_valid[b, s].
+    Query t attends to key slot s iff s <= q_slot[t] and kv_valid[b, s] (segments_allowed).
 
     Args:
       q: [B, T, N, D]; k, v: [B, S, K, D] with N a multiple of K (query head h uses kv head
         h // (N // K), as transformers' repeat_kv).
       q_slot: int32 [T], the key slot each query occupies (arange(T) without a cache).
-      kv_valid: bool [B, S], False at padding. Rows with no allowed key produce an average of
-        all values instead of NaN (they are padding).
+      kv_valid: bool [B, S], False at padding, or int32 segment ids [B, S] (0 = padding; see
+        segments_allowed). Rows with no allowed key produce an average of all values instead
+        of NaN (they are padding).
       chunk: if set and T > chunk, queries are processed ``chunk`` at a time (each chunk
         rematerialised in the backward pass), so the [B, N, T, S] scores never exist at once:
         peak memory is O(B * N * chunk * S). The result is the same exact softmax.
@@ -118,18 +144,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_slot: jax.Array, kv_valid
 
 
 
-def default_implementation(backend: str, dtype, self_attention: bool) -> str:
+def default_implementation(backend: str, dtype, self_attention: bool, packed: bool = False) -> str:
     """The kernel attention(implementation=None) uses.
 
     Args:
       backend: jax.default_backend() ('cpu', 'gpu', 'tpu', ...).
       dtype: the query dtype.
       self_attention: S == T (no KV cache), the only case the kernels serve.
+      packed: kv_valid holds segment ids; cuDNN's padding masks cannot express them, so a GPU
+        runs packed rows on xla (logged once).
     """
     if not self_attention:
         return "xla"
     if backend == "tpu":
         choice, note = "splash", "tested only in Pallas interpret mode on CPU"
+    elif backend in ("gpu", "cuda") and packed:
+        choice, note = "xla", "cuDNN's padding masks cannot express packed rows' segment ids"
     elif backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         choice, note = "cudnn", "its padding handling is tested on CPU; the cuDNN kernel was not run"
     else:
@@ -153,8 +183,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slot: jax.Array, kv_va
       q_slot: int32 [T]. The kernels ("splash", "cudnn") serve self-attention only: S == T
         and q_slot == arange(T) (every S == T use in the model has it); S != T with them is
         an error.
-      kv_valid: bool [B, S]. "cudnn" needs each row's valid keys to be one contiguous span
-        (left and / or right padding); a row that is not gets NaN outputs, loudly.
+      kv_valid: bool [B, S], or int32 segment ids [B, S] for packed rows (see
+        segments_allowed; "cudnn" refuses them). "cudnn" needs each row's valid keys to be one
+        contiguous span (left and / or right padding); a row that is not gets NaN outputs,
+        loudly.
       scale: logits scale (head_dim ** -0.5).
       chunk: query chunk of the "xla" implementation (see attend); ignored by the kernels.
       implementation: None (auto, see default_implementation), "xla", "splash" or "cudnn".
@@ -166,10 +198,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slot: jax.Array, kv_va
     """
     self_attention = q.shape[1] == k.shape[1]
     if implementation is None:
-        implementation = default_implementation(jax.default_backend(), q.dtype, self_attention)
+        implementation = default_implementation(jax.default_backend(), q.dtype, self_attention,
+                                                is_packed(kv_valid))
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention: implementation {implementation!r} is not one of "
                          f"{IMPLEMENTATIONS}")
+    if implementation == "cudnn" and is_packed(kv_valid):
+        raise ValueError("attention: implementation 'cudnn' cannot run packed rows (segment ids "
+                         "in kv_valid): its padding masks take one span per row; use 'xla' or "
+                         "'splash', or turn config.packing off")
     if implementation == "xla":
         return attend(q, k, v, q_slot, kv_valid, scale, chunk)
     if not self_attention:
@@ -205,13 +242,15 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Arr
                      scale: float, *, block: int = 512, interpret: bool = False) -> jax.Array:
     """Causal self-attention with the Pallas TPU splash kernel (single device).
 
-    Padding becomes segment ids (1 real, 0 padding): a real query sees the real keys up to it,
-    a padding query sees padding keys (at least itself, so no softmax row is empty). T is
+    A bool kv_valid becomes segment ids (1 real, 0 padding); packed rows' segment ids are used
+    as they are: a real query sees the keys of its own segment up to it, a padding query sees
+    padding keys (at least itself, so no softmax row is empty). T is
     padded to a multiple of 128 (the kernel's lane width) and the block shrunk by 128s until
     it divides that.
 
     Args:
-      q: [B, T, N, D]; k, v: [B, T, K, D]; kv_valid: bool [B, T]; scale: logits scale.
+      q: [B, T, N, D]; k, v: [B, T, K, D]; kv_valid: bool [B, T] or int32 segment ids [B, T];
+      scale: logits scale.
       block: query / key block size (capped at the padded length).
       interpret: run the kernel in Pallas interpret mode (any backend; slow; for tests).
     Returns:

@@ -441,7 +441,8 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x, cos, sin, mask, kv=None):
-        """x [B, T, H]; cos/sin [B, T, D]; mask = (q_slot int32 [T], kv_valid bool [B, S]).
+        """x [B, T, H]; cos/sin [B, T, D]; mask = (q_slot int32 [T], kv_valid bool [B, S] or
+        int32 segment ids [B, S], see attention.segments_allowed).
 
         kv: None (attend to this call's own keys, S == T) or (k_all, v_all, layer, index):
           with layer an int, k_all/v_all are a Cache's [L, B, S, K, D] arrays; with layer None,
@@ -555,6 +556,20 @@ def default_positions(attention_mask: jax.Array | None, batch: int, length: int)
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """int32 [B, T]: each token's index within its segment of a packed row.
+
+    segment_ids: int [B, T]; a segment is a maximal run of one id (the packer gives adjacent
+    sequences different ids), so each packed sequence starts again at position 0, as it would
+    alone in a row of its own (default_positions of its real tokens).
+    """
+    t = segment_ids.shape[1]
+    slot = jnp.arange(t, dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return slot - jax.lax.cummax(jnp.where(starts, slot, 0), axis=1)
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM covering Llama, Qwen2 and Qwen3 (see ModelConfig for the flags).
 
@@ -665,29 +680,41 @@ class Transformer(nnx.Module):
         return constrain(logits, ("batch", "length", "act_vocab"), self.rules)
 
     @staticmethod
-    def _full_mask(attention_mask, batch, length):
-        """(q_slot [T], kv_valid [B, T]) for a forward pass without a cache."""
-        valid = (jnp.ones((batch, length), bool) if attention_mask is None
-                 else jnp.asarray(attention_mask).astype(bool))
+    def _full_mask(attention_mask, batch, length, segment_ids=None):
+        """(q_slot [T], kv_valid [B, T]) for a forward pass without a cache; kv_valid is the
+        int32 segment ids when given (packed rows, see attention.segments_allowed)."""
+        if segment_ids is not None:
+            valid = jnp.asarray(segment_ids, jnp.int32)
+        else:
+            valid = (jnp.ones((batch, length), bool) if attention_mask is None
+                     else jnp.asarray(attention_mask).astype(bool))
         return jnp.arange(length, dtype=jnp.int32), valid
 
     # -- public --------------------------------------------------------------------------------
 
-    def hidden(self, input_ids, positions=None, attention_mask=None) -> jax.Array:
+    def hidden(self, input_ids, positions=None, attention_mask=None, segment_ids=None) -> jax.Array:
         """Final-norm hidden states.
 
         Args:
           input_ids: int32 [B, T].
-          positions: int32 [B, T] RoPE positions (default: see default_positions).
+          positions: int32 [B, T] RoPE positions (default: default_positions, or
+            segment_positions with segment_ids).
           attention_mask: bool/int [B, T], 1 for real tokens; padding on either side is never
             attended to (outputs at padded positions are meaningless).
+          segment_ids: int32 [B, T] instead of attention_mask, for packed rows: several
+            sequences per row, each a run of one id > 0 (0 = padding); attention stays causal
+            within each sequence, so each one's hidden states equal its forward alone.
         Returns:
           [B, T, H] in the compute dtype.
         """
         b, t = input_ids.shape
+        if segment_ids is not None and attention_mask is not None:
+            raise ValueError("hidden: pass attention_mask or segment_ids, not both (segment id 0 "
+                             "marks padding)")
         if positions is None:
-            positions = default_positions(attention_mask, b, t)
-        h, _ = self._run(input_ids, positions, self._full_mask(attention_mask, b, t))
+            positions = (default_positions(attention_mask, b, t) if segment_ids is None
+                         else segment_positions(jnp.asarray(segment_ids, jnp.int32)))
+        h, _ = self._run(input_ids, positions, self._full_mask(attention_mask, b, t, segment_ids))
         return h
 
     def __call__(self, input_ids, positions=None, attention_mask=None) -> jax.Array:
