@@ -47,6 +47,9 @@ ALLOWED_CHANGES = ("workdir", "num_steps", "checkpoint_every", "max_to_keep", "a
                    "teacher_url", "teacher_client",
                    # the order of work, not the math (train.Collector); pipeline.chunks does change it
                    "pipeline.overlap")
+# Keys added after runs existed, with the value that keeps what those runs computed: a run
+# identity written before a key existed reads as having it at this value.
+ADDED_KEYS = {"pipeline.chunks": 1}
 
 
 class RunMismatch(ValueError):
@@ -281,6 +284,7 @@ def differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
     A moved student / teacher directory with the same fingerprint is an allowed change.
     """
     a, b = _flatten(old.get("config", {})), _flatten(new["config"])
+    a = {**{k: v for k, v in ADDED_KEYS.items() if k in b}, **a}
     refuse, allow = [], []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<absent>") == b.get(key, "<absent>"):

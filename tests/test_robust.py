@@ -209,6 +209,14 @@ def test_identity_refuses_meaning_changes_and_allows_the_rest(tmp_path):
     assert "num_steps" not in str(e.value)
 
 
+def test_identity_written_before_a_key_existed_reads_it_at_its_old_behaviour():
+    old = {"config": {"seed": 0}}  # a run started before pipeline.chunks existed
+    refuse, allow = checkpoint.differences(old, {"config": {"seed": 0, "pipeline": {"chunks": 1}}})
+    assert refuse == allow == []
+    refuse, _ = checkpoint.differences(old, {"config": {"seed": 0, "pipeline": {"chunks": 2}}})
+    assert refuse == ["pipeline.chunks: 1 -> 2"]
+
+
 def test_config_schema_is_the_base_config_and_names_the_closest_keys():
     from configs import common
 
