@@ -48,18 +48,16 @@ UNTRAINED = ("student", "teacher")
 # budget) and the paper's OPD baseline (1 rollout per prompt).
 BASELINES = ("student", "opd_n", "opd")
 
-# Measured on the 2-core shared dev machine, 2026-11-30, while other engineers' jobs ran (load
-# average 11-14; the machine alone is faster), in seconds:
-#   python -m tools.study --out runs/costs --toys toy --seeds 0 \
-#       --methods student,kd,grpo,opd,opd_n,scope --steps 8 --problems 100
-# build: tools/make_toy.py of one full-size toy (340 s for toy, 157 s for blindspot at a lower
-# load). step: median time_s of steps 1-7 in metrics.jsonl (configs/toy.py: 16 prompts x 8
-# rollouts; opd 1 rollout). overhead: per trained run, start-up and the first step's
-# compilation (train_seconds minus the steps). eval: one model, 200 problems x 16 samples
-# (3 s once compiled, 26 s for the first model of a process). The study replaces these with
-# its own medians as runs complete.
-COSTS = {"build": 340.0, "eval": 5.0, "overhead": 20.0,
-         "step": {"kd": 0.5, "grpo": 0.86, "opd": 0.1, "opd_n": 1.2, "scope": 1.3}}
+# Measured on the 2-core dev machine, 2026-11-30, by the full study itself (84 + 20 runs, while
+# other jobs shared the machine; medians of its measured_costs), in seconds:
+#   python -m tools.study --out runs/study
+# build: tools/make_toy.py of one full-size toy (80-165 s). step: median time_s of steps 1-99
+# in metrics.jsonl (configs/toy.py: 16 prompts x 8 rollouts; opd 1 rollout; the ablations cost
+# what SCOPE costs). overhead: per trained run, start-up and the first step's compilation.
+# eval: one model, 200 problems x 16 samples. At a load average of 11-14 every figure was
+# about 2-3x these (the study was budgeted at ~3 h then; it took ~1.5 h here).
+COSTS = {"build": 125.0, "eval": 2.0, "overhead": 20.0,
+         "step": {"kd": 0.4, "grpo": 0.45, "opd": 0.05, "opd_n": 0.4, "scope": 0.45}}
 
 
 def method_cost(costs: dict, method: str) -> float:
@@ -383,8 +381,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=None, help="default: all of " + ",".join(METHODS + ABLATIONS))
     p.add_argument("--steps", type=int, default=100,
-                   help="training steps per run (100: the whole default study is ~3 h at a load "
-                   "average of 11 on 2 cores; see --budget-only)")
+                   help="training steps per run (100: the whole default study took ~1.5 h on 2 "
+                   "shared cores; see --budget-only)")
     p.add_argument("--problems", type=int, default=200, help="test problems per seed")
     p.add_argument("--k", type=int, default=16, help="samples per problem")
     p.add_argument("--pass_at_k_estimator", choices=("unbiased", "paper"), default="unbiased")
