@@ -964,9 +964,7 @@ class Collector:
         finally:
             for pool in pools:
                 pool.shutdown(wait=True, cancel_futures=True)
-        correct = np.array([r.reward > 0 for r in results])
-        if jax.process_count() > 1:  # this host's labels -> the global [B] array
-            correct = jax.make_array_from_process_local_data(batch_sharding(self.mesh), correct)
+        correct = _global(np.array([r.reward > 0 for r in results]), self.mesh)  # -> the global [B] labels
         batch = Rollouts(input_ids=ids, attention_mask=mask, response_mask=out.response_mask,
                          old_logprobs=old, teacher_logprobs=teacher_lp, ref_logprobs=ref_lp,
                          correct=jnp.asarray(correct), group_ids=out.group_ids)
