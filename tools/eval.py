@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     from scope_jax import data as data_lib
     from scope_jax import evaluation as ev
     from scope_jax import tracking
-    from scope_jax.verifiers.math import Verifier
+    from scope_jax.verifiers.pool import Verifier
 
     examples = {}
     for label, path in datasets:
