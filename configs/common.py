@@ -57,7 +57,7 @@ def base() -> ml_collections.ConfigDict:
     # Tokens per packed row (scope_jax.packing: several rollouts per row, each attending only
     # to itself); 0 = off (one rollout per row: prompt bucket + trimmed response). On, the step
     # and the scoring passes take one packed row per batch shard per micro-batch, as many
-    # micro-batches as the batch needs (micro_batches is then unused). At least prompt bucket +
+    # micro-batches as the batch needs (micro_batches must then stay 1). At least prompt bucket +
     # max_new_tokens, so any rollout fits.
     c.packing = 0
 

@@ -33,6 +33,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from scope_jax.verifiers.code import CodeTests
+
 log = logging.getLogger(__name__)
 
 # The instruction the paper (and the DeepSeek-R1 / Qwen2.5-Math evaluations) append to each problem.
@@ -448,8 +450,6 @@ def load_code_examples(path: str | os.PathLike, kind: str, *, on_error: str = "r
     DataError names the file, line and field of a malformed row; on_error as load_examples.
     """
     import gzip
-
-    from scope_jax.verifiers.code import CodeTests
 
     path = os.fspath(path)
     if not os.path.isfile(path):
