@@ -157,6 +157,9 @@ class Done:
     def result(self):
         return self._value
 
+    def done(self) -> bool:
+        return True
+
 
 def _run_now(fn, *args):
     return Done(fn(*args))
@@ -202,3 +205,16 @@ def generate_and_verify(engine: RolloutEngine, prompts: Sequence[Sequence[int]],
     texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
     row_golds = [g for g in golds for _ in range(num_samples)]
     return Verified(out=out, texts=texts, pending=submit(verifier.verify_batch, texts, row_golds))
+
+
+def settings_for(model_config, tokenizer, *, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                 eos_ids: Sequence[int] = (), checkpoint: str | None = None) -> Settings:
+    """Settings for a caller without a training config (evaluation, the toy, the tools), under
+    the same rules as settings_from_config: stop ids by sampling.stop_ids (tokenizer, model
+    config, `checkpoint`'s generation_config.json, `eos_ids`), pad id the tokenizer's, else 0."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return Settings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                    top_k=top_k or None, top_p=top_p, repetition_penalty=float(repetition_penalty),
+                    stop_ids=tuple(sampling.stop_ids(model_config, tokenizer, eos_ids, checkpoint=checkpoint)),
+                    pad_id=0 if pad is None else int(pad))

@@ -278,23 +278,23 @@ def main(argv=None) -> int:
             for label, exs in examples.items():
                 log.info("evaluating %s on %s (%d problems, k=%d)", name, label, len(exs),
                              args.k)
-                res = ev.evaluate(
-                    model, tokenizer, exs, k=args.k, temperature=args.temperature,
+                res = ev.evaluate(model, tokenizer, exs, ev.EvalSettings(
+                    k=args.k, temperature=args.temperature,
                     top_p=None if args.top_p >= 1.0 else args.top_p,
                     top_k=None if args.top_k <= 0 else args.top_k,
                     repetition_penalty=args.repetition_penalty,
                     max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
-                    batch_prompts=args.batch_prompts, seed=args.seed, verifier=verifier,
+                    batch_prompts=args.batch_prompts, seed=args.seed,
                     verifier_mode=args.verifier_mode, instruction=instructions[label],
                     style=args.style,
                     chat_template_kwargs=args.chat_template_kwargs,
                     eos_ids=_checkpoint_stops(path), keep_response_chars=args.keep_response_chars,
-                    num_resamples=args.num_resamples, confidence=args.confidence, mesh=mesh,
-                    pass_at_k_estimator=args.pass_at_k_estimator)
+                    num_resamples=args.num_resamples, confidence=args.confidence,
+                    pass_at_k_estimator=args.pass_at_k_estimator), verifier=verifier, mesh=mesh)
                 res.summary["file"] = dict(datasets)[label]
                 results[name][label] = res.summary
                 curves[f"{name} / {label}"] = res.summary["pass_curve"]
-                ev.write_jsonl(os.path.join(args.out, name, f"{label}.jsonl"), res.records)
+                data_lib.write_jsonl(os.path.join(args.out, name, f"{label}.jsonl"), res.records)
                 log.info("%s / %s: %s", name, label, ev.format_cell(res.summary))
                 counts.setdefault(name, {})[label] = res.counts()
             if len(examples) > 1:
