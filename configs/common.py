@@ -45,7 +45,9 @@ def base() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""  # one path or a list; JSONL / parquet (scope_jax.data.load_examples)
-    c.data.spec = ""  # dataset spec name (scope_jax.data.SPECS); "" = inferred from the file name
+    # dataset spec name (scope_jax.data.SPECS); "" = inferred from the file name; "tfds:NAME[:split]"
+    # reads the TFDS dataset NAME from the data_dir that train_files names (scope_jax.data.load_examples)
+    c.data.spec = ""
     c.data.style = "chat"  # chat | raw | deepmath
     c.data.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
     c.data.max_prompt_len = 2048
