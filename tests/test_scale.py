@@ -120,3 +120,25 @@ def test_packed_step_keeps_tokens_on_their_shards():
     # the step's matmuls are the packed rows' (16 x 48 tokens), not 64 rollouts' worth
     ideal = scale_check.ideal_flops(TINY, 16, SEQ, SEQ, remat=True)["total"] / 8
     assert 0.8 < costs["matmul_flops"] / ideal < 1.25, (costs["matmul_flops"], ideal)
+
+
+def test_lower_score_of_a_packing_config_lowers_the_packed_pass():
+    """What train() runs with config.packing: the scoring pass takes the step's packed rows (one
+    per batch shard per micro-batch), not the unpacked rollouts, and keeps them on their shards."""
+    from scope_jax import packing
+
+    cfg = _cfg(1)
+    cfg.prompts_per_step, cfg.num_samples, cfg.packing = 16, 4, SEQ  # 64 rollouts
+    lowered = scoring.lower_score(cfg, "teacher", rows=16, seq_len=SEQ, response_len=RESP)
+    packed = [a for a in jax.tree.leaves(lowered.args_info, is_leaf=lambda x: isinstance(x, packing.Packed))
+              if isinstance(a, packing.Packed)]
+    assert len(packed) == 1 and packed[0].input_ids.shape == (16, SEQ)  # 2 micro-batches x 8 shards
+    # one log-prob row per loss slot: 16 rows x count_bucket(64 / 16) = 4 slots
+    assert lowered.out_info.shape == (64, RESP)
+    unpacked = cfg.copy_and_resolve_references()
+    unpacked.packing = 0
+    rows = scoring.lower_score(unpacked, "teacher", rows=64, seq_len=SEQ, response_len=RESP)
+    assert not any(isinstance(a, packing.Packed) for a in jax.tree.leaves(
+        rows.args_info, is_leaf=lambda x: isinstance(x, packing.Packed)))
+    costs = scale_check.hlo_costs(lowered.compile().as_text())
+    assert _activation_gathers(costs) == []
