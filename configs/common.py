@@ -63,7 +63,7 @@ def base() -> ml_collections.ConfigDict:
     # max_new_tokens, so any rollout fits.
     c.packing = 0
 
-    # Rollout collection as a pipeline (train.Collector): the step's prompts in `chunks` chunks
+    # Rollout collection as a pipeline (collect.Collector): the step's prompts in `chunks` chunks
     # (must divide prompts_per_step); each chunk is verified, and scored by a remote teacher,
     # while the next one generates. Chunk c samples with a key derived from (step, c), so the
     # rollouts depend on `chunks` (1: one key per step, as before) but not on `overlap`.

@@ -48,7 +48,7 @@ ALLOWED_CHANGES = ("workdir", "num_steps", "checkpoint_every", "max_to_keep", "a
                    "micro_batches", "packing", "mesh", "logging", "model.remat_policy", "model.logprob_chunk",
                    # where the teacher runs (the server must serve the same teacher: not checkable)
                    "teacher_url", "teacher_client",
-                   # the order of work, not the math (train.Collector); pipeline.chunks does change it
+                   # the order of work, not the math (collect.Collector); pipeline.chunks does change it
                    "pipeline.overlap")
 # Keys added after runs existed, with the value that keeps what those runs computed: a run
 # identity written before a key existed reads as having it at this value.

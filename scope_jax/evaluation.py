@@ -37,6 +37,7 @@ import numpy as np
 from scope_jax import data as data_lib
 from scope_jax import rollout as rollout_lib
 from scope_jax import sampling
+from scope_jax import sharding as shd
 from scope_jax.data import PAPER_INSTRUCTION
 from scope_jax.verifiers import Verifier
 
@@ -534,7 +535,7 @@ def run(model, tokenizer, p: Prepared, s: EvalSettings, verifier, mesh=None) -> 
             done = rollout_lib.generate_and_verify(
                 engine, prompts, [p.examples[p.kept[j]].answer for j in batch], verifier, tokenizer,
                 num_samples=s.k, key=jax.random.fold_in(base_key, b), submit=pool.submit)
-            lengths = [int(n) for n in sampling.local_rows(done.out.lengths)[:len(batch) * s.k]]
+            lengths = [int(n) for n in shd.local_rows(done.out.lengths)[:len(batch) * s.k]]
             dt = time.perf_counter() - t0
             gen_seconds += dt
             gen_tokens += sum(lengths)

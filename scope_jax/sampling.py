@@ -30,7 +30,7 @@ Which log-probs should a loss take?
     are log softmax(logits / T), the behaviour
     policy of the method (scope_jax/losses.py docstring) at rollout temperature T. The trainer (as verl) takes
     pi_theta and pi_old at T and recomputes pi_old with its own forward pass
-    (scope_jax.train.policy_temperature). For greedy decoding the sampled distribution is a
+    (scope_jax.step.policy_temperature). For greedy decoding the sampled distribution is a
     point mass, so `logprobs` then holds the log-probs of the greedy token at temperature 1
     after the repetition penalty (without a penalty: the same values as `policy_logprobs`).
   The repetition penalty never changes `policy_logprobs`: they stay the raw policy's, the
