@@ -114,6 +114,23 @@ def test_no_import_circles():
         visit(m, [])
 
 
+def test_no_function_level_imports_of_the_package():
+    """Imports of scope_jax modules sit at the top of a module; one inside a function must say
+    why on its line (an optional dependency: "# optional: ...")."""
+    hidden = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines), str(path))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                    names = [a.name for a in inner.names] if isinstance(inner, ast.Import) else [inner.module or ""]
+                    if any(n.startswith("scope_jax") for n in names) and "# optional" not in lines[inner.lineno - 1]:
+                        hidden.append(f"{path.relative_to(PACKAGE.parent)}:{inner.lineno}")
+    assert not hidden, "function-level imports of the package (move them to the top):\n" + "\n".join(hidden)
+
+
 def test_the_checks_catch_what_they_look_for(tmp_path, monkeypatch):
     """The graph walk sees function-level imports, and an upward one is reported."""
     pkg = tmp_path / "scope_jax"
@@ -123,3 +140,5 @@ def test_the_checks_catch_what_they_look_for(tmp_path, monkeypatch):
     assert _graph()["losses"] == [("train", 2)]
     with pytest.raises(AssertionError, match="losses.py:2 imports train"):
         test_imports_point_down_the_order()
+    with pytest.raises(AssertionError, match="scope_jax/losses.py:2"):
+        test_no_function_level_imports_of_the_package()
