@@ -658,8 +658,8 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
     data.write_jsonl(paths["test"], test)
     tokenizer = train_tokenizer(tokenizer_corpus(train))
     tokenizer.save_pretrained(paths["tokenizer"])
-    data = encode_sft(train, tokenizer)
-    prompt_lengths = data[2].argmax(1)
+    sft = encode_sft(train, tokenizer)
+    prompt_lengths = sft[2].argmax(1)
     mixes = {name: training_mix(train, getattr(settings, name)) for name in ("teacher", "student")}
     noisy = {name: noisy_solutions(train, getattr(settings, name)) for name in ("teacher", "student")}
     seconds = {"data_and_tokenizer": round(time.perf_counter() - start, 2)}
@@ -668,7 +668,7 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
     models, info = {}, {}
     for name in ("teacher", "student"):
         rows = mixes[name]
-        own = data if not getattr(settings, name).op_noise else encode_sft(noisy[name], tokenizer)
+        own = sft if not getattr(settings, name).op_noise else encode_sft(noisy[name], tokenizer)
         mix = own if len(rows) == len(train) else tuple(a[rows] for a in own)
         models[name], info[name] = _train_model(name, getattr(settings, name), tokenizer, mix,
                                                 paths[name], paths["tokenizer"], log_every)
@@ -703,7 +703,7 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
         "fraction_of_problems_with_mixed_samples": mixed,
         "greedy_accuracy_by_op": by_op,
         "max_prompt_tokens": int(prompt_lengths.max()),
-        "max_response_tokens": int((data[2].sum(1)).max()),
+        "max_response_tokens": int((sft[2].sum(1)).max()),
         "max_new_tokens": settings.max_new_tokens,
         "seconds": seconds,
         "backend": f"jax {jax.__version__} on {jax.default_backend()} "
