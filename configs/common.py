@@ -45,7 +45,9 @@ def base() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""  # one path or a list; JSONL / parquet (scope_jax.data.load_examples)
-    c.data.spec = ""  # dataset spec name (scope_jax.data.SPECS); "" = inferred from the file name
+    # dataset spec name (scope_jax.data.SPECS); "" = inferred from the file name; "tfds:NAME[:split]"
+    # reads the TFDS dataset NAME from the data_dir that train_files names (scope_jax.data.load_examples)
+    c.data.spec = ""
     c.data.style = "chat"  # chat | raw | deepmath
     c.data.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
     c.data.max_prompt_len = 2048
@@ -57,11 +59,11 @@ def base() -> ml_collections.ConfigDict:
     # Tokens per packed row (scope_jax.packing: several rollouts per row, each attending only
     # to itself); 0 = off (one rollout per row: prompt bucket + trimmed response). On, the step
     # and the scoring passes take one packed row per batch shard per micro-batch, as many
-    # micro-batches as the batch needs (micro_batches is then unused). At least prompt bucket +
+    # micro-batches as the batch needs (micro_batches must then stay 1). At least prompt bucket +
     # max_new_tokens, so any rollout fits.
     c.packing = 0
 
-    # Rollout collection as a pipeline (train.Collector): the step's prompts in `chunks` chunks
+    # Rollout collection as a pipeline (collect.Collector): the step's prompts in `chunks` chunks
     # (must divide prompts_per_step); each chunk is verified, and scored by a remote teacher,
     # while the next one generates. Chunk c samples with a key derived from (step, c), so the
     # rollouts depend on `chunks` (1: one key per step, as before) but not on `overlap`.

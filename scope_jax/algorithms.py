@@ -9,7 +9,7 @@ The host loop (scope_jax.train) reads only this table, so adding an algorithm or
 adding a row here, not a branch in every function. The loss kernels (scope_jax.losses) read no
 config: the rows translate config keys into their arguments.
 
-A batch here is scope_jax.train.Rollouts ([B, M] per-token arrays, [B] labels and group ids);
+A batch here is scope_jax.step.Rollouts ([B, M] per-token arrays, [B] labels and group ids);
 `aux` holds what every micro-batch must share: the full batch's loss normalisers and the
 row's `constants` (weights or advantages, [B] arrays).
 """

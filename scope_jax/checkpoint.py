@@ -35,6 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scope_jax import algorithms
+from scope_jax.models import hf
+
 log = logging.getLogger(__name__)
 
 # Config keys a resumed run may change (logged): they do not change what the run computes.
@@ -45,7 +48,7 @@ ALLOWED_CHANGES = ("workdir", "num_steps", "checkpoint_every", "max_to_keep", "a
                    "micro_batches", "packing", "mesh", "logging", "model.remat_policy", "model.logprob_chunk",
                    # where the teacher runs (the server must serve the same teacher: not checkable)
                    "teacher_url", "teacher_client",
-                   # the order of work, not the math (train.Collector); pipeline.chunks does change it
+                   # the order of work, not the math (collect.Collector); pipeline.chunks does change it
                    "pipeline.overlap")
 # Keys added after runs existed, with the value that keeps what those runs computed: a run
 # identity written before a key existed reads as having it at this value.
@@ -239,8 +242,6 @@ class Checkpointer:
 def fingerprint(path: str) -> dict | None:
     """{"config_sha256", "tensors": {name: [shape, dtype]}} of a Hugging Face checkpoint
     directory (headers only: no weights are read), or None for an empty path."""
-    from scope_jax.models import hf
-
     if not path:
         return None
     cfg_file = os.path.join(path, "config.json")
@@ -266,8 +267,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def identity(cfg) -> dict:
     """The resolved config (JSON types) and the fingerprints of the models it names."""
     config = json.loads(json.dumps(cfg.to_dict(), default=str))
-    from scope_jax import algorithms
-
     # A teacher on its server (config.teacher_url) has no local files to fingerprint.
     uses_teacher = algorithms.loads_local_teacher(cfg)
     return {"config": config, "student": fingerprint(cfg.student),

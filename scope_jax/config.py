@@ -10,6 +10,8 @@ import math
 from typing import Any, Callable
 
 from scope_jax.algorithms import ALGORITHMS
+from scope_jax.sampling import prompt_bucket
+from scope_jax.sharding import partition_problem
 
 ALGOS = tuple(ALGORITHMS)
 _DTYPES = ("float32", "bfloat16")
@@ -186,15 +188,17 @@ def problems(cfg) -> list[str]:
         out.append(f"config.teacher: algo={cfg['algo']!r} needs a teacher checkpoint directory "
                    "(or config.teacher_url, a teacher server)")
     batch = cfg["prompts_per_step"] * cfg["num_samples"]
-    if batch % cfg["micro_batches"]:
-        out.append(f"config.micro_batches={cfg['micro_batches']}: must divide the rollout batch "
-                   f"prompts_per_step * num_samples = {batch}")
+    why = partition_problem(cfg["micro_batches"], batch)  # the mesh's part: sharding.check_partition
+    if why:
+        out.append(why)
+    # With packing the plan makes the micro-batches, so micro_batches must stay 1.
+    if cfg["packing"] and cfg["micro_batches"] != 1:
+        out.append(f"config.micro_batches={cfg['micro_batches']}: with config.packing the packing plan "
+                   "sets the micro-batches (one packed row per batch shard each); leave it at 1")
     if cfg["prompts_per_step"] % cfg["pipeline"]["chunks"]:
         out.append(f"config.pipeline.chunks={cfg['pipeline']['chunks']}: must divide prompts_per_step="
                    f"{cfg['prompts_per_step']} (every chunk holds the same number of prompts)")
     if cfg["packing"]:
-        from scope_jax.sampling import prompt_bucket
-
         longest = prompt_bucket(cfg["data"]["max_prompt_len"]) + cfg["sampling"]["max_new_tokens"]
         if cfg["packing"] < longest:
             out.append(f"config.packing={cfg['packing']}: a packed row must hold any rollout, "

@@ -3,10 +3,10 @@
 Host-side and framework-free (numpy, pyarrow, transformers tokenizers, tensorflow_datasets without
 TensorFlow). The pieces, in the order a trainer uses them:
 
-    load_examples(path) / load_tfds(...)   rows -> list[Example] via a per-dataset FieldSpec
+    load_examples(path[, spec])            rows -> list[Example] via a per-dataset FieldSpec;
+                                           spec "tfds:NAME[:split]" reads TFDS (load_tfds)
     build_prompt / encode_prompts          Example -> chat-templated text -> token ids
     PromptLoader                           deterministic, resumable, per-host shuffled batches
-    pad_prompts                            token lists -> left-padded [B, L] int32 ids + mask
 
 Every malformed row raises DataError naming the file, the line (1-based, JSONL) or row index
 (0-based, parquet / TFDS) and the field; with on_error="skip" it is logged and counted instead.
@@ -16,8 +16,8 @@ Typical use (one host of several; rollouts of prompt i carry group id indices[i]
     examples = load_examples("data/math/scope_train_sample.parquet")
     token_ids, kept = encode_prompts(examples, tokenizer, max_prompt_len=2048, style="deepmath")
     loader = PromptLoader(token_ids, batch_size=256, seed=0)      # state to checkpoint: step
-    ids, mask = pad_prompts(loader.batch_at(step), tokenizer.pad_token_id)   # [256 / hosts, L]
-    group_ids = loader.indices_at(step)                                      # [256 / hosts]
+    prompts = loader.batch_at(step)            # this host's token lists (the sampler pads them)
+    group_ids = loader.indices_at(step)        # [256 / hosts]
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
+
+from scope_jax.verifiers.code import CodeTests
+from scope_jax.verifiers.math import extract_boxed
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,8 @@ class FieldSpec:
       {"role", "content"} chat messages whose last user message is the question.
     answer: the field holding the gold answer, read according to answer_kind:
       "plain"              a string or a number (27.0 -> "27");
-      "boxed_in_solution"  a worked solution; the gold is the content of its last \\boxed{...};
+      "boxed_in_solution"  a worked solution; the gold is the content of its last \\boxed{...}
+                           (verifiers.math.extract_boxed, the extractor responses go through);
       "gsm8k_hash"         a worked solution ending in "#### N"; the gold is N (commas removed);
       "list"               a non-empty list of strings, any of which is correct.
     meta: optional fields copied into Example.meta when present.
@@ -166,21 +170,6 @@ def _infer_spec(path: str) -> FieldSpec:
 # Row -> Example
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} in text, matching nested braces; None if there is none or
-    it is unbalanced. Only gold solutions go through this (the verifier has its own extractor)."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i = start + len("\\boxed{")
-    depth = 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j]
-    return None
-
-
 _MISSING = object()
 
 
@@ -233,7 +222,7 @@ def _read_answer(row: Mapping[str, Any], spec: FieldSpec, err) -> str | list[str
         return _nonempty_str(value, spec.answer, err).strip()
     text = _nonempty_str(value, spec.answer, err)
     if kind == "boxed_in_solution":
-        boxed = _last_boxed(text)
+        boxed = extract_boxed(text)  # the verifier's extractor: gold and response read alike
         if boxed is None or not boxed.strip():
             raise err("no non-empty, balanced \\boxed{...} in the solution", spec.answer)
         return boxed.strip()
@@ -372,16 +361,26 @@ def _parquet_rows(path: str):
 
 def load_examples(path: str | os.PathLike, spec: str | FieldSpec | None = None, *,
                   on_error: Literal["raise", "skip"] = "raise") -> ExampleList:
-    """Read a JSONL or parquet file of problems into Examples.
+    """Read a JSONL or parquet file of problems, or a TFDS dataset, into Examples.
 
     spec: a FieldSpec, a dataset name from SPECS, or None to infer it from the file name
       (math500.jsonl, gsm8k_test.jsonl, scope_train_sample.parquet -> deepmath, ...).
       "humaneval" / "taco" (or such file names) read a code dataset (load_code_examples).
+      "tfds:NAME[:split]" (TFDS_PREFIX; split default "train") reads the TFDS dataset NAME
+      prepared in the directory `path` (its data_dir) through load_tfds: a registered TFDS name,
+      or a JSONL copy made by jsonl_tfds_builder (NAME "jsonl_prompts/<stem>-<hash>"); the
+      field mapping is inferred from NAME. This is how a config reads TFDS:
+      data.spec="tfds:NAME[:split]", data.train_files=the data_dir.
     on_error: "raise" raises DataError at the first malformed row (naming file, line or row, and
       field); "skip" drops such rows, logs them and records them in the result's .skipped.
     Returns an ExampleList (a list[Example] in file order, with .skipped).
     """
     path = os.fspath(path)
+    if isinstance(spec, str) and spec.startswith(TFDS_PREFIX):
+        name, split = tfds_source(spec)
+        if not os.path.isdir(path):
+            raise DataError(f"{spec}: the path must be the TFDS data_dir holding {name!r}", file=path)
+        return load_tfds(name, split, data_dir=path, on_error=on_error)
     if not os.path.isfile(path):
         raise DataError("no such file", file=path)
     kind = code_dataset(path, spec)
@@ -448,8 +447,6 @@ def load_code_examples(path: str | os.PathLike, kind: str, *, on_error: str = "r
     DataError names the file, line and field of a malformed row; on_error as load_examples.
     """
     import gzip
-
-    from scope_jax.verifiers.code import CodeTests
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -547,6 +544,22 @@ def _taco_example(row, source, limits, err, CodeTests) -> Example:
 
 # ---------------------------------------------------------------------------------------------
 # TFDS (array_record; no TensorFlow needed)
+
+TFDS_PREFIX = "tfds:"
+# The name of jsonl_tfds_builder's datasets (its builder class, registered under no name).
+JSONL_TFDS_NAME = "jsonl_prompts"
+
+
+def tfds_source(spec: str) -> tuple[str, str]:
+    """'tfds:NAME[:split]' -> (NAME, split), split "train" when not given. The split is the
+    last ':' part when it holds no '/' (so 'tfds:huggingface:openai/gsm8k' is a NAME alone)."""
+    if not spec.startswith(TFDS_PREFIX) or not spec[len(TFDS_PREFIX):]:
+        raise DataError(f"expected {TFDS_PREFIX}NAME[:split], got {spec!r}", file=spec)
+    rest = spec[len(TFDS_PREFIX):]
+    name, sep, split = rest.rpartition(":")
+    if not sep or not name or "/" in split or not split:
+        return rest, "train"
+    return name, split
 
 
 def _jsonl_builder_class():
@@ -676,7 +689,7 @@ def load_tfds(name_or_builder, split: str = "train", data_dir: str | os.PathLike
                                 file=f"tfds:{name_or_builder}") from e
     else:
         builder = name_or_builder
-    local = isinstance(builder, _jsonl_builder_class())
+    local = builder.name == JSONL_TFDS_NAME  # made by jsonl_tfds_builder, or read back by name
     if spec is None:
         key = builder.builder_config.name.rsplit("-", 1)[0] if local else builder.name
         spec = spec_for(key)
@@ -784,41 +797,6 @@ def encode_prompts(examples: Sequence[Example | str], tokenizer, *, max_prompt_l
     return token_ids, kept
 
 
-def pad_prompts(token_lists: Sequence[Sequence[int]], pad_id: int, *,
-                bucket: Literal["pow2"] | int | None = "pow2") -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad prompts into one array, so every prompt ends at the same column (decode appends
-    on the right).
-
-    bucket: "pow2" rounds the length up to a power of two, an int k rounds it up to a multiple of
-      k, None keeps the longest prompt's length; bucketing bounds the number of compiled shapes.
-    Returns (ids [B, L] int32, mask [B, L] bool, True on prompt tokens).
-    """
-    if not token_lists:
-        raise ValueError("pad_prompts: no prompts")
-    lengths = [len(t) for t in token_lists]
-    if min(lengths) == 0:
-        raise ValueError(f"pad_prompts: prompt {lengths.index(0)} is empty")
-    longest = max(lengths)
-    if bucket == "pow2":
-        length = 1 << (longest - 1).bit_length()
-    elif bucket is None:
-        length = longest
-    elif isinstance(bucket, int) and not isinstance(bucket, bool) and bucket > 0:
-        length = -(-longest // bucket) * bucket
-    else:
-        raise ValueError(f"bucket must be 'pow2', a positive int or None, got {bucket!r}")
-    ids = np.full((len(token_lists), length), pad_id, dtype=np.int32)
-    mask = np.zeros((len(token_lists), length), dtype=bool)
-    for row, tokens in enumerate(token_lists):
-        ids[row, length - len(tokens):] = tokens
-        mask[row, length - len(tokens):] = True
-    return ids, mask
-
-
-# ---------------------------------------------------------------------------------------------
-# Batching
-
-
 class PromptLoader:
     """Deterministic, resumable, per-host batches of prompts.
 
@@ -885,13 +863,3 @@ class PromptLoader:
     def batch_at(self, step: int) -> list[Any]:
         """This host's items for `step` (a pure function of seed, step and the shard)."""
         return [self.items[i] for i in self.indices_at(step)]
-
-    def iterate(self, start_step: int = 0) -> Iterator[tuple[int, list[Any]]]:
-        """Yield (step, batch_at(step)) for step = start_step, start_step + 1, ... forever."""
-        step = start_step
-        while True:
-            yield step, self.batch_at(step)
-            step += 1
-
-    def __iter__(self):
-        return (batch for _, batch in self.iterate(0))

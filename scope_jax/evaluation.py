@@ -8,10 +8,11 @@ Two layers:
   (estimator="paper"), the Pass@k curve for k = 1..K, percentile-bootstrap confidence
   intervals over problems, and the macro average over benchmarks (with a stratified bootstrap
   interval).
-* The loop, ``evaluate``: chat-templated prompts (scope_jax.data) -> k samples per prompt
-  (scope_jax.sampling.generate) -> decoded text (special tokens skipped) -> the verifier pool
-  (scope_jax.verifiers.math.Verifier; model output is never evaluated as code) -> per-problem
-  records and a summary. ``write_jsonl`` / ``write_json`` / ``plot_pass_curves`` /
+* The loop, ``evaluate`` = ``prepare`` (chat-templated prompts, scope_jax.data; the rollout
+  Settings; batches) -> ``run`` (k samples per prompt, decoded and verified through
+  scope_jax.rollout.generate_and_verify, the path training uses; the verifier pool never
+  evaluates model output as code) -> ``summarise`` (per-problem records and a summary), its
+  options in one ``EvalSettings``. ``scope_jax.data.write_jsonl`` / ``write_json`` / ``plot_pass_curves`` /
   ``format_table`` turn results into files and a printable table.
 
 Metrics are fractions in [0, 1] in every record and summary; only ``format_table`` prints
@@ -30,10 +31,15 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from scope_jax import data as data_lib
+from scope_jax import rollout as rollout_lib
+from scope_jax import sampling
+from scope_jax import sharding as shd
 from scope_jax.data import PAPER_INSTRUCTION
+from scope_jax.verifiers import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -387,26 +393,14 @@ def clip_text(text: str, max_chars: int) -> str:
     return f"{text[:head]}\n[... {len(text) - head - tail} characters cut ...]\n{text[-tail:]}"
 
 
-def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
-             temperature: float = PAPER_TEMPERATURE, top_p: float | None = PAPER_TOP_P,
-             top_k: int | None = PAPER_TOP_K, max_new_tokens: int | None = None,
-             max_prompt_len: int | None = None, batch_prompts: int = 8, seed: int = 0,
-             verifier=None, verifier_workers: int | None = None, verifier_timeout_s: float = 5.0,
-             verifier_mode: str = "boxed", instruction: str | None = PAPER_INSTRUCTION,
-             style: str = "chat",
-             chat_template_kwargs: Mapping[str, Any] | None = None,
-             eos_ids: Sequence[int] = (), keep_response_chars: int = 1000,
-             num_resamples: int = 1000, confidence: float = 0.95, mesh=None,
-             repetition_penalty: float = 1.0, pass_at_k_estimator: str = "unbiased") -> EvalResult:
-    """Sample k responses per problem, verify them, and compute Avg@k and Pass@k.
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How `evaluate` samples, verifies and summarises (the paper's settings by default).
 
-    model: a scope_jax.models.Transformer (the sampler's model contract).
-    tokenizer: the model's transformers tokenizer (chat template for style "chat"/"deepmath").
-    examples: scope_jax.data.Example list (problem, answer str | list[str], source).
     k: samples per problem (n = k, so Pass@k uses all of them); temperature / top_p / top_k:
-      sampling settings (paper: 0.6 / 0.95 / 20).
-    repetition_penalty: transformers' repetition penalty (scope_jax.sampling.generate; 1.0 =
-      off; the paper uses 1.08 for its Qwen3-1.7B student).
+      sampling (paper: 0.6 / 0.95 / 20; top_p / top_k None = off).
+    repetition_penalty: transformers' repetition penalty (1.0 = off; the paper uses 1.08 for
+      its Qwen3-1.7B student).
     max_new_tokens: response budget; None = the paper's 32768, lowered to what the model's
       max_position_embeddings leaves after the longest prompt (the value used is in the summary).
     max_prompt_len: longer prompts are dropped (counted and listed in the summary, never
@@ -416,178 +410,237 @@ def evaluate(model, tokenizer, examples: Sequence, *, k: int = PAPER_K,
       last prompt, whose samples are discarded, so every call has the same row count (one
       compiled program per prompt bucket).
     seed: batch b samples with key fold_in(key(seed), b); the same settings give the same output.
-    verifier: an object with verify_batch(responses, golds) -> list[VerifyResult] (e.g. an open
-      scope_jax.verifiers.math.Verifier); None = a Verifier(verifier_workers,
-      verifier_timeout_s, mode=verifier_mode) for this call. Verification of a batch overlaps
-      the generation of the next.
     instruction / style / chat_template_kwargs: prompt construction (scope_jax.data.
       build_prompt): the instruction appended to each problem (default the paper's "Please
       reason step by step, ..."; None appends none, as the toy task's TOY_INSTRUCTION).
-    eos_ids: extra stop ids on top of scope_jax.sampling.stop_ids(model.config, tokenizer).
+    eos_ids: extra stop ids on top of sampling.stop_ids(model.config, tokenizer).
     keep_response_chars: each response's text is stored clipped to this many characters
       (`clip_text`); 0 stores none.
     num_resamples / confidence: bootstrap intervals (seed `seed`).
-    mesh: passed to generate (rows split over its data axes).
     pass_at_k_estimator: "unbiased" or "paper" (see pass_at_k), for records and summary.
-
-    Returns EvalResult. Each record: index (position in `examples`), source, problem (first 300
-    characters), gold, prompt_tokens, n, c, avg (c / n), pass_at_k, rewards [n] float, reasons
-    [n] str, extracted [n] str|None, lengths [n] int (tokens, EOS included), finish [n]
-    ('eos'|'length'), responses [n] str (clipped).
+    verifier_workers / verifier_timeout_s / verifier_mode: the Verifier pool evaluate opens
+      when it is given none.
     """
-    import jax  # the loop needs JAX; the metrics above do not
 
-    from scope_jax import sampling
-    from scope_jax.verifiers import math as vmath
+    k: int = PAPER_K
+    temperature: float = PAPER_TEMPERATURE
+    top_p: float | None = PAPER_TOP_P
+    top_k: int | None = PAPER_TOP_K
+    repetition_penalty: float = 1.0
+    max_new_tokens: int | None = None
+    max_prompt_len: int | None = None
+    batch_prompts: int = 8
+    seed: int = 0
+    instruction: str | None = PAPER_INSTRUCTION
+    style: str = "chat"
+    chat_template_kwargs: Mapping[str, Any] | None = None
+    eos_ids: Sequence[int] = ()
+    keep_response_chars: int = 1000
+    num_resamples: int = 1000
+    confidence: float = 0.95
+    pass_at_k_estimator: str = "unbiased"
+    verifier_workers: int | None = None
+    verifier_timeout_s: float = 5.0
+    verifier_mode: str = "boxed"
 
+    def __post_init__(self):
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"evaluate: k must be an int >= 1, got {self.k!r}")
+        if self.batch_prompts < 1:
+            raise ValueError(f"evaluate: batch_prompts must be >= 1, got {self.batch_prompts}")
+        if self.pass_at_k_estimator not in PASS_AT_K_ESTIMATORS:
+            raise ValueError(f"evaluate: pass_at_k_estimator must be one of {PASS_AT_K_ESTIMATORS}, "
+                             f"got {self.pass_at_k_estimator!r}")
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What `prepare` settles before anything is generated.
+
+    kept: indices into the examples of the prompts that fit; token_ids[j]: prompt of kept[j];
+    dropped: sources of the prompts that did not fit; batches: lists of positions j (prompts of
+    similar length together); rollout: the sampler's Settings (budget, stop ids, pad id);
+    max_prompt_len: the limit used.
+    """
+
+    examples: Sequence
+    kept: list[int]
+    token_ids: list[list[int]]
+    dropped: list[str]
+    batches: list[list[int]]
+    rollout: rollout_lib.Settings
+    max_prompt_len: int
+
+
+def prepare(model, tokenizer, examples: Sequence, s: EvalSettings) -> Prepared:
+    """Chat-templated prompts, the response budget, the stop / pad ids and the batches."""
     if not examples:
         raise ValueError("evaluate: no examples")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"evaluate: k must be an int >= 1, got {k!r}")
-    if batch_prompts < 1:
-        raise ValueError(f"evaluate: batch_prompts must be >= 1, got {batch_prompts}")
-    if pass_at_k_estimator not in PASS_AT_K_ESTIMATORS:
-        raise ValueError(f"evaluate: pass_at_k_estimator must be one of {PASS_AT_K_ESTIMATORS}, "
-                         f"got {pass_at_k_estimator!r}")
     max_pos = int(model.config.max_position_embeddings)
-    if max_prompt_len is None:
-        max_prompt_len = max_pos - 1
-
+    max_prompt_len = max_pos - 1 if s.max_prompt_len is None else s.max_prompt_len
     token_ids, kept = data_lib.encode_prompts(
-        examples, tokenizer, max_prompt_len=max_prompt_len, instruction=instruction, style=style,
-        chat_template_kwargs=chat_template_kwargs)
+        examples, tokenizer, max_prompt_len=max_prompt_len, instruction=s.instruction, style=s.style,
+        chat_template_kwargs=s.chat_template_kwargs)
     dropped = [examples[i].source for i in sorted(set(range(len(examples))) - set(kept))]
     if not kept:
         raise ValueError(f"evaluate: all {len(examples)} prompts are longer than "
                          f"max_prompt_len={max_prompt_len} tokens")
     longest = max(len(t) for t in token_ids)
+    max_new_tokens = s.max_new_tokens
     if max_new_tokens is None:
         max_new_tokens = max(1, min(PAPER_MAX_NEW_TOKENS, max_pos - longest))
     elif longest + max_new_tokens > max_pos:
         log.warning("evaluate: longest prompt (%d tokens) + max_new_tokens (%d) exceeds the "
                     "model's max_position_embeddings (%d)", longest, max_new_tokens, max_pos)
-    stops = sampling.stop_ids(model.config, tokenizer, eos_ids)
-    if not stops:
+    settings = rollout_lib.settings_for(
+        model.config, tokenizer, max_new_tokens=int(max_new_tokens), temperature=s.temperature,
+        top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty, eos_ids=s.eos_ids)
+    if not settings.stop_ids:
         log.warning("evaluate: no EOS id in the tokenizer or model config; every response runs "
                     "to max_new_tokens=%d", max_new_tokens)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:  # padding is masked out everywhere; any valid id will do
-        pad_id = stops[0] if stops else 0
-
-    # Batches of prompts of similar length; positions index into token_ids / kept.
     order = sorted(range(len(kept)), key=lambda j: (len(token_ids[j]), j))
-    batches = [order[s:s + batch_prompts] for s in range(0, len(order), batch_prompts)]
+    batches = [order[i:i + s.batch_prompts] for i in range(0, len(order), s.batch_prompts)]
+    return Prepared(examples=examples, kept=kept, token_ids=token_ids, dropped=dropped,
+                    batches=batches, rollout=settings, max_prompt_len=max_prompt_len)
 
-    own_verifier = verifier is None
-    if own_verifier:
-        verifier = vmath.Verifier(num_workers=verifier_workers, timeout_s=verifier_timeout_s,
-                                  mode=verifier_mode)
-    base_key = jax.random.key(seed)
+
+def run(model, tokenizer, p: Prepared, s: EvalSettings, verifier, mesh=None) -> tuple[list[dict], dict]:
+    """Generates and verifies every batch (rollout.generate_and_verify); returns the
+    per-problem records in example order and {"seconds", "generate_seconds", "tokens"}.
+
+    One background thread runs the verifier (whose workers are processes) while the main
+    thread generates the next batch; the verifier is only ever used from that one thread.
+    Results are collected on the main thread, in batch order, so errors surface here.
+    """
+    engine = rollout_lib.make_engine("static", model, p.rollout, mesh=mesh)
+    base_key = jax.random.key(s.seed)
     records: dict[int, dict[str, Any]] = {}
     gen_seconds, gen_tokens = 0.0, 0
     t_start = time.perf_counter()
-
-    def finish_batch(batch, texts, lengths, finish, results):
-        for slot, j in enumerate(batch):
-            ex = examples[kept[j]]
-            rows = range(slot * k, (slot + 1) * k)
-            res = [results[r] for r in rows]
-            rewards = [float(r.reward) for r in res]
-            if any(r not in (0.0, 1.0) for r in rewards):
-                raise ValueError(f"verifier returned a non-binary reward for {ex.source}: "
-                                 f"{rewards}")
-            c = int(sum(rewards))
-            records[kept[j]] = {
-                "index": kept[j], "source": ex.source, "problem": ex.problem[:300],
-                "gold": ex.answer if isinstance(ex.answer, (str, list)) else str(ex.answer),
-                "prompt_tokens": len(token_ids[j]), "n": k, "c": c,
-                "avg": c / k, "pass_at_k": float(pass_at_k(k, c, k, pass_at_k_estimator)),
-                "rewards": rewards, "reasons": [r.reason for r in res],
-                "extracted": [r.extracted for r in res],
-                "lengths": [int(lengths[r]) for r in rows],
-                "finish": [finish[r] for r in rows],
-                "responses": [clip_text(texts[r], keep_response_chars) for r in rows],
-            }
-
-    # One background thread runs the verifier (whose workers are processes) while the main
-    # thread generates the next batch; the Verifier is only ever used from that one thread.
-    # Results are collected on the main thread, in batch order, so errors surface here.
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    pending: list[tuple[concurrent.futures.Future, tuple]] = []
+    pending: list[tuple[rollout_lib.Verified, list[int], list[int]]] = []
 
     def collect(block: bool):
-        while pending and (block or pending[0][0].done()):
-            fut, args = pending.pop(0)
-            finish_batch(*args, fut.result())  # re-raises a verifier failure
+        while pending and (block or pending[0][0].pending.done()):
+            done, batch, lengths = pending.pop(0)
+            finish = sampling.finish_reason_names(done.out)[:len(batch) * s.k]
+            records.update(_records(p, s, batch, done.texts, lengths, finish, done.results()))
 
     try:
-        for b, batch in enumerate(batches):
-            prompts = [token_ids[j] for j in batch]
-            if len(batches) > 1 and len(prompts) < batch_prompts:
-                prompts += [prompts[-1]] * (batch_prompts - len(prompts))
+        for b, batch in enumerate(p.batches):
+            prompts = [p.token_ids[j] for j in batch]
+            if len(p.batches) > 1 and len(prompts) < s.batch_prompts:
+                prompts += [prompts[-1]] * (s.batch_prompts - len(prompts))
             t0 = time.perf_counter()
-            out = sampling.generate(
-                model, prompts, num_samples=k, max_new_tokens=int(max_new_tokens),
-                temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=stops or None,
-                repetition_penalty=repetition_penalty,
-                pad_id=int(pad_id), key=jax.random.fold_in(base_key, b), mesh=mesh)
-            responses = sampling.response_lists(out)[:len(batch) * k]
-            finish = sampling.finish_reason_names(out)[:len(batch) * k]
+            done = rollout_lib.generate_and_verify(
+                engine, prompts, [p.examples[p.kept[j]].answer for j in batch], verifier, tokenizer,
+                num_samples=s.k, key=jax.random.fold_in(base_key, b), submit=pool.submit)
+            lengths = [int(n) for n in shd.local_rows(done.out.lengths)[:len(batch) * s.k]]
             dt = time.perf_counter() - t0
             gen_seconds += dt
-            lengths = [len(r) for r in responses]
             gen_tokens += sum(lengths)
-            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            golds = [examples[kept[j]].answer for j in batch for _ in range(k)]
-            pending.append((pool.submit(verifier.verify_batch, texts, golds),
-                            (batch, texts, lengths, finish)))
+            pending.append((done, batch, lengths))
             collect(block=False)
             log.info("batch %d/%d: %d prompts x %d samples, %d tokens in %.1f s (%.1f tokens/s)",
-                     b + 1, len(batches), len(batch), k, sum(lengths), dt,
+                     b + 1, len(p.batches), len(batch), s.k, sum(lengths), dt,
                      sum(lengths) / max(dt, 1e-9))
         collect(block=True)
     finally:
         pool.shutdown(wait=True)
-        if own_verifier:
-            verifier.close()
-    seconds = time.perf_counter() - t_start
-
     recs = [records[i] for i in sorted(records)]
-    if len(recs) != len(kept):  # every kept prompt went through exactly one batch
-        raise RuntimeError(f"evaluate: {len(kept) - len(recs)} problems got no result")
+    if len(recs) != len(p.kept):  # every kept prompt went through exactly one batch
+        raise RuntimeError(f"evaluate: {len(p.kept) - len(recs)} problems got no result")
+    return recs, {"seconds": time.perf_counter() - t_start, "generate_seconds": gen_seconds,
+                  "tokens": gen_tokens}
+
+
+def _records(p: Prepared, s: EvalSettings, batch, texts, lengths, finish, results) -> dict[int, dict]:
+    """The records of one batch's problems (see evaluate), keyed by example index."""
+    out = {}
+    for slot, j in enumerate(batch):
+        ex = p.examples[p.kept[j]]
+        rows = range(slot * s.k, (slot + 1) * s.k)
+        res = [results[r] for r in rows]
+        rewards = [float(r.reward) for r in res]
+        if any(r not in (0.0, 1.0) for r in rewards):
+            raise ValueError(f"verifier returned a non-binary reward for {ex.source}: {rewards}")
+        c = int(sum(rewards))
+        out[p.kept[j]] = {
+            "index": p.kept[j], "source": ex.source, "problem": ex.problem[:300],
+            "gold": ex.answer if isinstance(ex.answer, (str, list)) else str(ex.answer),
+            "prompt_tokens": len(p.token_ids[j]), "n": s.k, "c": c,
+            "avg": c / s.k, "pass_at_k": float(pass_at_k(s.k, c, s.k, s.pass_at_k_estimator)),
+            "rewards": rewards, "reasons": [r.reason for r in res],
+            "extracted": [r.extracted for r in res],
+            "lengths": [lengths[r] for r in rows],
+            "finish": [finish[r] for r in rows],
+            "responses": [clip_text(texts[r], s.keep_response_chars) for r in rows],
+        }
+    return out
+
+
+def summarise(p: Prepared, s: EvalSettings, recs: list[dict], timing: dict, verifier_mode: str) -> EvalResult:
+    """The EvalResult of run's records: `summarize`'s metrics plus the run's facts."""
     n = np.array([r["n"] for r in recs])
     c = np.array([r["c"] for r in recs])
-    summary = summarize(n, c, k, num_resamples=num_resamples, confidence=confidence, seed=seed,
-                        estimator=pass_at_k_estimator)
+    summary = summarize(n, c, s.k, num_resamples=s.num_resamples, confidence=s.confidence, seed=s.seed,
+                        estimator=s.pass_at_k_estimator)
     reasons: dict[str, int] = {}
     for r in recs:
         for reason in r["reasons"]:
             reasons[reason] = reasons.get(reason, 0) + 1
     all_lengths = [x for r in recs for x in r["lengths"]]
     summary.update({
-        "num_dropped": len(dropped), "dropped": dropped,
+        "num_dropped": len(p.dropped), "dropped": p.dropped,
         "reasons": dict(sorted(reasons.items())),
         "mean_response_tokens": float(np.mean(all_lengths)),
         "frac_length_stopped": float(np.mean([f == "length" for r in recs for f in r["finish"]])),
-        "settings": {"k": k, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-                     "repetition_penalty": repetition_penalty,
-                     "max_new_tokens": int(max_new_tokens), "max_prompt_len": max_prompt_len,
-                     "seed": seed, "style": style, "instruction": instruction,
-                     "eos_ids": stops,
-                     "verifier_mode": getattr(verifier, "mode", verifier_mode)},
-        "seconds": seconds, "generate_seconds": gen_seconds,
-        "tokens_per_second": gen_tokens / max(gen_seconds, 1e-9),
+        "settings": {"k": s.k, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+                     "repetition_penalty": s.repetition_penalty,
+                     "max_new_tokens": p.rollout.max_new_tokens, "max_prompt_len": p.max_prompt_len,
+                     "seed": s.seed, "style": s.style, "instruction": s.instruction,
+                     "eos_ids": list(p.rollout.stop_ids), "verifier_mode": verifier_mode},
+        "seconds": timing["seconds"], "generate_seconds": timing["generate_seconds"],
+        "tokens_per_second": timing["tokens"] / max(timing["generate_seconds"], 1e-9),
     })
     return EvalResult(records=recs, summary=summary)
 
 
+def evaluate(model, tokenizer, examples: Sequence, settings: EvalSettings = EvalSettings(), *,
+             verifier=None, mesh=None) -> EvalResult:
+    """Sample k responses per problem, verify them, and compute Avg@k and Pass@k:
+    prepare -> run -> summarise.
+
+    model: a scope_jax.models.Transformer (the sampler's model contract).
+    tokenizer: the model's transformers tokenizer (chat template for style "chat"/"deepmath").
+    examples: scope_jax.data.Example list (problem, answer str | list[str], source).
+    settings: EvalSettings (the paper's by default).
+    verifier: an object with verify_batch(responses, golds) -> list[VerifyResult] (e.g. an open
+      scope_jax.verifiers.Verifier); None = a Verifier(settings.verifier_workers,
+      verifier_timeout_s, mode=verifier_mode) for this call. Verification of a batch overlaps
+      the generation of the next.
+    mesh: the rollout engine's (rows split over its batch axes).
+
+    Returns EvalResult. Each record: index (position in `examples`), source, problem (first 300
+    characters), gold, prompt_tokens, n, c, avg (c / n), pass_at_k, rewards [n] float, reasons
+    [n] str, extracted [n] str|None, lengths [n] int (tokens, EOS included), finish [n]
+    ('eos'|'length'), responses [n] str (clipped).
+    """
+    s = settings
+    p = prepare(model, tokenizer, examples, s)
+    own_verifier = verifier is None
+    if own_verifier:
+        verifier = Verifier(num_workers=s.verifier_workers, timeout_s=s.verifier_timeout_s, mode=s.verifier_mode)
+    try:
+        recs, timing = run(model, tokenizer, p, s, verifier, mesh)
+    finally:
+        if own_verifier:
+            verifier.close()
+    return summarise(p, s, recs, timing, getattr(verifier, "mode", s.verifier_mode))
+
+
 # ---------------------------------------------------------------------------------------------
 # Output
-
-
-def write_jsonl(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> str:
-    """Per-problem records as JSONL (scope_jax.data.write_jsonl). Returns the path."""
-    return data_lib.write_jsonl(path, records)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> str:

@@ -317,9 +317,9 @@ def reverse_kl_topk(student_logits_at_ids: Array, teacher_topk_logprobs: Array) 
       teacher_topk_logprobs: [B, T, K] teacher log-probs of the same ids.
     Returns: float32 [B, T].
     """
-    ls = jax.nn.log_softmax(_f32(student_logits_at_ids), axis=-1)
-    lt = jax.nn.log_softmax(_f32(teacher_topk_logprobs), axis=-1)
-    return jnp.sum(jnp.exp(ls) * (ls - lt), axis=-1)
+    # Renormalised over the K ids, both sides are distributions over a K-word vocabulary, whose
+    # exact reverse KL is reverse_kl_full's.
+    return reverse_kl_full(student_logits_at_ids, teacher_topk_logprobs)
 
 
 # --------------------------------------------------------------------------------------

@@ -22,13 +22,24 @@ Layout (all shard-major, so splitting the leading axis over the batch shards is 
   loss slots    [S * n * K]    slot (s * n + j) * K + k: the k-th rollout of that packed row,
                                K the most rollouts any packed row holds (count_bucket'ed);
                                missing ones are dummies (real False), masked out of the loss.
+
+The host planner (count_bucket .. pack_tokens, numpy) and the glue to the step and the scoring
+passes: `pack_batch` plans a step's rollouts once (each host its own rows) into a `PackedBatch`
+(the host `Plan` and the device `Packed` rows) that the scoring passes and the train step
+share; `micro_batches` gives the jitted code its per-micro-batch views; `unpack_slots` puts
+per-slot results back in the rows' order; `permute` deals a batch's rows as the plan does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import flax.struct
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from scope_jax import sharding as shd
 
 
 def count_bucket(n: int) -> int:
@@ -215,3 +226,145 @@ def pack_tokens(p: Plan, input_ids, attention_mask) -> tuple[np.ndarray, np.ndar
         out[shard * n + j, begin:begin + length] = ids[row, first[row]:first[row] + length]
         seg[shard * n + j, begin:begin + length] = slot + 1
     return out, seg
+
+
+# --------------------------------------------------------------------------------------------
+# The glue: one plan per step, shared by the scoring passes and the train step.
+# --------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class Packed:
+    """A batch's tokens packed several rollouts per row: S batch shards, n micro-batches of one
+    packed row per shard, C tokens per row, K loss slots per row. Shard-major: row s * n + j is
+    shard s's row of micro-batch j.
+
+    input_ids:   int32 [S * n, C]  the rollouts' real tokens end to end
+    segment_ids: int32 [S * n, C]  k + 1 on the row's k-th rollout, 0 on padding
+    rollout:     int32 [S * n, K]  each slot's rollout: its row among its shard's B / S rows
+                                   (in the plan's order)
+    real:        bool  [S * n, K]  False on dummy slots (masked out of the loss)
+    predict:     int32 [S * n, K]  column whose next-token log-prob is response token 0
+    shards:      S (static), which the step checks against its mesh
+    """
+
+    input_ids: jax.Array
+    segment_ids: jax.Array
+    rollout: jax.Array
+    real: jax.Array
+    predict: jax.Array
+    shards: int = flax.struct.field(pytree_node=False, default=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+    """One step's packing: `plan`, this host's Plan (numpy, host side), and `packed`, the
+    global Packed rows (split over the batch shards with a mesh, plain arrays without)."""
+
+    plan: Plan
+    packed: Packed
+
+
+def pack_local(ids: np.ndarray, mask: np.ndarray, num_response: int, shards: int,
+               global_rows: int, capacity: int) -> tuple[Plan, Packed]:
+    """This host's rows packed for a step or scoring pass on `shards` batch shards.
+
+    Args:
+      ids, mask: this host's rows [N, T] (prompt bucket + num_response positions).
+      global_rows: rows of the whole batch (N of all hosts).
+    Returns:
+      (the Plan, this host's Packed as numpy, whose `rollout` indices count the rows in the
+      plan's order). Every process of a multi-host run must call it (the hosts agree on the
+      plan's micro-batch and slot counts: the largest any needs).
+    """
+    mask = mask.astype(bool)
+    local_shards = shards * len(mask) // global_rows
+    p = plan(mask.sum(1), local_shards, capacity)
+    if jax.process_count() > 1:
+        n, k = (int(x) for x in shd.max_over_hosts(p.rollout.shape[1:]))
+        p = plan(mask.sum(1), local_shards, capacity, micro_batches=n, slots=k)
+    ids, mask = ids[p.order], mask[p.order]
+    tokens, segments = pack_tokens(p, ids, mask)
+    s, n, k = p.rollout.shape
+    prompt_lengths = mask[:, :-num_response].sum(1)
+    shard_rows = np.arange(s)[:, None, None] * (len(mask) // s) + p.rollout  # [S, n, K]
+    predict = p.start + prompt_lengths[shard_rows] - 1
+    return p, Packed(input_ids=tokens, segment_ids=segments, rollout=p.rollout.reshape(s * n, k),
+                     real=p.real.reshape(s * n, k), predict=predict.astype(np.int32).reshape(s * n, k),
+                     shards=shards)
+
+
+def _put(tree, mesh):
+    """Host rows -> device arrays: global and split over the batch shards with a mesh."""
+    if mesh is None or mesh.empty:
+        return jax.tree.map(jnp.asarray, tree)
+    return jax.device_put(shd.to_global(tree, mesh), shd.batch_sharding(mesh))
+
+
+def pack_batch(input_ids, attention_mask, num_response: int, mesh, capacity: int) -> PackedBatch:
+    """Plans and packs a step's rows (input_ids, attention_mask [B, T], row-sharded or numpy)
+    into packed rows of `capacity` tokens for the batch shards of `mesh` (None or an empty
+    mesh: one shard). Each process packs its own rows over its own shards (no row leaves its
+    shard); the processes agree on the plan's shape (n, K) first."""
+    shards = 1 if mesh is None or mesh.empty else shd.batch_shards(mesh)
+    ids, mask = shd.local_rows(input_ids), shd.local_rows(attention_mask)
+    p, packed = pack_local(ids, mask, num_response, shards, input_ids.shape[0], capacity)
+    return PackedBatch(plan=p, packed=_put(packed, mesh))
+
+
+def unpack_slots(pb: PackedBatch, slots, mesh):
+    """Per-slot results [S * n * K, M] (shard-major, as the packed passes give them) -> [B, M]
+    in the rows' original order (before the plan's permutation); rows no slot fills stay 0."""
+    p = pb.plan
+    s, n, k = p.rollout.shape
+    slots = shd.local_rows(slots).reshape(s, n, k, -1)
+    per = len(p.order) // s
+    out = np.zeros((len(p.order), slots.shape[-1]), np.float32)
+    shard, j, slot = np.nonzero(p.real)
+    # slot -> its row in the plan's order -> the row it came from
+    out[p.order[shard * per + p.rollout[shard, j, slot]]] = slots[shard, j, slot]
+    return _put(out, mesh)
+
+
+def permute(tree, pb: PackedBatch, mesh):
+    """A batch's rows ([B, ...] leaves) in the plan's order, as the step reads them (each host
+    permutes its own rows within its shards; the update does not depend on the rows' order)."""
+    local = jax.tree.map(lambda x: shd.local_rows(x)[pb.plan.order], tree)
+    return _put(local, mesh)
+
+
+def micro_batches(tree, packed: Packed, shards: int):
+    """Per-micro-batch views of a packed step's inputs, all shard-local (no collective).
+
+    Args:
+      tree: rollout-layout leaves [B, ...] (the batch, its row constants), B over S shards.
+      packed: the batch's Packed (made for `shards` batch shards).
+    Returns:
+      (slots, rows): slots = tree's leaves gathered per loss slot, [n, S * K, ...] (slot
+      s * K + k of micro-batch j: the k-th rollout of shard s's row j); rows = (input_ids,
+      segment_ids [n, S, C], real, predict [n, S, K]).
+    """
+    if packed.shards != shards:
+        raise ValueError(f"packed rows were planned for {packed.shards} batch shards; the step "
+                         f"runs on {shards} (the mesh's data x fsdp)")
+    s, (rows, k) = shards, packed.rollout.shape
+    n = rows // s
+    index = packed.rollout.reshape(s, n * k)
+
+    def slots(x):  # each shard picks among its own B / S rows
+        picked = jax.vmap(lambda a, i: a[i])(x.reshape(s, x.shape[0] // s, *x.shape[1:]), index)
+        return picked.reshape(s, n, k, *x.shape[1:]).swapaxes(0, 1).reshape(n, s * k, *x.shape[1:])
+
+    per_row = lambda x: x.reshape(s, n, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(slots, tree), tuple(per_row(x) for x in (
+        packed.input_ids, packed.segment_ids, packed.real, packed.predict))
+
+
+def abstract_packed(rows: int, capacity: int, slots: int, shards: int, mesh=None) -> Packed:
+    """ShapeDtypeStructs of a Packed: `rows` packed rows of `capacity` tokens, `slots` loss slots
+    per row (K), planned for `shards` batch shards (split over mesh's batch axes when given)."""
+    sh = None if mesh is None else shd.batch_sharding(mesh)
+    sd = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+    return Packed(input_ids=sd((rows, capacity), jnp.int32), segment_ids=sd((rows, capacity), jnp.int32),
+                  rollout=sd((rows, slots), jnp.int32), real=sd((rows, slots), jnp.bool_),
+                  predict=sd((rows, slots), jnp.int32), shards=shards)

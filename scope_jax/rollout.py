@@ -140,3 +140,81 @@ def make_engine(kind: str, model, settings: Settings, mesh=None) -> RolloutEngin
     if kind == "static":
         return StaticEngine(model, settings, mesh)
     raise ValueError(f"rollout engine {kind!r}: expected one of {ENGINES}")
+
+
+# --------------------------------------------------------------------------------------------
+# The one generate-and-verify path (the Collector, evaluation, the toy, tools/premise.py).
+# --------------------------------------------------------------------------------------------
+
+
+class Done:
+    """An already computed value behind a Future's result(): generate_and_verify's default
+    `submit` (verification on the calling thread, in order)."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+    def done(self) -> bool:
+        return True
+
+
+def _run_now(fn, *args):
+    return Done(fn(*args))
+
+
+@dataclasses.dataclass
+class Verified:
+    """One generate_and_verify call: `out` the engine's SamplerOutput (every row it generated,
+    filler rows included); `texts` this process's responses of the real prompts, decoded with
+    special tokens skipped (row j * num_samples + s: prompt j's sample s); `pending`.result()
+    their VerifyResults in the same order (a Future when verification runs elsewhere)."""
+
+    out: SamplerOutput
+    texts: list[str]
+    pending: object
+
+    def results(self) -> list:
+        return self.pending.result()
+
+
+def generate_and_verify(engine: RolloutEngine, prompts: Sequence[Sequence[int]], golds: Sequence,
+                        verifier, tokenizer, *, num_samples: int = 1, key: jax.Array | None = None,
+                        submit=_run_now) -> Verified:
+    """Samples `num_samples` responses to each prompt with `engine` (its Settings: budget,
+    temperature, stop ids, pad id), decodes them and verifies each against its prompt's gold.
+
+    Args:
+      prompts: token id lists; the first len(golds) are real, any after them are filler
+        (copies that keep a batch's shape fixed): generated, never decoded or verified.
+      golds: one gold answer per real prompt (as the verifier takes them).
+      verifier: an object with verify_batch(texts, golds) -> list[VerifyResult]
+        (scope_jax.verifiers.Verifier, InlineVerifier).
+      submit: submit(fn, *args) -> an object whose result() is fn(*args): where verification
+        runs (default: now, on this thread; a thread pool's submit overlaps it with the next
+        generation).
+    In a multi-process run each process passes its own prompts and golds, and decodes and
+    verifies its own rows.
+    """
+    if len(golds) > len(prompts):
+        raise ValueError(f"generate_and_verify: {len(golds)} golds for {len(prompts)} prompts")
+    out = engine.generate(prompts, num_samples=num_samples, key=key)
+    rows = sampling.response_lists(out)[:len(golds) * num_samples]
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    row_golds = [g for g in golds for _ in range(num_samples)]
+    return Verified(out=out, texts=texts, pending=submit(verifier.verify_batch, texts, row_golds))
+
+
+def settings_for(model_config, tokenizer, *, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                 eos_ids: Sequence[int] = (), checkpoint: str | None = None) -> Settings:
+    """Settings for a caller without a training config (evaluation, the toy, the tools), under
+    the same rules as settings_from_config: stop ids by sampling.stop_ids (tokenizer, model
+    config, `checkpoint`'s generation_config.json, `eos_ids`), pad id the tokenizer's, else 0."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return Settings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                    top_k=top_k or None, top_p=top_p, repetition_penalty=float(repetition_penalty),
+                    stop_ids=tuple(sampling.stop_ids(model_config, tokenizer, eos_ids, checkpoint=checkpoint)),
+                    pad_id=0 if pad is None else int(pad))

@@ -30,7 +30,7 @@ Which log-probs should a loss take?
     are log softmax(logits / T), the behaviour
     policy of the method (scope_jax/losses.py docstring) at rollout temperature T. The trainer (as verl) takes
     pi_theta and pi_old at T and recomputes pi_old with its own forward pass
-    (scope_jax.train.policy_temperature). For greedy decoding the sampled distribution is a
+    (scope_jax.step.policy_temperature). For greedy decoding the sampled distribution is a
     point mass, so `logprobs` then holds the log-probs of the greedy token at temperature 1
     after the repetition penalty (without a penalty: the same values as `policy_logprobs`).
   The repetition penalty never changes `policy_logprobs`: they stay the raw policy's, the
@@ -50,11 +50,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from scope_jax import sharding as shd
+from scope_jax.sharding import local_rows
+
 FINISH_EOS = 0
 FINISH_LENGTH = 1
 _FINISH_NAMES = ("eos", "length")
 # Mesh axes that split the batch (scope_jax.sharding maps the logical "batch" axis to both).
-BATCH_AXES = ("data", "fsdp")
 
 
 @flax.struct.dataclass
@@ -89,16 +91,6 @@ class SamplerOutput:
 def finish_reason_names(out: SamplerOutput) -> list[str]:
     """'eos' or 'length' for each row of `out` (host-side list of N strings)."""
     return [_FINISH_NAMES[int(r)] for r in np.asarray(out.finish_reason)]
-
-
-def local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a row-sharded array, as numpy (all rows in a one-process run)."""
-    if jax.process_count() == 1 or x.is_fully_addressable:
-        return np.asarray(x)
-    pieces = {}
-    for shard in x.addressable_shards:  # devices along other mesh axes hold copies: dedupe
-        pieces.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
-    return np.concatenate([pieces[k] for k in sorted(pieces)])
 
 
 def response_lists(out: SamplerOutput) -> list[list[int]]:
@@ -357,15 +349,6 @@ def _phase_ends(max_new_tokens: int, first: int) -> list[int]:
     return ends + [max_new_tokens]
 
 
-def _batch_axes(mesh) -> tuple[str, ...]:
-    """The mesh axes rows are split over: those of BATCH_AXES the mesh has."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    if not axes:
-        raise ValueError(f"generate: mesh axes {mesh.axis_names} include none of {BATCH_AXES}, "
-                         "so there is no axis to split the rows over")
-    return axes
-
-
 def _shard_cache(cache, mesh):
     """Shards the cache's batch axis over the mesh's batch axes (no-op without a mesh).
 
@@ -374,7 +357,7 @@ def _shard_cache(cache, mesh):
     """
     if mesh is None:
         return cache
-    spec = NamedSharding(mesh, P(None, _batch_axes(mesh)))
+    spec = NamedSharding(mesh, P(None, shd.batch_axes(mesh)))
     return jax.tree.map(
         lambda x: jax.lax.with_sharding_constraint(x, spec) if x.ndim >= 2 else x, cache)
 
@@ -661,7 +644,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
 
     rows = [p for p in prompts for _ in range(num_samples)]
     n = len(rows)
-    shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in _batch_axes(mesh)]))
+    shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in shd.batch_axes(mesh)]))
     processes = jax.process_count()
     longest = max(len(p) for p in rows)
     if key is None:
@@ -674,10 +657,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
         if n % (shards // processes):
             raise ValueError(f"generate: {n} rows on this process are not a multiple of its "
                              f"{shards // processes} row shards")
-        from jax.experimental import multihost_utils
-
         # Every process must compile the same program: agree on the prompt bucket.
-        longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+        longest = int(shd.max_over_hosts(longest))
         key = jax.random.fold_in(key, jax.process_index())
         shards = shards // processes
     n_padded = -(-n // shards) * shards
@@ -690,11 +671,10 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
 
     args = [ids, lengths, done0]
     if mesh is not None:
-        row_sharding = NamedSharding(mesh, P(_batch_axes(mesh)))
+        row_sharding = shd.batch_sharding(mesh)
         if processes > 1:
-            put = functools.partial(jax.make_array_from_process_local_data, row_sharding)
-            args = [put(a) for a in args]
-            row_keys = jax.random.wrap_key_data(put(np.asarray(jax.random.key_data(row_keys))))
+            args = shd.to_global(args, mesh)
+            row_keys = jax.random.wrap_key_data(shd.to_global(np.asarray(jax.random.key_data(row_keys)), mesh))
         else:
             args = [jax.device_put(a, row_sharding) for a in args]
             row_keys = jax.device_put(row_keys, row_sharding)
@@ -728,7 +708,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
         return SamplerOutput(
             tokens=tokens, response_mask=mask, lengths=out_len, finish_reason=finish,
             logprobs=lps, policy_logprobs=plps, prompt_ids=ids_d, prompt_lengths=lengths_d,
-            group_ids=put((first + np.arange(n, dtype=np.int32)) // num_samples))
+            group_ids=shd.to_global((first + np.arange(n, dtype=np.int32)) // num_samples, mesh))
     return SamplerOutput(
         tokens=tokens[:n], response_mask=mask[:n], lengths=out_len[:n],
         finish_reason=finish[:n], logprobs=lps[:n], policy_logprobs=plps[:n],

@@ -42,13 +42,12 @@ import uuid
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from scope_jax import losses
 from scope_jax import sharding as shd
+from scope_jax.models import dtype_named, load_hf
 from scope_jax.teacher import topk_logprobs
 
 log = logging.getLogger(__name__)
@@ -170,9 +169,8 @@ class Scorer:
         self.graphdef, self.state = nnx.split(model)
         self.vocab = int(model.config.vocab_size)
         self.mesh = mesh
-        axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-        self.row_shards = int(np.prod([mesh.shape[a] for a in axes]))
-        self.rows_sharding = NamedSharding(mesh, P(axes))
+        self.row_shards = shd.batch_shards(mesh)
+        self.rows_sharding = shd.batch_sharding(mesh)
         self.max_batch_tokens, self.min_length = int(max_batch_tokens), int(min_length)
         self._forward = jax.jit(functools.partial(_forward, chunk=int(chunk_size)),
                                 static_argnames=("graphdef", "k"))
@@ -373,10 +371,8 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: s
     """Loads `model_dir` and serves it until SIGTERM / SIGINT (arguments: tools/serve_teacher.py)."""
     import uvicorn
 
-    from scope_jax.models import load_hf
-
     m = shd.mesh_from_flag(mesh) or shd.make_mesh({"fsdp": -1}, devices=jax.local_devices())
-    dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    dt = dtype_named(dtype)
     t0 = time.perf_counter()
     model = load_hf(model_dir, dtype=dt, mesh=m)
     max_len = int(max_model_len or model.config.max_position_embeddings)

@@ -1,4 +1,10 @@
-"""Device mesh, logical-axis sharding rules and multi-host start-up.
+"""Device mesh, logical-axis sharding rules, and the multi-host facts written once.
+
+The multi-host helpers: which mesh axes split the batch (BATCH_AXES, batch_axes,
+batch_sharding, batch_shards), a host's rows <-> global arrays (local_rows, to_global), the
+largest value over hosts (max_over_hosts), calling a function under a mesh (under_mesh), and
+how a batch splits into micro-batches over the batch shards (strided_micro_batches,
+check_partition).
 
 Parameters and the main activations carry *logical* axis names (``'embed'``, ``'vocab'``,
 ``'heads'``, ``'batch'``, ...). A rules table, written as data, maps each logical name to
@@ -11,12 +17,18 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# The mesh axes that split rollout rows (the batch): both data-parallel axes, so FSDP shards
+# also do data-parallel work. Written once; the 'batch' rule, the sampler, the trainer and the
+# teacher server all take it from here.
+BATCH_AXES = ("data", "fsdp")
 
 # Logical axis name -> mesh axes (None: replicated). Parameters are sharded FSDP-style on their
 # model dimension and Megatron-style on heads / MLP / vocabulary; the batch is split over both
@@ -31,7 +43,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("head_dim", None),
     # activations
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -165,16 +177,6 @@ def mesh_from_flag(text: str | None) -> Mesh | None:
     return make_mesh(sizes)
 
 
-def param_logical_axes(model: Any) -> Any:
-    """nnx.State of the model's parameters with each leaf replaced by its logical axes tuple."""
-    from flax import nnx
-
-    state = nnx.state(model, nnx.Param)
-    return jax.tree.map(
-        lambda v: tuple(v.get_metadata()["logical_axes"]), state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def model_shardings(model: Any, mesh: Mesh, rules=None) -> Any:
     """nnx.State of NamedShardings, one per parameter, from the parameters' logical axes."""
     from flax import nnx
@@ -188,16 +190,6 @@ def model_shardings(model: Any, mesh: Mesh, rules=None) -> Any:
         return logical_to_sharding(axes, mesh, rules, shape=v.get_value().shape)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def shard_model(model: Any, mesh: Mesh, rules=None) -> Any:
-    """Moves every parameter of an NNX model onto its NamedSharding, in place; returns the model."""
-    from flax import nnx
-
-    shardings = model_shardings(model, mesh, rules)
-    state = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.device_put(state, shardings))
-    return model
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=None) -> jax.Array:
@@ -239,3 +231,105 @@ def initialize_distributed() -> bool:
         jax.distributed.initialize()  # jax's cluster auto-detection fills in the addresses
         return True
     return False
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-host helpers: rows split over the batch axes.
+# --------------------------------------------------------------------------------------------
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+    """The mesh axes rows are split over: those of BATCH_AXES the mesh has."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    if not axes:
+        raise ValueError(f"mesh axes {mesh.axis_names} include none of {BATCH_AXES}, "
+                         "so there is no axis to split the rows over")
+    return axes
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows (the leading axis) split over the mesh's batch axes, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+
+
+def batch_shards(mesh) -> int:
+    """How many ways the rows are split: the product of the mesh's batch axes."""
+    return int(math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape))
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a row-sharded array, as numpy (all rows in a one-process run)."""
+    if jax.process_count() == 1 or x.is_fully_addressable:
+        return np.asarray(x)
+    pieces = {}
+    for shard in x.addressable_shards:  # devices along other mesh axes hold copies: dedupe
+        pieces.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+    return np.concatenate([pieces[k] for k in sorted(pieces)])
+
+
+def to_global(tree, mesh: Mesh | None):
+    """This process's rows (numpy leaves) -> global arrays split over the batch axes, as the
+    rows of all processes in order. One process: `tree` unchanged (its rows are all rows)."""
+    if jax.process_count() == 1:
+        return tree
+    if mesh is None:
+        raise ValueError("a multi-process run needs a mesh to assemble the rows of all hosts")
+    rows = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rows, x), tree)
+
+
+def max_over_hosts(x) -> np.ndarray:
+    """The elementwise largest of `x` (an int or int array, the same shape on every host) over
+    all processes: how hosts agree on one shape to compile. One process: x itself."""
+    x = np.asarray(x, np.int32)
+    if jax.process_count() == 1:
+        return x
+    return np.max(multihost_utils.process_allgather(x).reshape(-1, *x.shape), axis=0)
+
+
+def under_mesh(fn: Callable, mesh) -> Callable:
+    """fn called under jax.set_mesh(mesh), where the model's activation sharding constraints
+    (constrain) take effect; without a mesh in context they do nothing."""
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+    return call
+
+
+def strided_micro_batches(tree, n: int):
+    """[B, ...] leaves -> [n, B / n, ...]: micro-batch j holds rows j, j + n, j + 2n, ...
+
+    Strided, not contiguous (as MaxText): the rows of a batch are split over the batch shards
+    in contiguous blocks, so a contiguous slice would sit on a few shards while the others
+    idle; rows j, j + n, ... spread each micro-batch over every shard, and the reshape below
+    is local to each shard (no collective). check_partition makes B / n a multiple of the
+    batch shards so that every shard gets the same number of rows.
+    """
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), tree)
+
+
+def partition_problem(micro_batches: int, rows: int, shards: int = 1, mesh_shape=None) -> str | None:
+    """Why a batch of `rows` cannot split evenly into config.micro_batches micro-batches over
+    `shards` batch shards (each micro-batch must give every batch shard the same number of
+    rows), with what to set; None when it can. The one rule: config.validate asks it without
+    a mesh (shards=1), check_partition with the run's mesh."""
+    n = int(micro_batches)
+    if n < 1:
+        return f"config.micro_batches={n}: must be >= 1"
+    if rows % n:
+        return (f"config.micro_batches={n} does not divide the batch of {rows} rollouts "
+                f"(prompts_per_step x num_samples); choose a divisor of {rows}")
+    if (rows // n) % shards:
+        ok = [m for m in range(1, rows + 1) if rows % m == 0 and (rows // m) % shards == 0]
+        return (f"config.micro_batches={n} gives {rows // n} rows per micro-batch, not a multiple of "
+                f"the {shards} batch shards (mesh data x fsdp = {mesh_shape}), so some chips "
+                f"would idle or hold the whole micro-batch; use micro_batches in {ok}")
+    return None
+
+
+def check_partition(micro_batches: int, mesh, rows: int) -> None:
+    """Raises ValueError (partition_problem's) unless `rows` split evenly over micro_batches and
+    the batch shards of `mesh`."""
+    why = partition_problem(micro_batches, rows, batch_shards(mesh), dict(mesh.shape))
+    if why:
+        raise ValueError(why)

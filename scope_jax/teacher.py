@@ -35,6 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from scope_jax import algorithms, scoring
+from scope_jax import sharding as shd
+
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +56,7 @@ class TeacherScores:
 
 class Teacher(Protocol):
     # True when scoring runs off this process's devices (a server): the trainer then calls
-    # `score` from a worker thread while its devices generate (train.Collector).
+    # `score` from a worker thread while its devices generate (collect.Collector).
     remote: bool
 
     def score(self, input_ids, attention_mask, num_response: int, *, top_k: int = 0) -> TeacherScores:
@@ -103,10 +106,12 @@ def _response_mask(attention_mask, num_response: int):
 
 
 class LocalTeacher:
-    """The co-located teacher: scope_jax.train.response_logprobs of a loaded model, jitted.
+    """The co-located teacher: a scoring pass (scope_jax.scoring.make_score) of a loaded model.
 
     model: a scope_jax.models.Transformer (sharded as loaded). temperature: the teacher scores
     log softmax(logits / temperature) (config.teacher_temperature). chunk_size: vocabulary tile.
+    score: the trainer's pass (make_score(cfg) under its mesh: micro-batched, packed with
+    config.packing); default make_score(chunk_size=chunk_size), one pass of the whole batch.
     """
 
     # Its passes run on the trainer's devices, so the trainer keeps them on its main thread:
@@ -115,19 +120,13 @@ class LocalTeacher:
     remote = False
 
     def __init__(self, model, *, temperature: float = 1.0, chunk_size: int = 512, score=None):
-        from scope_jax.train import response_logprobs  # train imports this module
-
         self.graphdef, self.params = nnx.split(model)
         self.temperature = float(temperature)
         chunk, temp = int(chunk_size), self.temperature
-        # score(graphdef, params, ids, mask, m, temperature): the trainer passes its micro-batched,
-        # mesh-aware scoring pass (train.make_score); alone, one jitted forward of the batch.
-        if score is None:
-            score = jax.jit(lambda gd, p, ids, mask, m, t: response_logprobs(nnx.merge(gd, p), ids, mask, m, chunk, t),
-                            static_argnums=(0, 4, 5))
+        score = scoring.make_score(chunk_size=chunk) if score is None else score
 
-        def logprobs(gd, p, ids, mask, m):
-            return jnp.where(_response_mask(mask, m), score(gd, p, ids, mask, m, temp), 0.0)
+        def logprobs(gd, p, ids, mask, m, packed):
+            return jnp.where(_response_mask(mask, m), score(gd, p, ids, mask, m, temp, packed), 0.0)
 
         def top(gd, p, ids, mask, m, k):
             model = nnx.merge(gd, p)
@@ -139,9 +138,12 @@ class LocalTeacher:
         # A second forward pass, only when top-k is asked for (no trainer loss reads it yet).
         self._top = jax.jit(top, static_argnums=(0, 4, 5))
 
-    def score(self, input_ids, attention_mask, num_response: int, *, top_k: int = 0) -> TeacherScores:
+    def score(self, input_ids, attention_mask, num_response: int, *, top_k: int = 0,
+              packed=None) -> TeacherScores:
+        """packed: the step's packing.PackedBatch of these rows (with config.packing), so the
+        teacher's pass reads the plan the student's passes and the step share."""
         m = int(num_response)
-        lp = self._logprobs(self.graphdef, self.params, input_ids, attention_mask, m)
+        lp = self._logprobs(self.graphdef, self.params, input_ids, attention_mask, m, packed)
         if not top_k:
             return TeacherScores(lp)
         ids, lps = self._top(self.graphdef, self.params, input_ids, attention_mask, m, int(top_k))
@@ -305,9 +307,7 @@ class RemoteTeacher:
                 for r, c, s, st in zip(rows, choices, seqs, starts)]
 
     def score(self, input_ids, attention_mask, num_response: int, *, top_k: int = 0) -> TeacherScores:
-        from scope_jax.sampling import local_rows
-
-        ids, mask = local_rows(input_ids), local_rows(attention_mask).astype(bool)
+        ids, mask = shd.local_rows(input_ids), shd.local_rows(attention_mask).astype(bool)
         b, t = ids.shape
         m = int(num_response)
         p = t - m
@@ -337,15 +337,7 @@ class RemoteTeacher:
         return TeacherScores(put(lp), put(tid), put(tlp))
 
     def _global(self, x: np.ndarray) -> jax.Array:
-        if jax.process_count() == 1:
-            return jnp.asarray(x)
-        if self.mesh is None:
-            raise ValueError("RemoteTeacher: a multi-process run needs mesh= to assemble the rows")
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        from scope_jax.sampling import BATCH_AXES
-
-        return jax.make_array_from_process_local_data(NamedSharding(self.mesh, P(BATCH_AXES)), x)
+        return jnp.asarray(shd.to_global(x, self.mesh))  # this host's rows -> the global batch
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -362,11 +354,9 @@ def from_config(cfg, model=None, mesh=None) -> Teacher:
     if not url:
         if model is None:
             raise ValueError("config.teacher_url is empty, so the teacher must be loaded (config.teacher)")
-        from scope_jax import train  # train imports this module
-
-        score = train.make_score(cfg)
+        score = scoring.make_score(cfg)
         return LocalTeacher(model, temperature=float(cfg.teacher_temperature), chunk_size=int(cfg.model.logprob_chunk),
-                            score=score if mesh is None else train.under_mesh(score, mesh))
+                            score=score if mesh is None else shd.under_mesh(score, mesh))
     check_remote_config(cfg)
     c = cfg.teacher_client
     return RemoteTeacher(url, model=c.model, batch_size=c.batch_size, max_concurrency=c.max_concurrency,
@@ -378,8 +368,6 @@ def check_remote_config(cfg) -> None:
     if not math.isclose(float(cfg.teacher_temperature), 1.0):
         raise ValueError(f"config.teacher_temperature={cfg.teacher_temperature}: a remote teacher "
                          f"(config.teacher_url={cfg.teacher_url!r}) scores at temperature 1 only")
-    from scope_jax import algorithms
-
     if algorithms.get(cfg.algo).samples_with == "teacher":
         raise ValueError(f"config.algo={cfg.algo!r} samples from the teacher, which config.teacher_url="
                          f"{cfg.teacher_url!r} does not do; load it with config.teacher instead")

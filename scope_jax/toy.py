@@ -39,10 +39,10 @@ from scope_jax import data
 from scope_jax.data import FieldSpec, build_prompt
 from scope_jax.losses import kd_loss, token_logprobs
 from scope_jax.models import ModelConfig, Transformer, save_hf
-from scope_jax.sampling import generate, response_lists
-from scope_jax.verifiers.math import verify
+from scope_jax import rollout
+from scope_jax.verifiers import InlineVerifier
 
-# JSONL rows written by write_jsonl carry "problem", "answer" and "solution"; the trainer and the
+# JSONL rows written by data.write_jsonl carry "problem", "answer" and "solution"; the trainer and the
 # evaluator read them with scope_jax.data.load_examples(path, spec=TOY_SPEC), which keeps the
 # worked solution in Example.meta["solution"].
 TOY_SPEC = FieldSpec(problem="problem", answer="answer", meta=("solution",))
@@ -151,12 +151,6 @@ def split_examples(n_train: int, n_test: int, seed: int, difficulty: Difficulty 
         if e["problem"] not in held_out:
             train.append(e)
     return train, test
-
-
-def write_jsonl(examples: Sequence[dict[str, str]], path: str | os.PathLike) -> str:
-    """Writes the examples as JSONL (scope_jax.data.write_jsonl); returns the path. Read back
-    with scope_jax.data.load_examples(path, spec=TOY_SPEC)."""
-    return data.write_jsonl(path, examples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,37 +351,37 @@ def evaluate(model, tokenizer, examples: Sequence[dict[str, str]], *, temperatur
              num_samples: int = 1, seed: int = 0, max_new_tokens: int = 64,
              batch_size: int = 2048, top_p: float | None = None, top_k: int | None = None
              ) -> dict:
-    """Accuracy of `model` on `examples` with scope_jax.sampling.generate and the project's
+    """Accuracy of `model` on `examples` through scope_jax.rollout.generate_and_verify (the
+    static engine; stop ids by sampling.stop_ids, pad id the tokenizer's) and the project's
     verifier (scope_jax.verifiers.math.verify on the last \\boxed{} against the gold answer).
 
     examples: dicts with "problem" and "answer" (str). temperature 0: greedy (num_samples
     should then be 1); > 0: `key`-seeded sampling, optionally truncated by top_k / top_p.
     batch_size: prompts per generate call (each gives batch_size * num_samples rows).
-    Runs the verifier in this process, so call it from the main thread (verify's time limit is
-    a SIGALRM timer). Returns {"accuracy": mean reward over all samples, "per_problem": float
-    list [len(examples)] of the fraction of correct samples, "mixed": fraction of problems with
-    both correct and wrong samples, "responses": the decoded first response of each of the
-    first 8 problems, for a look}.
+    Runs the verifier in this process (InlineVerifier), so call it from the main thread
+    (verify's time limit is a SIGALRM timer). Returns {"accuracy": mean reward over all
+    samples, "per_problem": float list [len(examples)] of the fraction of correct samples,
+    "mixed": fraction of problems with both correct and wrong samples, "responses": the
+    decoded first response of each of the first 8 problems, for a look}.
     """
     if not examples:
         raise ValueError("evaluate: no examples")
 
     prompts = tokenizer([prompt_text(e["problem"], tokenizer) for e in examples],
                         add_special_tokens=False)["input_ids"]
+    settings = rollout.settings_for(model.config, tokenizer, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_k=top_k, top_p=top_p)
+    engine, verifier = rollout.make_engine("static", model, settings), InlineVerifier()
     rewards = []
     key = jax.random.key(seed)
     for start in range(0, len(prompts), batch_size):
         key, sub = jax.random.split(key)
-        out = generate(model, prompts[start:start + batch_size], num_samples=num_samples,
-                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       top_k=top_k, eos_ids=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                       key=sub if temperature > 0 else None)
-        texts = tokenizer.batch_decode(response_lists(out), skip_special_tokens=True)
-        golds = [e["answer"] for e in examples[start:start + batch_size]
-                 for _ in range(num_samples)]
-        rewards += [verify(t, g).reward for t, g in zip(texts, golds)]
+        done = rollout.generate_and_verify(
+            engine, prompts[start:start + batch_size], [e["answer"] for e in examples[start:start + batch_size]],
+            verifier, tokenizer, num_samples=num_samples, key=sub if temperature > 0 else None)
+        rewards += [r.reward for r in done.results()]
         if start == 0:
-            shown = texts[:8 * num_samples:num_samples]
+            shown = done.texts[:8 * num_samples:num_samples]
     per_problem = np.asarray(rewards).reshape(len(examples), num_samples).mean(1)
     return {"accuracy": float(np.mean(rewards)), "per_problem": per_problem.tolist(),
             "mixed": float(np.mean((per_problem > 0) & (per_problem < 1))), "responses": shown}
@@ -660,12 +654,12 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
 
     train, test = split_examples(settings.n_train, settings.n_test, settings.seed,
                                  settings.difficulty)
-    write_jsonl(train, paths["train"])
-    write_jsonl(test, paths["test"])
+    data.write_jsonl(paths["train"], train)
+    data.write_jsonl(paths["test"], test)
     tokenizer = train_tokenizer(tokenizer_corpus(train))
     tokenizer.save_pretrained(paths["tokenizer"])
-    data = encode_sft(train, tokenizer)
-    prompt_lengths = data[2].argmax(1)
+    sft = encode_sft(train, tokenizer)
+    prompt_lengths = sft[2].argmax(1)
     mixes = {name: training_mix(train, getattr(settings, name)) for name in ("teacher", "student")}
     noisy = {name: noisy_solutions(train, getattr(settings, name)) for name in ("teacher", "student")}
     seconds = {"data_and_tokenizer": round(time.perf_counter() - start, 2)}
@@ -674,7 +668,7 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
     models, info = {}, {}
     for name in ("teacher", "student"):
         rows = mixes[name]
-        own = data if not getattr(settings, name).op_noise else encode_sft(noisy[name], tokenizer)
+        own = sft if not getattr(settings, name).op_noise else encode_sft(noisy[name], tokenizer)
         mix = own if len(rows) == len(train) else tuple(a[rows] for a in own)
         models[name], info[name] = _train_model(name, getattr(settings, name), tokenizer, mix,
                                                 paths[name], paths["tokenizer"], log_every)
@@ -709,7 +703,7 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
         "fraction_of_problems_with_mixed_samples": mixed,
         "greedy_accuracy_by_op": by_op,
         "max_prompt_tokens": int(prompt_lengths.max()),
-        "max_response_tokens": int((data[2].sum(1)).max()),
+        "max_response_tokens": int((sft[2].sum(1)).max()),
         "max_new_tokens": settings.max_new_tokens,
         "seconds": seconds,
         "backend": f"jax {jax.__version__} on {jax.default_backend()} "

@@ -18,7 +18,7 @@ import pytest
 
 from scope_jax.verifiers import code as vc
 from scope_jax.verifiers.code import CodeTests, extract_code, program_for
-from scope_jax.verifiers.math import Verifier
+from scope_jax.verifiers.pool import Verifier
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LIMIT_S = 3.0  # time limit of the hostile items

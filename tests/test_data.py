@@ -325,6 +325,44 @@ def test_tfds_malformed_row_names_the_jsonl_line(tmp_path):
     assert [(e.line, e.field) for e in plain.skipped] == [(2, "answer"), (3, None), (4, None)]
 
 
+def test_tfds_source_from_a_config_for_training_and_evaluation(tmp_path, tokenizer):
+    """data.spec = "tfds:NAME[:split]" with data.train_files = the TFDS data_dir: the trainer's
+    prompts (train._load_prompts) and tools/eval's --data tfds:... read the same examples as
+    the JSONL the local builder was made from."""
+    from configs import toy
+    from scope_jax import train
+    from tools import eval as eval_tool
+
+    jsonl = tmp_path / "math500.jsonl"
+    with open(os.path.join(DATA, "math500.jsonl"), encoding="utf-8") as f:
+        jsonl.write_text("".join(f.readlines()[:12]), encoding="utf-8")
+    data_dir = tmp_path / "tfds"
+    name = D.jsonl_tfds_builder(jsonl, data_dir, split="test").info.full_name.rsplit("/", 1)[0]
+    assert name.startswith(D.JSONL_TFDS_NAME + "/math500-")
+    ref = D.load_examples(jsonl)
+    got = D.load_examples(data_dir, f"tfds:{name}:test")
+    assert [(e.problem, e.answer) for e in got] == [(e.problem, e.answer) for e in ref]
+    assert got[0].source.startswith(f"tfds:{name}/1.0.0/test")
+    with pytest.raises(D.DataError, match="split"):  # no "train" split in this copy
+        D.load_examples(data_dir, f"tfds:{name}")
+    with pytest.raises(D.DataError, match="data_dir"):
+        D.load_examples(jsonl, f"tfds:{name}:test")
+    assert D.tfds_source("tfds:huggingface:openai/gsm8k") == ("huggingface:openai/gsm8k", "train")
+    assert D.tfds_source("tfds:mnist:test") == ("mnist", "test")
+    # Training: the config's prompts.
+    fast, _ = tokenizer
+    cfg = toy.get_config()
+    cfg.data.train_files, cfg.data.spec, cfg.prompts_per_step = str(data_dir), f"tfds:{name}:test", 4
+    cfg.data.max_prompt_len = 4096  # math500 problems, not the toy's short ones
+    loader = train._load_prompts(cfg, fast)
+    ids, kept = D.encode_prompts(ref, fast, max_prompt_len=cfg.data.max_prompt_len,
+                                 instruction=cfg.data.instruction or None, style=cfg.data.style)
+    assert loader.items == [(t, ref[i].answer) for t, i in zip(ids, kept)]
+    # Evaluation: tools/eval's --data.
+    label, source = eval_tool.resolve_data(f"tfds:{name}:test", str(data_dir))
+    assert label == "math500" and source == f"tfds:{name}:test"
+
+
 def test_tfds_registered_builders_need_data_or_network(tmp_path):
     with pytest.raises(D.DataError, match="not prepared .* download=True .* network"):
         D.load_tfds("mnist", "test", data_dir=tmp_path, spec="gsm8k")
@@ -423,12 +461,12 @@ def test_loader_is_a_pure_function_of_seed_and_step():
     b = D.PromptLoader(items, batch_size=8, seed=3, shard_index=0, shard_count=1)
     c = D.PromptLoader(items, batch_size=8, seed=4, shard_index=0, shard_count=1)
     assert a.steps_per_epoch == 12
-    run = [batch for _, batch in zip(range(40), a)]
+    run = [a.batch_at(s) for s in range(40)]
     assert run == [b.batch_at(s) for s in range(40)]
     assert run != [c.batch_at(s) for s in range(40)]
     # A resumed run (fresh object, start at step 17) sees exactly the same batches.
     resumed = D.PromptLoader(items, batch_size=8, seed=3, shard_index=0, shard_count=1)
-    assert [batch for _, batch in zip(range(23), (bt for _, bt in resumed.iterate(17)))] == run[17:]
+    assert [resumed.batch_at(s) for s in range(17, 40)] == run[17:]
     # The documented contract: numpy Generator([seed, epoch]) permutation, sliced per step.
     for step in (0, 11, 12, 30):
         epoch, k = divmod(step, 12)
@@ -474,26 +512,3 @@ def test_keep_remainder_gives_fixed_shapes_and_full_coverage():
         D.PromptLoader([7, 8], batch_size=4, seed=0, shard_index=0, shard_count=1)
 
 
-@pytest.mark.parametrize("bucket,length", [("pow2", 8), (None, 5), (3, 6), (5, 5)])
-def test_pad_prompts_left_pads_to_the_bucket(bucket, length):
-    ids, mask = D.pad_prompts([[1, 2, 3], [4, 5, 6, 7, 8], [9]], pad_id=0, bucket=bucket)
-    assert ids.shape == mask.shape == (3, length)
-    assert ids.dtype == np.int32 and mask.dtype == np.bool_
-    expected = np.zeros((3, length), np.int32)
-    expected[0, -3:] = [1, 2, 3]
-    expected[1, -5:] = [4, 5, 6, 7, 8]
-    expected[2, -1:] = [9]
-    np.testing.assert_array_equal(ids, expected)
-    np.testing.assert_array_equal(mask, expected != 0)
-
-
-def test_pad_prompts_edges():
-    assert D.pad_prompts([[5] * 4], pad_id=0)[0].shape == (1, 4)
-    assert D.pad_prompts([[5]], pad_id=0)[0].shape == (1, 1)
-    assert D.pad_prompts([[5] * 9], pad_id=0)[0].shape == (1, 16)
-    ids, mask = D.pad_prompts([[3, 3], [3]], pad_id=3, bucket=None)  # pad id may be a real token
-    np.testing.assert_array_equal(mask, [[True, True], [False, True]])
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
-        D.pad_prompts([[1], []], pad_id=0)
-    with pytest.raises(ValueError, match="bucket"):
-        D.pad_prompts([[1]], pad_id=0, bucket=0)

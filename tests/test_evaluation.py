@@ -344,7 +344,7 @@ def test_evaluate_on_a_tiny_checkpoint(checkpoint):
     examples = _examples()
     kw = dict(k=4, max_new_tokens=12, batch_prompts=2, verifier_mode="final_number",
               verifier_workers=2, keep_response_chars=10**6, num_resamples=200)
-    res = ev.evaluate(model, tokenizer, examples, seed=0, **kw)
+    res = ev.evaluate(model, tokenizer, examples, ev.EvalSettings(seed=0, **kw))
     # 5 prompts in batches of 2: the last batch is topped up, and its extra samples dropped.
     _check_records(res.records, examples, k=4, max_new=12)
     with_instruction = [len(tokenizer.apply_chat_template(
@@ -367,20 +367,20 @@ def test_evaluate_on_a_tiny_checkpoint(checkpoint):
     assert any(g is not None for g in golds.values()), "no sample ended on a number"
     swapped = [dataclasses.replace(ex, answer=golds[i] or ex.answer)
                for i, ex in enumerate(examples)]
-    again = ev.evaluate(model, tokenizer, swapped, seed=0, **kw)
+    again = ev.evaluate(model, tokenizer, swapped, ev.EvalSettings(seed=0, **kw))
     assert [r["responses"] for r in again.records] == [r["responses"] for r in res.records]
     _check_records(again.records, swapped, k=4, max_new=12)
     for r in again.records:
         if golds[r["index"]] is not None:
             assert r["c"] >= 1 and r["pass_at_k"] == 1.0
     assert again.summary["avg_at_k"] > s["avg_at_k"]
-    other = ev.evaluate(model, tokenizer, examples, seed=1, **kw)
+    other = ev.evaluate(model, tokenizer, examples, ev.EvalSettings(seed=1, **kw))
     assert [r["responses"] for r in other.records] != [r["responses"] for r in res.records]
     # Overlong prompts are dropped, counted and named, never truncated.
     from scope_jax.data import Example
 
     long = Example(problem="What is 1 + 2? " * 30, answer="3", source="long")
-    short = ev.evaluate(model, tokenizer, examples[:2] + [long], seed=0, max_prompt_len=60, **kw)
+    short = ev.evaluate(model, tokenizer, examples[:2] + [long], ev.EvalSettings(seed=0, max_prompt_len=60, **kw))
     assert short.summary["num_dropped"] == 1 and short.summary["dropped"] == ["long"]
     assert [r["source"] for r in short.records] == ["toy:0", "toy:1"]
 
@@ -396,8 +396,8 @@ def test_evaluate_on_a_mesh_matches_one_device(checkpoint):
     kw = dict(k=4, max_new_tokens=8, batch_prompts=3, verifier_workers=1, num_resamples=100,
               seed=5, verifier_mode="final_number")
     examples = _examples()[:3]
-    one = ev.evaluate(load_hf(checkpoint), tokenizer, examples, **kw)
-    sharded = ev.evaluate(load_hf(checkpoint, mesh=mesh), tokenizer, examples, mesh=mesh, **kw)
+    one = ev.evaluate(load_hf(checkpoint), tokenizer, examples, ev.EvalSettings(**kw))
+    sharded = ev.evaluate(load_hf(checkpoint, mesh=mesh), tokenizer, examples, ev.EvalSettings(**kw), mesh=mesh)
     assert sharded.records == one.records
 
 

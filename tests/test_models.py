@@ -396,16 +396,17 @@ def test_transformer_init_and_remat_grad():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
 
 
-def test_shard_model_moves_params_and_keeps_logits():
+def test_model_shardings_follow_the_logical_axes_and_keep_logits():
+    # model_shardings is what load_hf's mesh= placement and the dry run's abstract_model use.
     cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48)
     model = Transformer(cfg, rngs=nnx.Rngs(1))
     ids = jnp.asarray(_ids((4, 6)) % 64)
     before = np.asarray(model(ids))
     mesh = shd.make_mesh(dict(fsdp=4, tensor=2))
-    axes = shd.param_logical_axes(model)
-    assert axes["layers"][0]["mlp"]["down_proj"]["kernel"] == ("mlp", "embed")
-    shd.shard_model(model, mesh)
+    assert model.layers[0].mlp.down_proj.kernel.get_metadata()["logical_axes"] == ("mlp", "embed")
+    shardings = shd.model_shardings(model, mesh)
+    nnx.update(model, jax.device_put(nnx.state(model, nnx.Param), shardings))
     assert model.layers[0].mlp.down_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
         "tensor", "fsdp")
     np.testing.assert_allclose(np.asarray(model(ids)), before, atol=1e-5, rtol=0)

@@ -190,7 +190,7 @@ def test_plan_and_pack_tokens_keep_every_rollout_on_its_shard_intact():
 
 # ---- the packed train step -----------------------------------------------------------------
 
-from scope_jax import train  # noqa: E402
+from scope_jax import scoring, step as step_lib  # noqa: E402
 
 
 def _rollouts(b=16, p=6, m=7, seed=0):
@@ -203,7 +203,7 @@ def _rollouts(b=16, p=6, m=7, seed=0):
                            np.arange(m)[None] < resp[:, None]], 1)
     resp_mask = np.arange(m)[None] < resp[:, None]
     lp = lambda: np.where(resp_mask, np.log(rng.uniform(0.05, 1, (b, m))), 0).astype(np.float32)
-    return train.Rollouts(
+    return step_lib.Rollouts(
         input_ids=np.where(attn, ids, 0), attention_mask=attn, response_mask=resp_mask,
         old_logprobs=lp(), teacher_logprobs=lp(), ref_logprobs=lp(),
         correct=rng.random(b) < 0.5, group_ids=(np.arange(b) // 4).astype(np.int32))
@@ -224,13 +224,13 @@ def _run_step(cfg, mesh, batch, packed=None):
     model = _model(remat="full")
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
-    opt = train.make_optimizer(cfg)
+    opt = step_lib.make_optimizer(cfg)
     param_sh = nnx.to_pure_dict(shd.model_shardings(model, mesh))
-    state_sh = train.state_shardings(opt, param_sh, mesh, params)
-    state = jax.device_put(train.TrainState(params=params, opt_state=opt.init(params),
+    state_sh = step_lib.state_shardings(opt, param_sh, mesh, params)
+    state = jax.device_put(step_lib.TrainState(params=params, opt_state=opt.init(params),
                                             step=jnp.zeros((), jnp.int32)), state_sh)
-    step = train.build_step(cfg, graphdef, opt, state_sh, mesh)
-    rows = train.batch_sharding(mesh)
+    step = step_lib.build_step(cfg, graphdef, opt, state_sh, mesh)
+    rows = shd.batch_sharding(mesh)
     args = (jax.device_put(batch, rows),) + (() if packed is None else (jax.device_put(packed, rows),))
     with jax.set_mesh(mesh):
         state, metrics = step(state, *args)
@@ -245,9 +245,10 @@ def test_packed_step_equals_the_unpacked_step(algo):
         assert _step_cfg(algo).kd_only_correct
     ref_metrics, ref_params = _run_step(_step_cfg(algo), mesh, batch)
     for capacity, micro_batches in ((32, 1), (13, 2)):
-        permuted, packed, info = train.pack_rollouts(batch, mesh, capacity)
+        pb = packing.pack_batch(batch.input_ids, batch.attention_mask, batch.response_mask.shape[1], mesh, capacity)
+        permuted, packed = packing.permute(batch, pb, mesh), pb.packed
         assert packed.input_ids.shape == (8 * micro_batches, capacity), capacity
-        assert info["seq_len"] == capacity and 0 < info["padding"] < 1
+        assert 0 < pb.plan.padding < 1
         metrics, params = _run_step(_step_cfg(algo, capacity), mesh, permuted, packed)
         for key in ("loss", "grad_norm"):
             assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5), (capacity, key)
@@ -349,10 +350,10 @@ def test_packed_scoring_pass_equals_the_unpacked_one(mesh_shape):
     out = {}
     for packing in (0, 13):
         cfg = _step_cfg("scope", packing)
-        score = train.make_score(cfg) if mesh is None else train.under_mesh(train.make_score(cfg), mesh)
+        score = scoring.make_score(cfg) if mesh is None else shd.under_mesh(scoring.make_score(cfg), mesh)
         ids, mask = jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)
         if mesh is not None:
-            ids, mask = jax.device_put((ids, mask), train.batch_sharding(mesh))
+            ids, mask = jax.device_put((ids, mask), shd.batch_sharding(mesh))
         out[packing] = np.asarray(score(graphdef, params, ids, mask, m, 0.6))
     assert out[13].shape == out[0].shape == (16, m)
     np.testing.assert_allclose(out[13][real], out[0][real], atol=1e-5, rtol=0)

@@ -134,7 +134,7 @@ def test_bad_config_is_refused_before_any_model_loads(setup, tmp_path):
 
 
 def _state(step, value, nan=False):
-    from scope_jax.train import TrainState
+    from scope_jax.step import TrainState
 
     w = jnp.full((3, 4), float(value)).at[1, 2].set(jnp.nan if nan else value)
     return TrainState(params={"w": w}, opt_state=(jnp.ones(2),), step=jnp.asarray(step, jnp.int32))

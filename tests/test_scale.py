@@ -1,4 +1,4 @@
-"""The train step as a pod sees it: compiled on 8 fake devices through train.lower_step (the
+"""The train step as a pod sees it: compiled on 8 fake devices through step_lib.lower_step (the
 jit, shardings, mesh context and micro-batching train() runs), with per-chip FLOPs and
 collectives read off the optimised HLO by tools/scale_check.py."""
 
@@ -7,7 +7,7 @@ import re
 import jax
 import pytest
 
-from scope_jax import train
+from scope_jax import collect, scoring, step as step_lib
 from tools import scale_check
 
 TINY = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=256, hidden_size=64,
@@ -29,7 +29,7 @@ def _cfg(micro_batches=1, mesh=None, remat="full"):
 
 
 def _compiled(cfg):
-    lowered = train.lower_step(cfg, rows=ROWS, seq_len=SEQ, response_len=RESP)
+    lowered = step_lib.lower_step(cfg, rows=ROWS, seq_len=SEQ, response_len=RESP)
     return lowered, lowered.compile()
 
 
@@ -85,26 +85,26 @@ def test_per_chip_flops_match_the_ideal_count():
     (0, "must be >= 1"), (3, "does not divide the batch"), (16, "not a multiple of the 8 batch shards")])
 def test_a_batch_that_cannot_partition_is_refused_with_what_to_set(micro_batches, message):
     with pytest.raises(ValueError, match=message) as e:
-        train.lower_step(_cfg(micro_batches), rows=ROWS, seq_len=SEQ, response_len=RESP)
+        step_lib.lower_step(_cfg(micro_batches), rows=ROWS, seq_len=SEQ, response_len=RESP)
     if micro_batches == 16:
         assert "use micro_batches in [1, 2, 4, 8]" in str(e.value)
 
 
 def test_scoring_pass_is_micro_batched_and_keeps_rows_sharded():
     cfg = _cfg(4)
-    compiled = train.lower_score(cfg, "teacher", rows=ROWS, seq_len=SEQ, response_len=RESP).compile()
+    compiled = scoring.lower_score(cfg, "teacher", rows=ROWS, seq_len=SEQ, response_len=RESP).compile()
     costs = scale_check.hlo_costs(compiled.as_text())
     assert _activation_gathers(costs) == []
-    one = train.lower_score(_cfg(1), "teacher", rows=ROWS, seq_len=SEQ, response_len=RESP).compile()
+    one = scoring.lower_score(_cfg(1), "teacher", rows=ROWS, seq_len=SEQ, response_len=RESP).compile()
     # The same work, in a quarter of the activation memory's rows at a time.
     assert costs["matmul_flops"] == pytest.approx(scale_check.hlo_costs(one.as_text())["matmul_flops"], rel=0.05)
     assert compiled.memory_analysis().temp_size_in_bytes < one.memory_analysis().temp_size_in_bytes
 
 
 def test_response_bucket():
-    assert [train.response_bucket(n, 1000) for n in (1, 16, 17, 25, 33, 49, 97, 999)] == \
+    assert [collect.response_bucket(n, 1000) for n in (1, 16, 17, 25, 33, 49, 97, 999)] == \
         [16, 16, 24, 32, 48, 64, 128, 1000]
-    assert train.response_bucket(5000, 4096) == 4096
+    assert collect.response_bucket(5000, 4096) == 4096
 
 
 def test_packed_step_keeps_tokens_on_their_shards():
@@ -112,7 +112,7 @@ def test_packed_step_keeps_tokens_on_their_shards():
     # log-probs are shard-local, so no all-gather of an activation or batch array appears.
     cfg = _cfg(1)
     cfg.prompts_per_step, cfg.num_samples, cfg.packing = 16, 4, SEQ  # 64 rollouts
-    lowered = train.lower_step(cfg, rows=16, seq_len=SEQ, response_len=RESP)  # 2 micro-batches
+    lowered = step_lib.lower_step(cfg, rows=16, seq_len=SEQ, response_len=RESP)  # 2 micro-batches
     costs = scale_check.hlo_costs(lowered.compile().as_text())
     assert costs["unknown_trip_counts"] == 0
     assert _activation_gathers(costs) == []
@@ -120,3 +120,25 @@ def test_packed_step_keeps_tokens_on_their_shards():
     # the step's matmuls are the packed rows' (16 x 48 tokens), not 64 rollouts' worth
     ideal = scale_check.ideal_flops(TINY, 16, SEQ, SEQ, remat=True)["total"] / 8
     assert 0.8 < costs["matmul_flops"] / ideal < 1.25, (costs["matmul_flops"], ideal)
+
+
+def test_lower_score_of_a_packing_config_lowers_the_packed_pass():
+    """What train() runs with config.packing: the scoring pass takes the step's packed rows (one
+    per batch shard per micro-batch), not the unpacked rollouts, and keeps them on their shards."""
+    from scope_jax import packing
+
+    cfg = _cfg(1)
+    cfg.prompts_per_step, cfg.num_samples, cfg.packing = 16, 4, SEQ  # 64 rollouts
+    lowered = scoring.lower_score(cfg, "teacher", rows=16, seq_len=SEQ, response_len=RESP)
+    packed = [a for a in jax.tree.leaves(lowered.args_info, is_leaf=lambda x: isinstance(x, packing.Packed))
+              if isinstance(a, packing.Packed)]
+    assert len(packed) == 1 and packed[0].input_ids.shape == (16, SEQ)  # 2 micro-batches x 8 shards
+    # one log-prob row per loss slot: 16 rows x count_bucket(64 / 16) = 4 slots
+    assert lowered.out_info.shape == (64, RESP)
+    unpacked = cfg.copy_and_resolve_references()
+    unpacked.packing = 0
+    rows = scoring.lower_score(unpacked, "teacher", rows=64, seq_len=SEQ, response_len=RESP)
+    assert not any(isinstance(a, packing.Packed) for a in jax.tree.leaves(
+        rows.args_info, is_leaf=lambda x: isinstance(x, packing.Packed)))
+    costs = scale_check.hlo_costs(lowered.compile().as_text())
+    assert _activation_gathers(costs) == []

@@ -326,7 +326,7 @@ def test_chunks_assemble_into_the_batch_they_would_make_together(setup):
     the assembled batch; rows, masks, group ids and the shape metrics are the chunks'."""
     import jax
 
-    from scope_jax import sampling, train
+    from scope_jax import collect, sampling
 
     student, teacher = load_hf(setup / "student"), teachers.LocalTeacher(load_hf(setup / "teacher"))
     rng = np.random.default_rng(0)
@@ -336,16 +336,16 @@ def test_chunks_assemble_into_the_batch_they_would_make_together(setup):
     outs = [sampling.generate(student, p, num_samples=ns, max_new_tokens=24, temperature=1.0, pad_id=pad,
                               eos_ids=eos, key=jax.random.key(c))
             for c, (p, eos) in enumerate(zip(prompts, (list(range(3, vocab, 4)), None)))]
-    cuts = [train._trim_responses(o, 24)[0] for o in outs]
+    cuts = [collect._trim_responses(o, 24)[0] for o in outs]
     widths = [(c.prompt_ids.shape[1], c.tokens.shape[1]) for c in cuts]
     assert widths[0][0] < widths[1][0] and widths[0][1] < widths[1][1], widths  # the case under test
     parts = [teacher.score(*sampling.full_sequences(c), c.tokens.shape[1]).logprobs for c in cuts]
 
-    out, info = train._trim_responses(train.assemble_chunks(outs, k, pad), 24)
+    out, info = collect._trim_responses(collect.assemble_chunks(outs, k, pad), 24)
     ids, mask = sampling.full_sequences(out)
     m = out.tokens.shape[1]
     direct = np.asarray(teacher.score(ids, mask, m).logprobs)
-    placed = np.asarray(train.place_chunks(parts, m))
+    placed = np.asarray(collect.place_chunks(parts, m))
     np.testing.assert_allclose(placed, direct, atol=1e-5, rtol=0)
     assert np.all(placed[~np.asarray(out.response_mask)] == 0)
     np.testing.assert_array_equal(np.asarray(out.group_ids), np.arange(2 * k * ns) // ns)

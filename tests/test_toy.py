@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings as hyp_settings, strategies as st
 
-from scope_jax import toy
+from scope_jax import data, toy
 from scope_jax.data import build_prompt, load_examples
 
 # ------------------------------------------------------------------------------ reference parser
@@ -134,7 +134,7 @@ def test_difficulty_validation():
 
 def test_jsonl_loads_with_the_data_pipeline(tmp_path):
     examples = toy.make_examples(20, seed=1)
-    path = toy.write_jsonl(examples, tmp_path / "d" / "train.jsonl")
+    path = data.write_jsonl(tmp_path / "d" / "train.jsonl", examples)
     loaded = load_examples(path, spec=toy.TOY_SPEC)
     assert [(x.problem, x.answer, x.meta["solution"]) for x in loaded] == [
         (e["problem"], e["answer"], e["solution"]) for e in examples]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from scope_jax import train
+from scope_jax import scoring, step as step_lib
 from scope_jax import sharding as shd
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -152,7 +152,7 @@ def _batch(setup, b=8, p=6, m=7, seed=0):
     resp = np.arange(m)[None] < resp_len[:, None]
     old = np.where(resp, np.log(rng.uniform(0.01, 1, (b, m))), 0).astype(np.float32)
     tea = np.where(resp, np.log(rng.uniform(0.01, 1, (b, m))), 0).astype(np.float32)
-    return train.Rollouts(
+    return step_lib.Rollouts(
         input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(attn), response_mask=jnp.asarray(resp),
         old_logprobs=jnp.asarray(old), teacher_logprobs=jnp.asarray(tea), ref_logprobs=jnp.asarray(old),
         correct=jnp.asarray(rng.random(b) < 0.5), group_ids=jnp.asarray(np.arange(b) // 4, dtype=jnp.int32))
@@ -164,8 +164,8 @@ def _state(setup, cfg, mesh):
     model = load_hf(setup / "student", mesh=mesh)
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
-    opt = train.make_optimizer(cfg)
-    state = train.TrainState(params=params, opt_state=opt.init(params), step=jnp.zeros((), jnp.int32))
+    opt = step_lib.make_optimizer(cfg)
+    state = step_lib.TrainState(params=params, opt_state=opt.init(params), step=jnp.zeros((), jnp.int32))
     return graphdef, opt, state
 
 
@@ -178,7 +178,7 @@ def test_loss_falls_on_a_fixed_batch(setup, algo):
     batch = _batch(setup)
     if algo == "kd":
         batch = batch.replace(correct=jnp.ones(8, bool))
-    step = jax.jit(train.make_train_step(cfg, graphdef, opt))
+    step = jax.jit(step_lib.make_train_step(cfg, graphdef, opt))
     first = None
     for _ in range(8):
         state, m = step(state, batch)
@@ -200,19 +200,19 @@ def test_policy_logprobs_are_the_behaviour_policy_at_the_rollout_temperature(set
     m = out.tokens.shape[1]
     cfg = _cfg("scope")
     cfg.sampling.temperature = 0.6
-    assert train.policy_temperature(cfg) == 0.6
+    assert step_lib.policy_temperature(cfg) == 0.6
     resp = np.asarray(out.response_mask)
-    at_t = train.response_logprobs(model, ids, mask, m, temperature=train.policy_temperature(cfg))
+    at_t = scoring.response_logprobs(model, ids, mask, m, temperature=step_lib.policy_temperature(cfg))
     np.testing.assert_allclose(np.asarray(at_t)[resp], np.asarray(out.logprobs)[resp], atol=1e-4)
-    raw = train.response_logprobs(model, ids, mask, m)
+    raw = scoring.response_logprobs(model, ids, mask, m)
     np.testing.assert_allclose(np.asarray(raw)[resp], np.asarray(out.policy_logprobs)[resp], atol=1e-4)
     assert np.abs(np.asarray(raw - at_t)[resp]).max() > 1e-2  # the two differ: the test can fail
     cfg.logprob_temperature = 1.0
-    assert train.policy_temperature(cfg) == 1.0
+    assert step_lib.policy_temperature(cfg) == 1.0
     cfg.logprob_temperature, cfg.sampling.temperature = None, 0.0  # greedy rollouts: the raw policy
-    assert train.policy_temperature(cfg) == 1.0
+    assert step_lib.policy_temperature(cfg) == 1.0
     cfg.algo, cfg.sampling.temperature = "kd", 0.6  # KD is NLL of the teacher's samples
-    assert train.policy_temperature(cfg) == 1.0
+    assert step_lib.policy_temperature(cfg) == 1.0
 
 
 @pytest.mark.parametrize("algo", ["scope", "opd", "grpo"])
@@ -225,7 +225,7 @@ def test_micro_batches_give_the_full_batch_update(setup, algo):
     for n in (1, 2, 4):
         cfg = _cfg(algo, micro_batches=n)
         graphdef, opt, state = _state(setup, cfg, mesh)
-        state, m = jax.jit(train.make_train_step(cfg, graphdef, opt))(state, batch)
+        state, m = jax.jit(step_lib.make_train_step(cfg, graphdef, opt))(state, batch)
         results.append((float(m["loss"]), state.params))
     for loss, params in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-5)
@@ -240,10 +240,10 @@ def test_one_device_and_eight_devices_give_the_same_step(setup):
     for mesh in (shd.make_mesh({"fsdp": 1}, devices=jax.devices()[:1]), shd.make_mesh({"data": 2, "fsdp": 4})):
         cfg = _cfg("scope")
         graphdef, opt, state = _state(setup, cfg, mesh)
-        state_sh = train.state_shardings(opt, jax.tree.map(lambda x: x.sharding, state.params), mesh, state.params)
-        step = train.build_step(cfg, graphdef, opt, state_sh, mesh)
+        state_sh = step_lib.state_shardings(opt, jax.tree.map(lambda x: x.sharding, state.params), mesh, state.params)
+        step = step_lib.build_step(cfg, graphdef, opt, state_sh, mesh)
         with jax.set_mesh(mesh):
-            state, m = step(jax.device_put(state, state_sh), jax.device_put(batch, train.batch_sharding(mesh)))
+            state, m = step(jax.device_put(state, state_sh), jax.device_put(batch, shd.batch_sharding(mesh)))
         out.append((float(m["loss"]), jax.device_get(state.params)))
     assert out[1][0] == pytest.approx(out[0][0], rel=1e-5)
     for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1])):
@@ -258,7 +258,7 @@ def test_non_finite_step_is_skipped(setup):
     batch = batch.replace(teacher_logprobs=batch.teacher_logprobs.at[0, 0].set(jnp.nan),
                           correct=batch.correct.at[0].set(False), response_mask=batch.response_mask.at[0, 0].set(True))
     before = jax.device_get(state.params)
-    state, m = jax.jit(train.make_train_step(cfg, graphdef, opt))(state, batch)
+    state, m = jax.jit(step_lib.make_train_step(cfg, graphdef, opt))(state, batch)
     assert float(m["skipped"]) == 1.0 and not np.isfinite(float(m["loss"]))
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params))):
         np.testing.assert_array_equal(a, b)
@@ -269,7 +269,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_clear_message(tmp_path, cap
     from scope_jax.checkpoint import Checkpointer
 
     ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=3, async_save=False)
-    template = train.TrainState(params={"w": jnp.zeros((3, 4))}, opt_state=(jnp.zeros(2),), step=jnp.zeros((), jnp.int32))
+    template = step_lib.TrainState(params={"w": jnp.zeros((3, 4))}, opt_state=(jnp.zeros(2),), step=jnp.zeros((), jnp.int32))
     for step in (1, 2):
         ckpt.save(template.replace(params={"w": jnp.full((3, 4), float(step))}, step=jnp.asarray(step, jnp.int32)), wait=True)
     # Corrupt every file of the latest checkpoint (a run killed while writing, a bad disk).

@@ -15,10 +15,11 @@ import pytest
 
 from scope_jax import benchmarks
 from scope_jax.verifiers import math as vm
+from scope_jax.verifiers import pool as vpool
+from scope_jax.verifiers.pool import Verifier
+from scope_jax.verifiers.result import VerifyResult
 from scope_jax.verifiers.math import (
     REASONS,
-    Verifier,
-    VerifyResult,
     extract_boxed,
     extract_final_number,
     extract_gsm8k_gold,
@@ -261,7 +262,7 @@ def _hook(response, gold, timeout_s, mode):
     if response == "SEGV":
         os.kill(os.getpid(), signal.SIGSEGV)
         time.sleep(3600)
-    return vm._verify_item(response, gold, timeout_s, mode)
+    return vpool._verify_item(response, gold, timeout_s, mode)
 
 
 def test_hung_and_crashed_workers_are_replaced():

@@ -71,10 +71,10 @@ def make_toy_setup(out, teacher_family: str = "qwen3", teacher_tied: bool = True
     """Toy data (64 training problems) and a toy tokenizer in ``out``, with two tiny random
     checkpoints that use it: out/student (Qwen3, tied) and out/teacher (``teacher_family``).
     Returns ``out``."""
-    from scope_jax import toy
+    from scope_jax import data, toy
 
     train_rows, _ = toy.split_examples(64, 8, seed=0)
-    toy.write_jsonl(train_rows, out / "data" / "train.jsonl")
+    data.write_jsonl(out / "data" / "train.jsonl", train_rows)
     tok = toy.train_tokenizer(toy.tokenizer_corpus(train_rows))
     assert len(tok) > 200
     for name, family, seed, tied in (("student", "qwen3", 0, True), ("teacher", teacher_family, 1, teacher_tied)):

@@ -21,7 +21,7 @@ import subprocess
 import time
 
 from scope_jax.verifiers.code import CodeTests, require_sandbox, verify_code
-from scope_jax.verifiers.math import Verifier
+from scope_jax.verifiers.pool import Verifier
 
 HOSTILE = [
     "def add(x, y):\n    while True:\n        pass\n",

@@ -19,7 +19,8 @@ import random
 import time
 
 from scope_jax import benchmarks
-from scope_jax.verifiers.math import Verifier, verify
+from scope_jax.verifiers.math import verify
+from scope_jax.verifiers.pool import Verifier
 
 DATA = pathlib.Path(benchmarks.DIR)
 

