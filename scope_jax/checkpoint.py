@@ -500,8 +500,11 @@ class Metrics:
             except ValueError:
                 rows.append(None)
         kept, moved, damaged = [], [], []
+        before = -1  # the step of the previous line (read, or told for a damaged one)
         for i, ((n, line), row) in enumerate(zip(lines, rows)):
-            step = row["step"] if row is not None else self._damaged_step(line, rows, i)
+            after = next((r["step"] for r in rows[i + 1:] if r is not None), None)
+            step = row["step"] if row is not None else self._damaged_step(line, before, after)
+            before = step if step is not None else before
             if step is None or step >= start_step:
                 moved.append(line)
                 continue
@@ -529,14 +532,12 @@ class Metrics:
                         "redoes those steps)", path, len(moved), start_step, aside)
 
     @staticmethod
-    def _damaged_step(line: str, rows: list, i: int) -> int | None:
-        """The step a damaged line belongs to: written in it, else the one between its readable
-        neighbours (previous + 1 == next - 1), else None."""
+    def _damaged_step(line: str, before: int, after: int | None) -> int | None:
+        """The step a damaged line belongs to: written in it, else the one between its
+        neighbours' steps (before + 1 == after - 1), else None."""
         m = _STEP.search(line)
         if m:
             return int(m.group(1))
-        before = next((r["step"] for r in reversed(rows[:i]) if r is not None), -1)
-        after = next((r["step"] for r in rows[i + 1:] if r is not None), None)
         return before + 1 if after is not None and after == before + 2 else None
 
     def write(self, row: dict) -> None:
