@@ -661,8 +661,13 @@ def _load_models(cfg, mesh):
     teacher = None
     if algorithms.loads_local_teacher(cfg):  # else it lives on its server (config.teacher_url)
         teacher = load_hf(cfg.teacher, dtype=_dtype(m.teacher_dtype), mesh=mesh)
-        # issue 23: a NaN teacher is named at load, not left to end the run as "non-finite steps"
-        checkpoint.check_finite(nnx.to_pure_dict(nnx.state(teacher)), f"teacher {cfg.teacher}: parameter")
+        # issue 23: a NaN teacher is named at load (its tensor, or its logits), as the student export is
+        if jax.process_count() == 1:
+            from scope_jax.models.hf import check_finite
+
+            check_finite(teacher, f"teacher {cfg.teacher}")
+        else:
+            checkpoint.check_finite(nnx.to_pure_dict(nnx.state(teacher)), f"teacher {cfg.teacher}: parameter")
     return student, teacher
 
 
@@ -805,9 +810,9 @@ def _train_locked(cfg) -> dict:
                     raise checkpoint.NonFiniteError(
                         f"{bad_in_a_row} non-finite step(s) in a row, up to step {step} of {cfg.num_steps} "
                         f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); no export written. "
-                        + (f"The teacher's log-probs were non-finite in step(s) {teacher_nan}: teacher "
-                           f"{cfg.teacher_url or cfg.teacher} is broken (tools/check_checkpoint.py names the tensor). "
-                           if teacher_nan else "")
+                        + (f"The teacher's log-probs were non-finite in step(s) {teacher_nan}: the teacher "
+                           f"{cfg.teacher_url or cfg.teacher} (teacher_temperature={cfg.teacher_temperature}) failed, "
+                           "not the student. " if teacher_nan else "")
                         + f"{_last_good(ckpt, step + 1 - bad_in_a_row, step)}")
             done = step + 1
             if stop.requested or done % cfg.checkpoint_every == 0 or done == cfg.num_steps:

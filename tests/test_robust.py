@@ -401,7 +401,7 @@ def test_refusals_before_training_name_the_tokenizer_teacher_url_and_key(setup, 
                                                f"{a!r} vs {b!r}"]),
             ([f"--config.teacher={larger}"], ["tokenizer mismatch", "vocabulary: 284 vs 286 tokens", "<extra_a>"]),
             ([f"--config.teacher={small}"], ["tokenizer mismatch", "200 rows", "284"]),
-            ([f"--config.teacher={nan}"], ["teacher", str(nan), "model.layers.1.mlp.up_proj.weight", "not finite"]),
+            ([f"--config.teacher={nan}"], ["teacher", str(nan), "model.layers.1.mlp.up_proj.weight", "non-finite"]),
             ([f"--config.teacher_url={url}", "--config.teacher=/nonexistent"], [url, "HTML page", "Not Found",
                                                                                  "OpenAI-compatible API"]),
             (["--config.optim=3"], ["--config.optim", "group", "optim.lr"]),
@@ -485,12 +485,12 @@ def test_one_writer_per_workdir_and_ctrl_c_checkpoints_then_exits_130(setup, tmp
 
 
 def test_a_teacher_whose_scores_are_not_finite_is_named(setup, tmp_path):
-    # Finite weights whose logits overflow: passes the load check, fails every step's scores.
-    huge = _poisoned_copy(setup / "teacher", tmp_path / "huge", "model.norm.weight", 3e38)
+    # Finite weights and logits (they pass the load check) whose log-probs overflow every step:
+    # log softmax(logits / 1e-38).
     wd = tmp_path / "run"
-    r = _run([a if not a.startswith("--config.teacher=") else f"--config.teacher={huge}"
-              for a in _cli(setup, wd, "scope", "--config.max_nonfinite_steps=1", steps=1)])
-    line = _refused(r, "non-finite step", "teacher's log-probs were non-finite in step(s) [0]", str(huge))
+    r = _run(_cli(setup, wd, "scope", "--config.teacher_temperature=1e-38", "--config.max_nonfinite_steps=1", steps=1))
+    line = _refused(r, "non-finite step", "teacher's log-probs were non-finite in step(s) [0]",
+                    str(setup / "teacher"), "not the student")
     assert "no export" in line
     assert "step 0: the teacher's log-probs hold NaN or inf" in r.stderr
     rows = [json.loads(l) for l in open(wd / "metrics.jsonl")]  # strict JSON: null, never NaN
