@@ -112,7 +112,8 @@ def test_a_run_whose_every_step_is_non_finite_fails_without_export(setup, tmp_pa
     # no checkpoint of the failed final step.
     assert sorted(os.listdir(wd / "checkpoints")) == ["1"]
     # ... and the message sends the user there (issue 23: it said no checkpoint predates step 0).
-    assert f"Newest checkpoint holding the state from before the first skipped step 0: {wd / 'checkpoints'}/1" in line
+    assert ("Newest checkpoint holding the state from before the first skipped step 0 (the skipped steps changed "
+            f"nothing): {wd / 'checkpoints'}/1;") in line
 
 
 def test_bad_config_is_refused_before_any_model_loads(setup, tmp_path):
