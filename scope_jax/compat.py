@@ -90,7 +90,8 @@ def _refuse(student_src: str, teacher_src: str, lines: list[str]) -> TokenizerMi
         "must use the student's tokenizer")
 
 
-def _has_tokenizer(path: str) -> bool:
+def has_tokenizer(path: str) -> bool:
+    """Whether checkpoint directory `path` ships tokenizer files."""
     return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
                                                                 "tokenizer.model", "vocab.json"))
 
@@ -111,7 +112,7 @@ def check_local(student_tok, student_src: str, teacher_dir: str) -> None:
         raise _refuse(student_src, teacher_dir, [
             f"the teacher's embedding has {rows} rows (config.json vocab_size), fewer than the student "
             f"tokenizer's {len(student_tok)} ids: ids {rows}..{len(student_tok) - 1} have no teacher log-prob"])
-    if not _has_tokenizer(teacher_dir):
+    if not has_tokenizer(teacher_dir):
         log.warning("teacher %s has no tokenizer files: only its vocabulary size (%s rows >= %d ids) was "
                     "checked against the student's tokenizer %s", teacher_dir, rows, len(student_tok), student_src)
         return

@@ -384,10 +384,6 @@ def make_app(scorer: Scorer, *, model_name: str, aliases: Sequence[str] = (), ma
                      lifespan=lifespan)
 
 
-def _has_tokenizer(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-
-
 def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32",
           mesh: str = "", served_model_name: str = "", tokenizer: str = "", max_batch_tokens: int = 16384,
           max_model_len: int = 0, chunk_size: int = 512, max_wait_s: float = 0.005) -> None:
@@ -404,7 +400,9 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: s
 
     checkpoint.check_finite(nnx.state(model), f"{model_dir}: the teacher's parameter")
     max_len = int(max_model_len or model.config.max_position_embeddings)
-    tok_dir = tokenizer or (model_dir if _has_tokenizer(model_dir) else "")
+    from scope_jax.compat import has_tokenizer
+
+    tok_dir = tokenizer or (model_dir if has_tokenizer(model_dir) else "")
     tok = None
     if tok_dir:
         from transformers import AutoTokenizer

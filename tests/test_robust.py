@@ -19,7 +19,7 @@ from scope_jax import config as config_lib
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_train import ROOT, _cli, _env, _metrics, setup  # noqa: E402,F401 - the shared toy fixture
-from tiny_hf import make_tiny_checkpoint  # noqa: E402
+from tiny_hf import make_tiny_checkpoint, swap_tokens  # noqa: E402
 
 
 def _run(args):
@@ -330,26 +330,17 @@ def _copy_with(src, dst, name=None, value=None):
     return _poisoned_copy(src, dst, name, value)
 
 
-def _retokenized(src, dst, kind):
-    """A copy of checkpoint `src` whose tokenizer differs: "swap" exchanges the ids of two
-    vocabulary entries (same size, other mapping); "larger" adds two tokens."""
+def _larger_tokenizer(src, dst):
+    """A copy of checkpoint `src` whose tokenizer has two more tokens."""
     import shutil
 
-    shutil.copytree(src, dst)
-    path = dst / "tokenizer.json"
-    if kind == "swap":
-        tj = json.load(open(path))
-        vocab = tj["model"]["vocab"]
-        a, b = sorted(vocab, key=vocab.get)[40:42]
-        vocab[a], vocab[b] = vocab[b], vocab[a]
-        json.dump(tj, open(path, "w"))
-        return dst, (a, b)
     from transformers import AutoTokenizer
 
+    shutil.copytree(src, dst)
     tok = AutoTokenizer.from_pretrained(dst)
     tok.add_tokens(["<extra_a>", "<extra_b>"])
     tok.save_pretrained(dst)
-    return dst, None
+    return dst
 
 
 def _serve_html(tmp_path):
@@ -391,8 +382,8 @@ def _refused(r, *words):
 def test_refusals_before_training_name_the_tokenizer_teacher_url_and_key(setup, tmp_path):
     """Each refused at start, before any step: one error line naming what differs, no config.json."""
     teacher = setup / "teacher"
-    swapped, (a, b) = _retokenized(teacher, tmp_path / "swapped", "swap")
-    larger, _ = _retokenized(teacher, tmp_path / "larger", "larger")
+    swapped, (a, b) = swap_tokens(teacher, tmp_path / "swapped")
+    larger = _larger_tokenizer(teacher, tmp_path / "larger")
     small = make_tiny_checkpoint(tmp_path / "small", "qwen3", seed=1, vocab_size=200)
     nan = _poisoned_copy(teacher, tmp_path / "nan", "model.layers.1.mlp.up_proj.weight", np.nan)
     url, shutdown = _serve_html(tmp_path)
@@ -555,7 +546,7 @@ def test_tokenizer_differences_and_a_padded_embedding(setup, tmp_path):
     padded = make_tiny_checkpoint(tmp_path / "padded", "qwen3", seed=1, vocab_size=len(tok) + 60)
     tok.save_pretrained(padded)
     compat.check_local(tok, "student", str(padded))
-    swapped, (a, b) = _retokenized(setup / "teacher", tmp_path / "swapped", "swap")
+    swapped, _ = swap_tokens(setup / "teacher", tmp_path / "swapped")
     lines = compat.tokenizer_differences(tok, AutoTokenizer.from_pretrained(swapped))
     assert lines and lines[0].startswith("vocabulary: 284 vs 284 tokens; 2 ids map to other tokens")
     assert any(line.startswith("merges") for line in lines) or len(lines) == 1

@@ -18,7 +18,7 @@ from scope_jax import teacher as teachers
 from scope_jax.models import load_hf
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_hf import make_toy_setup  # noqa: E402
+from tiny_hf import make_toy_setup, swap_tokens  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -406,22 +406,6 @@ def test_pipelined_collection_equals_serial(setup, server, tmp_path):
 # ------------------------------------------------------------ a served teacher's identity
 
 
-def _swapped_tokenizer(src, dst):
-    """A copy of checkpoint directory `src` whose tokenizer maps two vocabulary entries to each
-    other's ids; returns (dst, (token a, token b))."""
-    import shutil
-
-    shutil.copytree(src, dst)
-    with open(dst / "tokenizer.json") as f:
-        tj = json.load(f)
-    vocab = tj["model"]["vocab"]
-    a, b = sorted(vocab, key=vocab.get)[40:42]
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    with open(dst / "tokenizer.json", "w") as f:
-        json.dump(tj, f)
-    return dst, (a, b)
-
-
 @pytest.mark.slow
 def test_a_served_teacher_is_fingerprinted_probed_and_a_changed_one_refused(setup, server, tmp_path):
     import shutil
@@ -466,7 +450,7 @@ def test_a_served_teacher_is_fingerprinted_probed_and_a_changed_one_refused(setu
     assert len(_metrics(wd)) == 1
 
     # A student tokenizer that is not the server's: refused through the /tokenize probe.
-    swapped, (a, b) = _swapped_tokenizer(setup / "student", tmp_path / "swapped")
+    swapped, _ = swap_tokens(setup / "student", tmp_path / "swapped")
     r = subprocess.run(args(server, f"--config.tokenizer={swapped}", workdir=tmp_path / "tok"), cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode != 0
