@@ -4,7 +4,9 @@ Tokenizers. The student learns from the teacher's log-probs of the student's tok
 must map text to the same ids: cross-tokenizer distillation is not supported (TRL, AReaL and
 NeMo-RL trackers: a mismatch trains silently on wrong targets). `tokenizer_differences`
 compares two loaded tokenizers: the vocabulary (token -> id, added tokens included), the model
-type, merges, normalizer and pre-tokenizer, the special tokens, and EOS / pad. The model's
+type and merges, the special tokens, and EOS / pad; when those agree, the ids of `probe_text`
+(normalizer and pre-tokenizer: transformers may rebuild them from the model type, so the same
+tokenizer.json loads with another pre-tokenizer JSON that splits text the same way). The model's
 embedding matrix may be larger than the tokenizer (Qwen2 1.5B pads to 151,936 rows, 7B to
 152,064): that is the same tokenizer; a teacher with fewer rows than the student's tokenizer has
 ids is not. A served teacher is checked through its /tokenize endpoint (vLLM's, and
@@ -48,7 +50,8 @@ def _first(a: list, b: list) -> int:
 
 def tokenizer_differences(student, teacher) -> list[str]:
     """What differs between two transformers tokenizers in how they map text to ids, one line
-    each (empty: the same mapping). Reads vocabularies and the backend JSON; tokenizes nothing."""
+    each (empty: the same mapping). Reads vocabularies and the backend JSON, and tokenizes
+    probe_text(student) with both when those agree."""
     out = []
     va, vb = student.get_vocab(), teacher.get_vocab()
     if va != vb:
@@ -65,9 +68,6 @@ def tokenizer_differences(student, teacher) -> list[str]:
         i = _first(a, b)
         out.append(f"merges: {len(a)} vs {len(b)}, first difference at merge {i}: "
                    f"{a[i] if i < len(a) else '<none>'!r} vs {b[i] if i < len(b) else '<none>'!r}")
-    for part in ("normalizer", "pre_tokenizer"):
-        if ja and jb and ja.get(part) != jb.get(part):
-            out.append(f"{part.replace('_', '-')}: {json.dumps(ja.get(part))[:120]} vs {json.dumps(jb.get(part))[:120]}")
     aa, ab = student.get_added_vocab(), teacher.get_added_vocab()
     if aa != ab:
         differ = sorted(set(aa.items()) ^ set(ab.items()), key=lambda kv: kv[1])
@@ -80,6 +80,14 @@ def tokenizer_differences(student, teacher) -> list[str]:
         if a != b:
             out.append(f"{what.upper()}: id {a} ({getattr(student, f'{what}_token')!r}) vs id {b} "
                        f"({getattr(teacher, f'{what}_token')!r})")
+    if not out:  # the same tables; normalizer and pre-tokenizer may still split text otherwise
+        text = probe_text(student)
+        a, b = student.encode(text, add_special_tokens=False), teacher.encode(text, add_special_tokens=False)
+        if a != b:
+            i = _first(a, b)
+            out.append(f"the probe text (scope_jax.compat.probe_text) is {len(a)} vs {len(b)} ids, first difference "
+                       f"at position {i}: id {a[i] if i < len(a) else None} vs id {b[i] if i < len(b) else None} "
+                       "(normalizer or pre-tokenizer)")
     return out
 
 
