@@ -550,6 +550,11 @@ def test_tokenizer_differences_and_a_padded_embedding(setup, tmp_path):
     lines = compat.tokenizer_differences(tok, AutoTokenizer.from_pretrained(swapped))
     assert lines and lines[0].startswith("vocabulary: 284 vs 284 tokens; 2 ids map to other tokens")
     assert any(line.startswith("merges") for line in lines) or len(lines) == 1
+    # tools.eval --teacher runs the same check for each --model.
+    from tools import eval as eval_tool
+
+    with pytest.raises(SystemExit, match="--model s / --teacher: tokenizer mismatch"):
+        eval_tool.check_teacher_tokenizers([("t", str(setup / "teacher")), ("s", str(swapped))], str(setup / "student"))
     eos = AutoTokenizer.from_pretrained(setup / "teacher")
     eos.eos_token = "<|im_start|>"
     assert compat.tokenizer_differences(tok, eos)[-1] == (f"EOS: id {tok.eos_token_id} ('<|im_end|>') vs id "
