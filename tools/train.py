@@ -114,9 +114,14 @@ def main(argv):
     try:
         config_lib.validate(cfg)
         if cfg.get("toy_dir"):  # the toy configs: build the toy task and models once (or reuse them)
+            import fcntl
+
             from scope_jax import toy
 
-            toy.build_toy(cfg.toy_dir, settings=toy.toy_settings(cfg.toy_family))
+            os.makedirs(cfg.toy_dir, exist_ok=True)
+            with open(os.path.join(cfg.toy_dir, "build.lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # a trainer started meanwhile waits, then reuses the build
+                toy.build_toy(cfg.toy_dir, settings=toy.toy_settings(cfg.toy_family))
         last = train.train(cfg)
     except expected as e:
         raise SystemExit(f"error: {e}") from None
