@@ -27,6 +27,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
+import re
 import time
 from typing import Protocol
 
@@ -164,8 +165,6 @@ def _is_html(r) -> bool:
 
 def _body_summary(r) -> str:
     """A response body in one short line: an HTML page by its title, text with whitespace collapsed."""
-    import re
-
     if _is_html(r):
         title = re.search(r"<title[^>]*>(.*?)</title>", r.text, re.I | re.S)
         return f"an HTML page{f' titled {title.group(1).strip()[:80]!r}' if title else ''}"
