@@ -15,18 +15,29 @@ shards that process 0 holds are checksummed; every process checks finiteness of 
 and the processes agree (any failure on any process fails the checkpoint everywhere). Single
 host: every leaf is checksummed whole, independent of the mesh.
 
-{workdir}/config.json is the run's identity: the resolved config and fingerprints (config.json
-hash, tensor names and shapes) of the student and teacher checkpoints. A later run in the same
-workdir must agree on every key that changes what the run means (see `ALLOWED_CHANGES`).
+{workdir}/config.json is the run's identity: the resolved config and fingerprints of the student
+and teacher: for a checkpoint directory its config.json hash, tensor names and shapes, and a
+CRC-32 of each tensor's bytes (read in chunks; cached by file status, so a resume whose files
+are untouched reads nothing); for a teacher server what it serves (scope_jax.compat). A later
+run in the same workdir must agree on every key that changes what the run means (see
+`ALLOWED_CHANGES`) and on both models' content: a moved model with the same content is allowed.
+
+{workdir}/run.lock (`WorkdirLock`) makes a workdir single-writer: an exclusive flock held for the
+whole run by process 0; a second trainer refuses at once, naming the holder. The kernel drops the
+lock with its process, so a kill -9 leaves no stale lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
+import socket
 import time
 import zlib
 from typing import Any
@@ -35,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scope_jax import algorithms
+from scope_jax import algorithms, compat
 from scope_jax.models import hf
 
 log = logging.getLogger(__name__)
@@ -46,7 +57,8 @@ log = logging.getLogger(__name__)
 ALLOWED_CHANGES = ("workdir", "num_steps", "checkpoint_every", "max_to_keep", "async_checkpointing",
                    "export", "max_nonfinite_steps", "toy_dir", "resume", "verifier.num_workers",
                    "micro_batches", "packing", "mesh", "logging", "model.remat_policy", "model.logprob_chunk",
-                   # where the teacher runs (the server must serve the same teacher: not checkable)
+                   # where the teacher runs: its fingerprint (content, or what the server serves)
+                   # must still match, see `model_changes`
                    "teacher_url", "teacher_client",
                    # the order of work, not the math (collect.Collector); pipeline.chunks does change it
                    "pipeline.overlap")
@@ -61,6 +73,24 @@ class RunMismatch(ValueError):
 
 class NonFiniteError(FloatingPointError):
     """Parameters, optimizer state or logits hold NaN / inf; the message names the tensor."""
+
+
+class WorkdirLocked(RuntimeError):
+    """Another trainer holds the workdir's lock; the message names its pid and host."""
+
+
+# Python reprs that exception texts of native libraries carry ("<bound method pybind11_...>",
+# "<... object at 0x7f...>"): noise in a message meant for a user. Innermost first (they nest).
+_REPR = re.compile(r"<[^<>]*(?:0x[0-9a-fA-F]+|bound method|built-in method|pybind11|\bREPR\b)[^<>]*>")
+
+
+def error_text(e: BaseException, limit: int = 300) -> str:
+    """'Type: first line of the message' of an exception, without Python repr fragments."""
+    text, prev = (str(e).splitlines() or [""])[0], None
+    while text != prev:
+        prev, text = text, _REPR.sub("REPR", text)
+    text = re.sub(r"\s+", " ", re.sub(r"\(?REPR\)?", "", text)).strip(" :,")
+    return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
 
 
 def _stamp() -> str:
@@ -172,7 +202,7 @@ class Checkpointer:
             if not isinstance(sums, dict):
                 raise ValueError(f"checksums item is a {type(sums).__name__}")
         except Exception as e:  # noqa: BLE001 - whatever the cause, this step cannot be trusted
-            return None, "unreadable", f"checksums: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            return None, "unreadable", f"checksums: {error_text(e)}"
         for name, x in flat_template.items():
             want = sums.get(name)
             if want is None or tuple(want["shape"]) != tuple(np.shape(x)) or want["dtype"] != str(x.dtype):
@@ -185,7 +215,7 @@ class Checkpointer:
         try:
             got = self.manager.restore(step, args=args.Composite(state=args.StandardRestore(abstract)))["state"]
         except Exception as e:  # noqa: BLE001
-            return None, "unreadable", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            return None, "unreadable", error_text(e)
         now, bad = scan(got)
         for name, piece in now.items():
             stored = sums[name]["crc32"]
@@ -239,19 +269,58 @@ class Checkpointer:
 # --------------------------------------------------------------------------------------------
 
 
-def fingerprint(path: str) -> dict | None:
-    """{"config_sha256", "tensors": {name: [shape, dtype]}} of a Hugging Face checkpoint
-    directory (headers only: no weights are read), or None for an empty path."""
+_CHUNK = 16 << 20  # bytes per read when hashing weights
+
+
+def tensor_crcs(file: str) -> dict[str, str]:
+    """{tensor name: CRC-32 hex of its bytes} of one safetensors file, read in 16 MiB chunks
+    (per tensor, so a re-sharded copy of the same weights has the same fingerprint)."""
+    header, start = hf._read_header(file)
+    out = {}
+    with open(file, "rb") as f:
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            lo, hi = info["data_offsets"]
+            f.seek(start + lo)
+            crc, left = 0, hi - lo
+            while left > 0:
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:
+                    raise OSError(f"{file}: tensor {name!r} ends at byte {start + hi}, past the end of the file")
+                crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+            out[name] = f"{crc:08x}"
+    return out
+
+
+def _file_key(file: str) -> list[int]:
+    """What identifies a file's content without reading it: device, inode, size, mtime and
+    ctime (ns). Any write changes ctime, which no user can set back; a moved directory keeps it."""
+    st = os.stat(file)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def fingerprint(path: str, known: dict | None = None) -> dict | None:
+    """{"config_sha256", "tensors": {name: [shape, dtype]}, "crc32": {name: CRC-32 of its bytes},
+    "files": {file: its _file_key}} of a Hugging Face checkpoint directory, or None for an empty
+    path. `known`: an earlier fingerprint; the CRCs of files whose key is unchanged are taken
+    from it instead of read again."""
     if not path:
         return None
     cfg_file = os.path.join(path, "config.json")
     with open(cfg_file, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    tensors = {}
+    tensors, crcs, files = {}, {}, {}
+    old_files, old_crcs = (known or {}).get("files") or {}, (known or {}).get("crc32") or {}
     for file in hf.checkpoint_files(path):
         header, _ = hf._read_header(file)
-        tensors.update({n: [list(i["shape"]), i["dtype"]] for n, i in header.items()})
-    return {"config_sha256": digest, "tensors": dict(sorted(tensors.items()))}
+        names = {n: [list(i["shape"]), i["dtype"]] for n, i in header.items()}
+        tensors.update(names)
+        key = files[os.path.basename(file)] = _file_key(file)
+        if old_files.get(os.path.basename(file)) == key and all(n in old_crcs for n in names):
+            crcs.update({n: old_crcs[n] for n in names})
+        else:
+            crcs.update(tensor_crcs(file))
+    return {"config_sha256": digest, "tensors": dict(sorted(tensors.items())), "crc32": dict(sorted(crcs.items())),
+            "files": files}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -264,43 +333,83 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _stored(workdir: str) -> dict:
+    """{workdir}/config.json as a dict, or {} when absent or unreadable (check_identity reports that)."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            old = json.load(f)
+        return old if isinstance(old, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def identity(cfg) -> dict:
-    """The resolved config (JSON types) and the fingerprints of the models it names."""
+    """The resolved config (JSON types) and the fingerprints of the models it names: the
+    student's checkpoint, and the teacher's checkpoint or, on a server (config.teacher_url),
+    what the server serves (scope_jax.compat.served_fingerprint)."""
     config = json.loads(json.dumps(cfg.to_dict(), default=str))
-    # A teacher on its server (config.teacher_url) has no local files to fingerprint.
-    uses_teacher = algorithms.loads_local_teacher(cfg)
-    return {"config": config, "student": fingerprint(cfg.student),
-            "teacher": fingerprint(cfg.teacher) if uses_teacher else None}
+    old = _stored(cfg.workdir)
+    teacher = None
+    if algorithms.loads_local_teacher(cfg):
+        teacher = fingerprint(cfg.teacher, old.get("teacher"))
+    elif algorithms.get(cfg.algo).loads_teacher and cfg.get("teacher_url"):
+        teacher = compat.served_fingerprint(cfg, (old.get("teacher") or {}).get("probe_ids"))
+    return {"config": config, "student": fingerprint(cfg.student, old.get("student")), "teacher": teacher}
 
 
 def _allowed(key: str) -> bool:
     return any(key == a or key.startswith(a + ".") for a in ALLOWED_CHANGES)
 
 
+def _where(fp: dict) -> str:
+    return f"served by {fp['url']} as {fp['model']!r}" if fp.get("served") else "a checkpoint directory"
+
+
+def model_changes(role: str, o: dict | None, n: dict | None) -> list[str]:
+    """What differs between two fingerprints of the `role` model, one line each (empty: the same
+    model). Checkpoints compare config.json, tensor names and shapes, and per-tensor CRCs (an
+    identity written before CRCs existed compares the rest); a served teacher compares model id,
+    max_model_len, the probe's ids and its log-probs (to scope_jax.compat.PROBE_ATOL). A teacher
+    that moved between a directory and a server cannot be compared: that is a change too."""
+    if o is None or n is None:
+        return []
+    if bool(o.get("served")) != bool(n.get("served")):
+        return [f"{role}: was {_where(o)}, now {_where(n)}; their identities cannot be compared "
+                "(a served teacher is fingerprinted by what it serves)"]
+    if n.get("served"):
+        return [f"{role} {line}" for line in compat.served_changes(o, n)]
+    out = []
+    if o["config_sha256"] != n["config_sha256"]:
+        out.append(f"{role} fingerprint: config.json sha256 {o['config_sha256'][:12]} -> {n['config_sha256'][:12]}")
+    changed = sorted(k for k in set(o["tensors"]) | set(n["tensors"]) if o["tensors"].get(k) != n["tensors"].get(k))
+    if changed:
+        out.append(f"{role} fingerprint: tensors differ ({len(changed)}), first {changed[0]}: "
+                   f"{o['tensors'].get(changed[0])} -> {n['tensors'].get(changed[0])}")
+    if "crc32" in o and "crc32" in n:
+        differ = sorted(k for k in set(o["crc32"]) & set(n["crc32"]) if o["crc32"][k] != n["crc32"][k])
+        if differ:
+            out.append(f"{role} weights: {len(differ)} of {len(n['crc32'])} tensors hold other values, first "
+                       f"{differ[0]}: CRC-32 {o['crc32'][differ[0]]} -> {n['crc32'][differ[0]]}")
+    return out
+
+
 def differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(meaning-changing, allowed) differences between two identities, one line each.
 
-    A moved student / teacher directory with the same fingerprint is an allowed change.
+    A moved student / teacher directory with the same content is an allowed change.
     """
     a, b = _flatten(old.get("config", {})), _flatten(new["config"])
     a = {**{k: v for k, v in ADDED_KEYS.items() if k in b}, **a}
+    changes = {role: model_changes(role, old.get(role), new.get(role)) for role in ("student", "teacher")}
     refuse, allow = [], []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<absent>") == b.get(key, "<absent>"):
             continue
         line = f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}"
-        same_model = key in ("student", "teacher") and old.get(key) == new.get(key) and new.get(key)
-        (allow if _allowed(key) or same_model else refuse).append(line)
+        same_model = key in ("student", "teacher") and new.get(key) and old.get(key) and not changes[key]
+        (allow if _allowed(key) or same_model else refuse).append(line + (" (same content)" if same_model else ""))
     for role in ("student", "teacher"):
-        o, n = old.get(role), new.get(role)
-        if o == n or o is None or n is None:
-            continue
-        if o["config_sha256"] != n["config_sha256"]:
-            refuse.append(f"{role} fingerprint: config.json sha256 {o['config_sha256'][:12]} -> {n['config_sha256'][:12]}")
-        changed = sorted(k for k in set(o["tensors"]) | set(n["tensors"]) if o["tensors"].get(k) != n["tensors"].get(k))
-        if changed:
-            refuse.append(f"{role} fingerprint: tensors differ ({len(changed)}), first {changed[0]}: "
-                          f"{o['tensors'].get(changed[0])} -> {n['tensors'].get(changed[0])}")
+        refuse += changes[role]
     return refuse, allow
 
 
@@ -329,8 +438,8 @@ def check_identity(workdir: str, ident: dict, *, force: bool = False) -> None:
             log.warning("resume=force: continuing %s despite: %s", workdir, "; ".join(refuse))
             if write:
                 shutil.copy(path, f"{path}.replaced-{_stamp()}")
-        if not refuse and not allow:
-            return
+        if not refuse and not allow and old == ident:
+            return  # (a changed fingerprint cache or a newly recorded fingerprint is rewritten)
     if write:
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
@@ -343,10 +452,30 @@ def check_identity(workdir: str, ident: dict, *, force: bool = False) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _json_safe(x):
+    """x with every non-finite float replaced by None (JSON has no NaN / Infinity)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+_STEP = re.compile(r'"step"\s*:\s*(\d+)')
+
+
 class Metrics:
-    """metrics.jsonl writer. On resume, rows of steps >= start_step (the steps the restored
-    state will redo) and unparseable lines (a write cut by kill -9) move to
-    metrics.jsonl.replaced-<time>; nothing is dropped silently."""
+    """metrics.jsonl writer: one row per step; non-finite numbers are written as null.
+
+    On resume, rows of steps >= start_step (the steps the restored state will redo) move to
+    metrics.jsonl.replaced-<time>. A line that is not a JSON row is damaged: when it belongs to a
+    step before start_step (its step read from the text, else from its neighbours' steps) it is
+    never redone, so it stays in place as {"step": N, "damaged": "<the line>"}, keeping one row per
+    step; at or after start_step (a write cut by kill -9) it moves aside with the redone rows, as
+    does a damaged line whose step cannot be told. Nothing is dropped silently.
+    """
 
     def __init__(self, path: str, start_step: int):
         self.path = path
@@ -354,31 +483,102 @@ class Metrics:
         if not os.path.exists(path):
             open(path, "w").close()
             return
-        kept, moved = [], []
-        with open(path) as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    ok = row["step"] < start_step
-                except (ValueError, KeyError, TypeError):
-                    ok = False
-                (kept if ok else moved).append(line if line.endswith("\n") else line + "\n")
-                if ok:
-                    self.tail_skipped = self.tail_skipped + 1 if row.get("skipped") else 0
-        if not moved:
+        with open(path, errors="replace") as f:
+            lines = [(n, line if line.endswith("\n") else line + "\n") for n, line in enumerate(f, 1) if line.strip()]
+        rows = []
+        for _, line in lines:
+            try:
+                row = json.loads(line)
+                rows.append(row if isinstance(row, dict) and isinstance(row.get("step"), int) else None)
+            except ValueError:
+                rows.append(None)
+        kept, moved, damaged = [], [], []
+        before = -1  # the step of the previous line (read, or told for a damaged one)
+        for i, ((n, line), row) in enumerate(zip(lines, rows)):
+            after = next((r["step"] for r in rows[i + 1:] if r is not None), None)
+            step = row["step"] if row is not None else self._damaged_step(line, before, after)
+            before = step if step is not None else before
+            if step is None or step >= start_step:
+                moved.append(line)
+                continue
+            if row is None:
+                damaged.append((n, step, line))
+                row = {"step": step, "damaged": line.rstrip("\n")[:2000]}
+                line = json.dumps(row) + "\n"
+            kept.append(line)
+            self.tail_skipped = self.tail_skipped + 1 if row.get("skipped") else 0
+        for n, step, line in damaged:
+            log.error("%s:%d: the row of step %d is damaged (not a JSON object: %r); its values are lost and "
+                      "the step is not redone (it precedes the restored step %d): kept as a row marked "
+                      "\"damaged\"", path, n, step, line.strip()[:120], start_step)
+        if not moved and not damaged:
             return
         aside = f"{path}.replaced-{_stamp()}"
         with open(aside, "a") as f:
-            f.writelines(moved)
+            f.writelines(moved + [line for _, _, line in damaged])
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)
         os.replace(tmp, path)
-        log.warning("%s: %d row(s) at or after step %d moved to %s (the resumed run redoes them)",
-                    path, len(moved), start_step, aside)
+        if moved:
+            log.warning("%s: %d line(s) at or after step %d (or unreadable) moved to %s (the resumed run "
+                        "redoes those steps)", path, len(moved), start_step, aside)
+
+    @staticmethod
+    def _damaged_step(line: str, before: int, after: int | None) -> int | None:
+        """The step a damaged line belongs to: written in it, else the one between its
+        neighbours' steps (before + 1 == after - 1), else None."""
+        m = _STEP.search(line)
+        if m:
+            return int(m.group(1))
+        return before + 1 if after is not None and after == before + 2 else None
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# One writer per workdir.
+# --------------------------------------------------------------------------------------------
+
+
+class WorkdirLock:
+    """An exclusive flock on {workdir}/run.lock, held by process 0 until `release` (or until its
+    process ends: the kernel drops it, so a killed run leaves no stale lock). The file names the
+    holder (pid, host, start time) for the refusal a second trainer prints. Every process
+    calls it; all raise WorkdirLocked when process 0 cannot take it."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(os.path.abspath(workdir), "run.lock")
+        self._fd, problem = None, None
+        if jax.process_index() == 0:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                os.close(fd)
+                problem = (f"{self.path}: the workdir is in use by another trainer "
+                           f"({holder or 'which has not written its pid yet'}); one writer per workdir: "
+                           "wait for it, stop it, or use another workdir")
+            else:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                              f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n".encode(), 0)
+                self._fd = fd
+        if not _all_processes(problem is None):
+            self.release()
+            raise WorkdirLocked(problem or f"{self.path}: process 0 could not lock the workdir (see its log)")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()

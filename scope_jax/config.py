@@ -165,12 +165,20 @@ def closest(key: str) -> list[str]:
     return hits[:3] or sorted(n for n in names if n.startswith(key.split(".")[0] + "."))[:5]
 
 
+def group_keys(key: str) -> list[str]:
+    """The keys of group `key` (e.g. "optim" -> ["optim.b1", ...]); [] when it is no group."""
+    return sorted(k for k in SCHEMA if k.startswith(key + "."))
+
+
 def problems(cfg) -> list[str]:
     """Every problem of `cfg`, one line each naming the key (empty when it is valid)."""
     flat = flat_keys(cfg)
     out = []
     for key in flat:
-        if key not in SCHEMA and key not in FREE:
+        if key not in SCHEMA and key not in FREE and group_keys(key):
+            out.append(f"config.{key}={flat[key]!r}: {key} is a group of keys ({', '.join(group_keys(key))}), "
+                       "not a value")
+        elif key not in SCHEMA and key not in FREE:
             out.append(f"config.{key}: unknown key; closest valid: {', '.join(closest(key)) or 'none'}")
     for key, check in SCHEMA.items():
         if key not in flat:

@@ -11,7 +11,10 @@ Endpoints:
                         the log-prob of every prompt token (the first null), `tokens` and
                         `top_logprobs` (the k most likely tokens, plus the actual one) per
                         position; max_tokens=1 appends one greedy token. `model` may be omitted.
-  GET /v1/models        the served model (its max_model_len too).
+  GET /v1/models        the served model (its max_model_len, and vocab_size: its embedding rows).
+  POST /tokenize        vLLM's: {"prompt": text, "add_special_tokens"} -> {"tokens": ids, "count",
+                        "max_model_len"}; 404 when the server has no tokenizer. Trainers compare it
+                        with the student's tokenizer (scope_jax.compat.check_served).
   GET /health           200 once the model is loaded.
 
 Log-probs are of the raw model (temperature 1); `temperature`, `top_p` and friends are
@@ -45,7 +48,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from scope_jax import losses
+from scope_jax import checkpoint, losses
+from scope_jax.compat import has_tokenizer
 from scope_jax import sharding as shd
 from scope_jax.models import dtype_named, load_hf
 from scope_jax.teacher import topk_logprobs
@@ -331,7 +335,24 @@ def make_app(scorer: Scorer, *, model_name: str, aliases: Sequence[str] = (), ma
     async def models(request):
         return JSONResponse({"object": "list", "data": [{
             "id": model_name, "object": "model", "created": created, "owned_by": "scope_jax",
-            "max_model_len": max_model_len}]})
+            "max_model_len": max_model_len, "vocab_size": scorer.vocab}]})
+
+    async def tokenize(request):
+        if tokenizer is None:
+            return BadRequest("this server was started without a tokenizer (--tokenizer)", status=404,
+                              kind="NotFoundError").response()
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:
+            return BadRequest(f"the request body is not valid JSON: {e}").response()
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+            return BadRequest("prompt must be a string (the text to tokenize)", param="prompt").response()
+        model = body.get("model")
+        if model is not None and model not in names:
+            return BadRequest(f"The model `{model}` does not exist; this server serves {names[0]!r}.",
+                              param="model", status=404, kind="NotFoundError").response()
+        ids = tokenizer.encode(body["prompt"], add_special_tokens=bool(body.get("add_special_tokens", True)))
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": max_model_len})
 
     async def health(request):
         return JSONResponse({"status": "ok"})
@@ -356,13 +377,10 @@ def make_app(scorer: Scorer, *, model_name: str, aliases: Sequence[str] = (), ma
 
     return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
                              Route("/v1/models", models, methods=["GET"]),
+                             Route("/tokenize", tokenize, methods=["POST"]),
                              Route("/health", health, methods=["GET"])],
                      exception_handlers={HTTPException: http_error, Exception: server_error},
                      lifespan=lifespan)
-
-
-def _has_tokenizer(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
 def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32",
@@ -375,8 +393,10 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: s
     dt = dtype_named(dtype)
     t0 = time.perf_counter()
     model = load_hf(model_dir, dtype=dt, mesh=m)
+    # a NaN teacher would answer every request with NaN log-probs
+    checkpoint.check_finite(nnx.state(model), f"{model_dir}: the teacher's parameter")
     max_len = int(max_model_len or model.config.max_position_embeddings)
-    tok_dir = tokenizer or (model_dir if _has_tokenizer(model_dir) else "")
+    tok_dir = tokenizer or (model_dir if has_tokenizer(model_dir) else "")
     tok = None
     if tok_dir:
         from transformers import AutoTokenizer

@@ -27,6 +27,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
+import re
 import time
 from typing import Protocol
 
@@ -156,6 +157,23 @@ class LocalTeacher:
 # -------------------------------------------------------------------------------- remote
 
 
+_API_HINT = ("config.teacher_url must be the base of an OpenAI-compatible API that serves the teacher "
+             "(e.g. http://host:8000/v1: vLLM, SGLang or python -m tools.serve_teacher)")
+
+
+def _is_html(r) -> bool:
+    return "html" in r.headers.get("content-type", "") or r.text.lstrip()[:1] == "<"
+
+
+def _body_summary(r) -> str:
+    """A response body in one short line: an HTML page by its title, text with whitespace collapsed."""
+    if _is_html(r):
+        title = re.search(r"<title[^>]*>(.*?)</title>", r.text, re.I | re.S)
+        return f"an HTML page{f' titled {title.group(1).strip()[:80]!r}' if title else ''}"
+    text = " ".join(r.text.split())
+    return repr(text[:300] + ("..." if len(text) > 300 else "")) if text else "an empty body"
+
+
 def _token_id(key: str, where: str) -> int:
     """'token_id:123' (vLLM's return_tokens_as_token_ids) or '123' (a prompt_logprobs key) -> 123."""
     text = key[len("token_id:"):] if key.startswith("token_id:") else key
@@ -259,8 +277,11 @@ class RemoteTeacher:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_concurrency, thread_name_prefix="teacher")
         self.model = model or self._served_model()
 
-    def _request(self, method: str, path: str, what: str, body: dict | None = None) -> dict:
-        """One call with retries; returns the decoded JSON body."""
+    def _request(self, method: str, path: str, what: str, body: dict | None = None, *, base: str | None = None,
+                 missing_ok: bool = False) -> dict | None:
+        """One call with retries; returns the decoded JSON body (None for a 404 when `missing_ok`).
+        base: the URL `path` is appended to (default: the API base, config.teacher_url)."""
+        base = self.url if base is None else base
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -269,19 +290,25 @@ class RemoteTeacher:
                             self.url, what, attempt, last, delay)
                 time.sleep(delay)
             try:
-                r = self._client.request(method, self.url + path, json=body)
+                r = self._client.request(method, base + path, json=body)
             except self._httpx.HTTPError as e:  # connection refused / reset, timeouts
                 last = f"{type(e).__name__}: {e}"
                 continue
+            if r.status_code == 404 and missing_ok:
+                return None
             if r.status_code == 200:
                 try:
-                    return r.json()
-                except ValueError as e:
-                    raise TeacherError(f"teacher server {self.url}: {what}: response is not JSON ({e}): "
-                                       f"{r.text[:300]!r}") from None
-            last = f"HTTP {r.status_code}: {r.text[:500]}"
+                    out = r.json()
+                except ValueError:
+                    out = None
+                if isinstance(out, dict):
+                    return out
+                raise TeacherError(f"teacher server {self.url}: {method} {base + path} {what}: the answer is not "
+                                   f"a JSON object but {_body_summary(r)}; {_API_HINT}")
+            last = f"HTTP {r.status_code}: {_body_summary(r)}"
             if r.status_code < 500 and r.status_code not in (408, 429):
-                raise TeacherError(f"teacher server {self.url}: {method} {path} {what} was refused: {last}")
+                hint = f"; {_API_HINT}" if _is_html(r) or r.status_code == 404 else ""
+                raise TeacherError(f"teacher server {self.url}: {method} {path} {what} was refused: {last}{hint}")
         raise TeacherError(f"teacher server {self.url}: {method} {path} {what} failed after "
                            f"{self.retries + 1} attempts; last error: {last}")
 
@@ -291,6 +318,32 @@ class RemoteTeacher:
             raise TeacherError(f"teacher server {self.url} serves models {names}; set "
                                "config.teacher_client.model to one of them")
         return names[0]
+
+    def served_info(self) -> dict:
+        """The /v1/models entry of the served model (id, max_model_len, and what else the server
+        reports, e.g. tools.serve_teacher's vocab_size)."""
+        for m in self._request("GET", "/models", "(model list)").get("data", []):
+            if isinstance(m, dict) and m.get("id") == self.model:
+                return m
+        raise TeacherError(f"teacher server {self.url}: GET /models does not list the model {self.model!r}")
+
+    def tokenize(self, text: str) -> list[int] | None:
+        """The server's token ids of `text` (vLLM's POST /tokenize at the server's root, no special
+        tokens added), or None when the server has no such endpoint."""
+        root = self.url[:-len("/v1")] if self.url.endswith("/v1") else self.url
+        out = self._request("POST", "/tokenize", "(tokenize)", {"model": self.model, "prompt": text,
+                                                                 "add_special_tokens": False},
+                            base=root, missing_ok=True)
+        if out is None:
+            return None
+        if not isinstance(out.get("tokens"), list):
+            raise TeacherError(f"teacher server {self.url}: POST {root}/tokenize answered without a 'tokens' list")
+        return [int(t) for t in out["tokens"]]
+
+    def score_ids(self, seq: list[int]):
+        """Log-probs f64 [len(seq) - 1] of seq[1:] given the tokens before (one request), with
+        (empty) top-k arrays, as parse_choice returns them."""
+        return self._score_chunk([0], [list(seq)], [1], 0)[0]
 
     def _score_chunk(self, rows: list[int], seqs: list[list[int]], starts: list[int], top_k: int):
         what = (f"(rows {rows[0]}..{rows[-1]}: {len(seqs)} sequences, "

@@ -38,12 +38,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from transformers import AutoTokenizer
 
-from scope_jax import algorithms, checkpoint, data, rollout, sampling, scoring, tracking
+from scope_jax import algorithms, checkpoint, compat, data, rollout, sampling, scoring, tracking
 from scope_jax import config as config_lib
 from scope_jax import sharding as shd
 from scope_jax import teacher as teachers
 from scope_jax.collect import Collector
 from scope_jax.models import abstract_model, dtype_named, load_hf, save_hf
+from scope_jax.models.hf import check_finite
 from scope_jax.step import TrainState, build_step, lower_step, make_optimizer, state_shardings
 from scope_jax.verifiers import Verifier
 
@@ -57,13 +58,21 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class _Stop:
-    """Set by SIGTERM: the loop writes a checkpoint after the current step and exits."""
+    """Set by SIGTERM or SIGINT (Ctrl-C): the loop writes a checkpoint after the current step and
+    exits (SIGINT: raising Interrupted). A second SIGINT raises KeyboardInterrupt at once."""
 
     requested: bool = False
+    signum: int = 0
 
     def __call__(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt("second interrupt: stopped at once, without waiting for the step")
         log.warning("signal %d: checkpointing after this step, then exiting", signum)
-        self.requested = True
+        self.requested, self.signum = True, signum
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT after writing its checkpoint; the message says which."""
 
 
 def _load_models(cfg, mesh):
@@ -75,6 +84,11 @@ def _load_models(cfg, mesh):
     teacher = None
     if algorithms.loads_local_teacher(cfg):  # else it lives on its server (config.teacher_url)
         teacher = load_hf(cfg.teacher, dtype=dtype_named(m.teacher_dtype), mesh=mesh)
+        # A NaN teacher is named at load (its tensor, or its logits), as the student export is.
+        if jax.process_count() == 1:
+            check_finite(teacher, f"teacher {cfg.teacher}")
+        else:
+            checkpoint.check_finite(nnx.to_pure_dict(nnx.state(teacher)), f"teacher {cfg.teacher}: parameter")
     return student, teacher
 
 
@@ -95,10 +109,20 @@ def _to_host(metrics: dict) -> dict:
 
 
 def train(cfg) -> dict:
-    """Runs cfg.num_steps of cfg.algo; returns the last step's metrics. See the module docstring."""
-    config_lib.validate(cfg)
+    """Runs cfg.num_steps of cfg.algo; returns the last step's metrics. See the module docstring.
+
+    One writer per workdir: holds {workdir}/run.lock for the whole run (checkpoint.WorkdirLock;
+    raises checkpoint.WorkdirLocked when another trainer holds it)."""
+    config_lib.validate(cfg)  # before the workdir exists
     shd.initialize_distributed()
     os.makedirs(cfg.workdir, exist_ok=True)
+    with checkpoint.WorkdirLock(cfg.workdir):
+        return _train_locked(cfg)
+
+
+def _train_locked(cfg) -> dict:
+    """train() under the workdir's lock (train() validated cfg and made the workdir)."""
+    compat.check_tokenizers(cfg)  # student and teacher tokenizers map text to the same ids
     # Before any weights load: the workdir must hold this run (or none), see scope_jax.checkpoint.
     checkpoint.check_identity(cfg.workdir, checkpoint.identity(cfg), force=cfg.resume == "force")
     mesh = shd.make_mesh(cfg.mesh)
@@ -134,6 +158,8 @@ def train(cfg) -> dict:
     teacher_scorer = teachers.from_config(cfg, teacher, mesh) if alg.teacher_scores else None
     stop = _Stop()
     previous = signal.signal(signal.SIGTERM, stop)
+    previous_int = signal.signal(signal.SIGINT, stop)  # Ctrl-C: as SIGTERM, then Interrupted
+    teacher_nan = []  # steps whose teacher log-probs held NaN / inf (issue 23)
     verifier = Verifier(num_workers=cfg.verifier.num_workers, timeout_s=cfg.verifier.timeout_s)
     collector = Collector(
         cfg=cfg, loader=loader, tokenizer=tokenizer, verifier=verifier, graphdef=graphdef,
@@ -162,6 +188,10 @@ def train(cfg) -> dict:
                     f"{e}\nstep {step} was not trained; checkpoint {int(state.step)} in {ckpt.directory} "
                     "holds every finished step: the same command resumes from it") from e
             t1 = time.perf_counter()
+            if alg.teacher_scores and checkpoint.first_nonfinite(batch.teacher_logprobs) is not None:
+                teacher_nan.append(step)
+                log.error("step %d: the teacher's log-probs hold NaN or inf: teacher %s", step,
+                          cfg.teacher_url or cfg.teacher)
             if packed is not None:  # config.packing: several rollouts per row, planned by the collector
                 state, m = step_fn(state, jax.device_put(batch, batch_sh), jax.device_put(packed, batch_sh))
             else:
@@ -189,18 +219,25 @@ def train(cfg) -> dict:
                     raise checkpoint.NonFiniteError(
                         f"{bad_in_a_row} non-finite step(s) in a row, up to step {step} of {cfg.num_steps} "
                         f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); no export written. "
-                        f"{_last_good(ckpt, step + 1 - bad_in_a_row)}")
+                        + (f"The teacher's log-probs were non-finite in step(s) {teacher_nan}: the teacher "
+                           f"{cfg.teacher_url or cfg.teacher} (teacher_temperature={cfg.teacher_temperature}) failed, "
+                           "not the student. " if teacher_nan else "")
+                        + f"{_last_good(ckpt, step + 1 - bad_in_a_row, step)}")
             done = step + 1
             if stop.requested or done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
                 ckpt.save(state, wait=stop.requested)
             if stop.requested:
                 log.warning("stopped by signal after step %d; checkpoint %d written", step, done)
+                if stop.signum == signal.SIGINT:
+                    raise Interrupted(f"interrupted (Ctrl-C) after step {step}: checkpoint {done} written in "
+                                      f"{ckpt.directory}; the same command resumes from it")
                 break
         else:
             if cfg.export and int(state.step) == cfg.num_steps:
                 _check_finite_model(graphdef, state.params, loader, ckpt)
                 _export(cfg, graphdef, state.params, tokenizer, save_hf)
     finally:
+        signal.signal(signal.SIGINT, previous_int)
         signal.signal(signal.SIGTERM, previous)
         verifier.close()
         if teacher_scorer is not None:
@@ -211,14 +248,20 @@ def train(cfg) -> dict:
     return last
 
 
-def _last_good(ckpt, first_bad: int) -> str:
-    """Which checkpoint to go back to: checkpoint N holds the state after steps 0..N-1, so
-    checkpoint first_bad holds the parameters that the first failing step started from."""
-    good = [s for s in ckpt.manager.all_steps() if s < first_bad]
+def _last_good(ckpt, first_bad: int, last_bad: int) -> str:
+    """Which checkpoint to go back to: checkpoint N holds the state after steps 0..N-1, and a
+    skipped step leaves parameters and optimizer state as they were, so every checkpoint N with
+    N <= last_bad holds a state from before the first skipped step (first_bad..last_bad skipped)."""
+    ckpt.manager.wait_until_finished()
+    good = [s for s in ckpt.manager.all_steps() if s <= last_bad]
     if not good:
-        return "No checkpoint predates the first skipped step: start again from the initial student."
-    return (f"Last checkpoint before the first skipped step {first_bad}: {ckpt.directory}/{max(good)} "
-            f"(checkpoint {first_bad} and later hold the parameters the failing steps started from).")
+        return ("No checkpoint holds a state from before the first skipped step: start again from the initial "
+                "student, e.g. with a lower optim.lr in a new workdir.")
+    n = max(good)
+    why = ("the state step {f} started from" if n == first_bad else
+           "the state from before the first skipped step {f}" + (" (the skipped steps changed nothing)" if n > first_bad else ""))
+    return (f"Newest checkpoint holding {why.format(f=first_bad)}: {ckpt.directory}/{n}; continue from it with other "
+            "settings (e.g. a lower optim.lr) and --config.resume=force, or in a new workdir.")
 
 
 def _check_finite_model(graphdef, params, loader, ckpt) -> None:

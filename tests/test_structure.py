@@ -35,6 +35,7 @@ ORDER = [
     "benchmarks",
     "data",
     "teacher",
+    "compat",
     "tracking",
     "checkpoint",
     "evaluation",

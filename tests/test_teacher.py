@@ -18,7 +18,7 @@ from scope_jax import teacher as teachers
 from scope_jax.models import load_hf
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_hf import make_toy_setup  # noqa: E402
+from tiny_hf import make_toy_setup, swap_tokens  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -401,3 +401,71 @@ def test_pipelined_collection_equals_serial(setup, server, tmp_path):
     _assert_same_run(serial, remote_piped)
     for r in remote_piped:
         assert 0 <= r["critical/score_teacher_s"] and r["time/score_teacher_s"] > 0
+
+
+# ------------------------------------------------------------ a served teacher's identity
+
+
+@pytest.mark.slow
+def test_a_served_teacher_is_fingerprinted_probed_and_a_changed_one_refused(setup, server, tmp_path):
+    import shutil
+
+    import torch
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    wd = tmp_path / "run"
+
+    def args(url, *extra, steps=1, workdir=wd):
+        return [a if not a.startswith("--config.teacher=") else "--config.teacher=/nonexistent"
+                for a in _cli(setup, workdir, f"--config.teacher_url={url}", *extra, steps=steps)]
+
+    r = subprocess.run(args(server), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fp = json.load(open(wd / "config.json"))["teacher"]
+    assert fp["served"] and fp["url"] == server and fp["max_model_len"] == 256
+    # The probe's log-probs are the teacher's (transformers, float64 log-softmax).
+    hf = transformers.AutoModelForCausalLM.from_pretrained(setup / "teacher", dtype=torch.float32).eval()
+    ids = fp["probe_ids"]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    np.testing.assert_allclose(fp["probe_logprobs"], ref[np.arange(len(ids) - 1), ids[1:]], atol=1e-4)
+
+    # The server restarted with other weights (same shapes, name and tokenizer): refused on resume.
+    other = tmp_path / "other"
+    shutil.copytree(setup / "teacher", other)
+    tensors = load_file(str(other / "model.safetensors"))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.5
+    save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
+    port = _free_port()
+    proc = _start_server(other, port, log_path=tmp_path / "server2.log")
+    try:
+        r = subprocess.run(args(f"http://127.0.0.1:{port}/v1", steps=2), cwd=ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=600)
+    finally:
+        _stop(proc)
+    assert r.returncode != 0
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "config.json" in line and "teacher probe log-probs differ" in line, line
+    assert len(_metrics(wd)) == 1
+
+    # A student tokenizer that is not the server's: refused through the /tokenize probe.
+    swapped, _ = swap_tokens(setup / "student", tmp_path / "swapped")
+    r = subprocess.run(args(server, f"--config.tokenizer={swapped}", workdir=tmp_path / "tok"), cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    line = r.stderr.strip().splitlines()[-1]
+    for w in ("tokenizer mismatch", f"teacher server {server}", "Cross-tokenizer distillation is not supported"):
+        assert w in line, (w, line)
+    assert not os.path.exists(tmp_path / "tok" / "config.json")
+
+
+def test_server_tokenize_endpoint_and_vocab_size(setup, server):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(setup / "teacher")
+    root = server.removesuffix("/v1")
+    got = httpx.post(root + "/tokenize", json={"prompt": "12+30=42", "add_special_tokens": False}, timeout=60).json()
+    assert got["tokens"] == tok.encode("12+30=42", add_special_tokens=False) and got["count"] == len(got["tokens"])
+    assert httpx.get(server + "/models", timeout=60).json()["data"][0]["vocab_size"] == len(tok)
+    assert httpx.post(root + "/tokenize", json={"prompt": [1, 2]}, timeout=60).status_code == 400

@@ -84,6 +84,23 @@ def make_toy_setup(out, teacher_family: str = "qwen3", teacher_tied: bool = True
     return out
 
 
+def swap_tokens(src, dst):
+    """A copy of checkpoint directory `src` whose tokenizer.json gives two vocabulary entries
+    each other's ids (same size, another mapping); returns (dst, (token a, token b))."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, "tokenizer.json")) as f:
+        tj = json.load(f)
+    vocab = tj["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[40:42]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    with open(os.path.join(dst, "tokenizer.json"), "w") as f:
+        json.dump(tj, f)
+    return dst, (a, b)
+
+
 def run_two_processes(args, cwd, env) -> None:
     """Runs `args` as 2 local JAX processes (process ids 0 and 1, a free coordinator port, the
     caller's `env` otherwise) and asserts both exit 0, showing their stderr tails if not."""

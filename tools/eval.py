@@ -150,6 +150,20 @@ def _checkpoint_stops(path: str) -> list[int]:
         raise SystemExit(str(e)) from None
 
 
+def check_teacher_tokenizers(models: list[tuple[str, str]], teacher: str) -> None:
+    """Exits naming the model and the differences when a model's tokenizer does not map text
+    to the teacher's ids (scope_jax.compat, the trainer's check)."""
+    from transformers import AutoTokenizer
+
+    from scope_jax import compat
+
+    for name, path in models:
+        try:
+            compat.check_local(AutoTokenizer.from_pretrained(path), path, teacher)
+        except compat.TokenizerMismatch as e:
+            raise SystemExit(f"--model {name} / --teacher: {e}") from None
+
+
 def _instruction_for(examples, instruction, args):
     """Code benchmarks (gold: CodeTests) get data.CODE_INSTRUCTION unless --instruction or
     --no-instruction says otherwise; and need the sandbox, checked now rather than after the
@@ -174,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m tools.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True, help="PATH or NAME=PATH")
+    ap.add_argument("--teacher", help="PATH or NAME=PATH: the teacher the models were distilled from; evaluated "
+                    "too (named 'teacher' by default) after checking that each model's tokenizer maps text to "
+                    "the teacher's ids (cross-tokenizer distillation is not supported)")
     ap.add_argument("--data", "--benchmarks", action="append", required=True,
                     help="benchmark name, file, or LABEL=NAME_OR_FILE")
     ap.add_argument("--out", required=True, help="output directory")
@@ -226,6 +243,10 @@ def main(argv=None) -> int:
     if args.k < 1 or args.batch_prompts < 1 or (args.limit is not None and args.limit < 1):
         raise SystemExit("--k, --batch-prompts and --limit must be >= 1")
     models = [resolve_model(m) for m in args.model]
+    if args.teacher:
+        teacher = resolve_model(args.teacher if "=" in args.teacher else f"teacher={args.teacher}")
+        check_teacher_tokenizers(models, teacher[1])
+        models.append(teacher)
     datasets = [resolve_data(d, args.data_dir) for d in args.data]
     for what, pairs in (("model", models), ("data", datasets)):
         names = [n for n, _ in pairs]

@@ -28,9 +28,15 @@ def main(argv=None) -> None:
     p.add_argument("--max_wait_ms", type=float, default=5.0, help="how long a request waits for others to batch with")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve.serve(a.model, host=a.host, port=a.port, dtype=a.dtype, mesh=a.mesh, served_model_name=a.served_model_name,
-                tokenizer=a.tokenizer, max_batch_tokens=a.max_batch_tokens, max_model_len=a.max_model_len,
-                chunk_size=a.logprob_chunk, max_wait_s=a.max_wait_ms / 1000)
+    from scope_jax.checkpoint import NonFiniteError
+    from scope_jax.models.hf import CheckpointError
+
+    try:
+        serve.serve(a.model, host=a.host, port=a.port, dtype=a.dtype, mesh=a.mesh, served_model_name=a.served_model_name,
+                    tokenizer=a.tokenizer, max_batch_tokens=a.max_batch_tokens, max_model_len=a.max_model_len,
+                    chunk_size=a.logprob_chunk, max_wait_s=a.max_wait_ms / 1000)
+    except (NonFiniteError, CheckpointError) as e:  # a teacher that cannot serve: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ workdir holds the same run (--config.resume=force: even when it does not).
 
 Exit status: 0 = finished (or stopped by SIGTERM after a checkpoint) with a finite model;
 1 = refused or failed, with one line on stderr naming the key, file or tensor (invalid config,
-a workdir holding a different run, non-finite training or model, I/O error).
+a workdir holding a different run or in use by another trainer, a teacher whose tokenizer or
+identity differs, non-finite training or model, I/O error); 130 = stopped by Ctrl-C (SIGINT):
+the current step finishes, a checkpoint is written, one line says which (a second Ctrl-C stops
+at once, without waiting for the step).
 """
 
 import json
@@ -39,6 +42,10 @@ def check_overrides(argv: list[str]) -> None:
         key = arg[len("--config."):].split("=", 1)[0]
         if key in config_lib.SCHEMA or key.split(".")[0] in config_lib.FREE:
             continue
+        group = config_lib.group_keys(key)
+        if group:
+            raise SystemExit(f"error: --config.{key}: {key} is a group of config keys, not a key; set one of "
+                             f"them, e.g. --config.{group[0]}=... (its keys: {', '.join(group)})")
         raise SystemExit(f"error: --config.{key}: unknown config key; closest valid: "
                          f"{', '.join(config_lib.closest(key)) or 'none'}")
 
@@ -100,17 +107,31 @@ def main(argv):
         return
     from scope_jax.teacher import TeacherError
 
+    from scope_jax.compat import TokenizerMismatch
+
     expected = (config_lib.ConfigError, checkpoint.RunMismatch, checkpoint.NonFiniteError, DataError,
-                CheckpointError, TeacherError)
+                CheckpointError, TeacherError, checkpoint.WorkdirLocked, TokenizerMismatch)
     try:
         config_lib.validate(cfg)
         if cfg.get("toy_dir"):  # the toy configs: build the toy task and models once (or reuse them)
+            import fcntl
+
             from scope_jax import toy
 
-            toy.build_toy(cfg.toy_dir, settings=toy.toy_settings(cfg.toy_family))
+            os.makedirs(cfg.toy_dir, exist_ok=True)
+            with open(os.path.join(cfg.toy_dir, "build.lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # a trainer started meanwhile waits, then reuses the build
+                toy.build_toy(cfg.toy_dir, settings=toy.toy_settings(cfg.toy_family))
         last = train.train(cfg)
     except expected as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt as e:  # Ctrl-C: train.Interrupted after its checkpoint, else at once
+        done = str(e) if isinstance(e, train.Interrupted) else (
+            f"interrupted (Ctrl-C){f' ({e})' if str(e) else ''}; checkpoints in {cfg.workdir}/checkpoints hold "
+            "every saved step: the same command resumes")
+        print(done, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
     except Exception as e:  # noqa: BLE001 - Orbax and asyncio wrap I/O errors in their own
         line = io_error_line(e)
         if line is None:
