@@ -315,3 +315,177 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Arra
     out = jnp.where(kv_valid[:, :, None, None], out, 0)
     out = jnp.where(contiguous[:, None, None, None], out, jnp.nan)
     return out.reshape(b, t, n * d).astype(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged attention: ragged queries over a paged KV cache (the continuous-batching engine's layout)
+# ---------------------------------------------------------------------------------------------
+
+PAGED_IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_gpu")
+
+
+def _paged_dims(queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
+    """(T, Hq, D, P, page_size, Hkv, S, pages_per_seq) after checking the static layout."""
+    if queries.ndim != 3:
+        raise ValueError(f"paged_attention: queries must be [T, Hq, D], got {queries.shape}")
+    if kv_pages.ndim != 4 or kv_pages.shape[2] % 2:
+        raise ValueError(f"paged_attention: kv_pages must be [P, page_size, 2 * Hkv, D] (K and V "
+                         f"heads interleaved), got {kv_pages.shape}")
+    t, hq, d = queries.shape
+    p, page_size, h2, dk = kv_pages.shape
+    if dk != d:
+        raise ValueError(f"paged_attention: queries' head_dim {d} != kv_pages' {dk}")
+    if hq % (h2 // 2):
+        raise ValueError(f"paged_attention: {hq} query heads are not a multiple of {h2 // 2} kv "
+                         "heads")
+    if page_indices.ndim != 2:
+        raise ValueError(f"paged_attention: page_indices must be [S, pages_per_seq], got "
+                         f"{page_indices.shape}")
+    s, pages_per_seq = page_indices.shape
+    for name, x, shape in (("kv_lens", kv_lens, (s,)), ("cu_q_lens", cu_q_lens, (s + 1,)),
+                           ("num_seqs", num_seqs, (1,)), ("page_indices", page_indices, None)):
+        if shape is not None and x.shape != shape:
+            raise ValueError(f"paged_attention: {name} must have shape {shape} (S = "
+                             f"page_indices.shape[0] = {s}), got {x.shape}")
+        if x.dtype != jnp.int32:
+            raise ValueError(f"paged_attention: {name} must be int32, got {x.dtype}")
+    return t, hq, d, p, page_size, h2 // 2, s, pages_per_seq
+
+
+def paged_token_positions(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array,
+                          num_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Which sequence each query token belongs to, and where it sits in it.
+
+    Args:
+      kv_lens: int32 [S]; cu_q_lens: int32 [S + 1]; num_seqs: int32 [1] (see paged_attention).
+      num_tokens: T, the static number of query rows.
+    Returns:
+      (seq, pos, live), each [T]: seq int32 in [0, S), the sequence owning token t; pos int32,
+      its absolute position kv_lens[seq] - q_len + (t - cu_q_lens[seq]); live bool, False for
+      padding tokens (t >= cu_q_lens[num_seqs]) and for tokens with pos < 0 (q_len > kv_len).
+    """
+    s = kv_lens.shape[0]
+    n = jnp.clip(num_seqs[0], 0, s)
+    idx = jnp.arange(s + 1, dtype=jnp.int32)
+    cu = jnp.where(idx <= n, cu_q_lens, cu_q_lens[n])  # entries past num_seqs are unspecified
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(cu[1:], t, side="right"), 0, s - 1).astype(jnp.int32)
+    q_len = cu[seq + 1] - cu[seq]
+    pos = kv_lens[seq] - q_len + (t - cu[seq])
+    return seq, pos, (t < cu[n]) & (pos >= 0)
+
+
+def paged_attention_xla(queries: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array,
+                        page_indices: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
+                        sm_scale: float) -> jax.Array:
+    """paged_attention in pure JAX: the reference, and the CPU path.
+
+    Each query token gathers its own sequence's pages, [T, pages_per_seq * page_size, 2 * Hkv,
+    D], and attends to the positions <= its own (float32 scores and softmax, probabilities cast
+    to the cache dtype for the value product, as the Pallas kernels). There is no T x (all
+    sequences' kv) product: work and memory are O(T * pages_per_seq * page_size), so in decode
+    (T = S, one query per sequence) it is the [S, Hq, D] x [S, pages, page_size, Hkv, D]
+    product, bounded by the caller's page_indices bucket. A prefill chunk of C tokens gathers
+    its sequence's pages C times (fine on CPU; TPU prefill runs pallas_tpu).
+
+    page_indices entries past a sequence's live pages may hold anything (they are clipped into
+    range and masked). Arguments and result as paged_attention.
+    """
+    t, hq, d, p, page_size, hkv, _, pages_per_seq = _paged_dims(
+        queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    seq, pos, live = paged_token_positions(kv_lens, cu_q_lens, num_seqs, t)
+    pages = jnp.clip(page_indices, 0, p - 1)[seq]  # [T, pages_per_seq]
+    span = pages_per_seq * page_size
+    kv = kv_pages[pages].reshape(t, span, hkv, 2, d)  # combined head 2h is K_h, 2h + 1 is V_h
+    k, v = kv[..., 0, :], kv[..., 1, :]  # [T, L, Hkv, D]
+    q = queries.reshape(t, hkv, hq // hkv, d)
+    scores = jnp.einsum("tkgd,tlkd->tkgl", q, k, preferred_element_type=jnp.float32) * sm_scale
+    allowed = jnp.arange(span, dtype=jnp.int32)[None, :] <= pos[:, None]  # [T, L]; pos < kv_len
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("tkgl,tlkd->tkgd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.where(live[:, None, None, None], out, 0)
+    return out.reshape(t, hq, d).astype(queries.dtype)
+
+
+def paged_attention(queries: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array,
+                    page_indices: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
+                    sm_scale: float, implementation: str | None = None) -> jax.Array:
+    """Causal GQA attention of ragged query tokens over a paged KV cache.
+
+    Sequence s owns query rows cu_q_lens[s]:cu_q_lens[s + 1] and kv positions
+    0..kv_lens[s] - 1, stored in pages page_indices[s, :] (position i in page
+    page_indices[s, i // page_size] at offset i % page_size). kv_lens counts the sequence's
+    current queries, whose K and V must already be written (write_kv). Query i of sequence s
+    sits at position kv_lens[s] - q_len_s + i and attends to kv positions <= it.
+
+    Args:
+      queries: [T, Hq, D], T the static number of query rows (padded past
+        cu_q_lens[num_seqs]).
+      kv_pages: [P, page_size, 2 * Hkv, D]; combined head 2h holds K head h and 2h + 1 holds V
+        head h (the layout of jax.experimental.pallas.ops.tpu.ragged_paged_attention). Query
+        head j uses kv head j // (Hq // Hkv), as transformers' repeat_kv.
+      kv_lens: int32 [S], S = page_indices.shape[0] the static number of sequence slots.
+        kv_lens[s] <= pages_per_seq * page_size is the caller's to keep (not checked: traced).
+      page_indices: int32 [S, pages_per_seq]; the caller slices it to the live-page bucket,
+        which bounds the work. Entries past a sequence's live pages are not read.
+      cu_q_lens: int32 [S + 1], cumulative query counts (cu_q_lens[0] = 0).
+      num_seqs: int32 [1]; sequences >= num_seqs are ignored (their entries may hold anything).
+      sm_scale: scale of q . k (head_dim ** -0.5).
+      implementation: None (default_paged_implementation), "xla", "pallas_tpu" or "pallas_gpu".
+    Returns:
+      [T, Hq, D] in queries' dtype (float32 softmax). Rows past cu_q_lens[num_seqs] (padding)
+      are 0, with every implementation.
+    """
+    t = queries.shape[0]
+    s = page_indices.shape[0] if page_indices.ndim == 2 else None
+    if implementation is None:
+        implementation = default_paged_implementation(jax.default_backend(), t == s)
+    if implementation not in PAGED_IMPLEMENTATIONS:
+        raise ValueError(f"paged_attention: implementation {implementation!r} is not one of "
+                         f"{PAGED_IMPLEMENTATIONS}")
+    args = (queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    if implementation == "xla":
+        return paged_attention_xla(*args, sm_scale=sm_scale)
+    raise NotImplementedError(f"paged_attention: {implementation!r} is not wired yet")
+
+
+def default_paged_implementation(backend: str, decode_shaped: bool) -> str:
+    """The kernel paged_attention(implementation=None) uses.
+
+    Args:
+      backend: jax.default_backend().
+      decode_shaped: T == S (as many query rows as sequence slots), the only shape the GPU
+        kernel can serve.
+    """
+    return "xla"
+
+
+def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array) -> jax.Array:
+    """Writes tokens' keys and values into the page pool: one scatter.
+
+    Args:
+      kv_pages: [P, page_size, 2 * Hkv, D] (paged_attention's layout: K head h at combined
+        head 2h, V head h at 2h + 1).
+      k, v: [T, Hkv, D], cast to kv_pages' dtype.
+      slots: int32 [T], flat slot page * page_size + offset of each token; slots < 0 (padding
+        tokens) and slots >= P * page_size are dropped. Two tokens with one slot: either wins.
+    Returns:
+      kv_pages with the tokens written. Pure; under jit with kv_pages donated the scatter
+      updates the pool in place.
+    """
+    p, page_size, h2, d = kv_pages.shape
+    if k.shape != v.shape or k.ndim != 3 or k.shape[1:] != (h2 // 2, d):
+        raise ValueError(f"write_kv: k and v must both be [T, {h2 // 2}, {d}] for kv_pages "
+                         f"{kv_pages.shape}; got {k.shape} and {v.shape}")
+    if slots.shape != k.shape[:1] or not jnp.issubdtype(slots.dtype, jnp.integer):
+        raise ValueError(f"write_kv: slots must be integer [{k.shape[0]}], got {slots.dtype} "
+                         f"{slots.shape}")
+    t = k.shape[0]
+    kv = jnp.stack([k, v], axis=2).reshape(t, h2, d).astype(kv_pages.dtype)  # K0 V0 K1 V1 ...
+    total = p * page_size
+    # negative indices would wrap around in .at[]: send them out of range, where mode="drop"
+    # discards them
+    slots = jnp.where(slots < 0, total, slots)
+    flat = kv_pages.reshape(total, h2, d).at[slots].set(kv, mode="drop")
+    return flat.reshape(p, page_size, h2, d)
