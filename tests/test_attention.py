@@ -515,3 +515,21 @@ def test_default_paged_implementation(caplog, monkeypatch):
     np.testing.assert_array_equal(  # CPU: auto is the reference
         np.asarray(paged_attention(*args, sm_scale=0.5)),
         np.asarray(paged_attention(*args, sm_scale=0.5, implementation="xla")))
+
+
+def test_bench_paged_runs_here_at_small_sizes(tmp_path):
+    """tools/bench_paged.py (the GPU check) at its small sizes on this backend: it runs, and
+    every implementation agrees with the float32 reference within bfloat16 rounding."""
+    import json
+
+    from tools import bench_paged
+
+    out = tmp_path / "paged.json"
+    result = bench_paged.main(["--sizes", "small", "--repeats", "2", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert len(result["cases"]) == len(bench_paged.SIZES["small"]["cases"])
+    for case in result["cases"]:
+        assert len(case["impls"]) >= 2
+        for name, r in case["impls"].items():
+            assert r["max_abs_err_vs_f32"] < 2e-2, (case["page_size"], name)
+            assert r["median_ms"] > 0
