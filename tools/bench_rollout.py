@@ -422,11 +422,12 @@ def _run_jax(engine, prompts, budgets=None, key=None):
 
 
 def _same_greedy(a, b) -> bool:
-    """Two SamplerOutputs hold the same tokens in the same rows and lengths."""
+    """Two SamplerOutputs hold the same lengths and the same tokens within them (their token
+    arrays may be of different widths: the static engine's is the largest per-row budget)."""
     la, lb = np.asarray(a.lengths), np.asarray(b.lengths)
-    mask = np.asarray(a.response_mask)
-    return bool(np.array_equal(la, lb) and np.array_equal(np.asarray(a.tokens)[mask],
-                                                          np.asarray(b.tokens)[mask]))
+    ta, tb = np.asarray(a.tokens), np.asarray(b.tokens)
+    return bool(np.array_equal(la, lb) and all(np.array_equal(ta[i, :n], tb[i, :n])
+                                               for i, n in enumerate(la)))
 
 
 def _agreement(static_out, rows: list[list[int]]) -> float:
