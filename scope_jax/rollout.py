@@ -489,6 +489,21 @@ class ContinuousEngine:
         return SamplerOutput(**out)
 
 
+def engine_options(cfg) -> dict:
+    """make_engine's options for config.rollout.engine (none for the static engine)."""
+    r = cfg.rollout
+    if r.engine == "static":
+        return {}
+    return dict(slots=int(r.slots), page_size=int(r.page_size), block=int(r.block),
+                kv_tokens=int(r.kv_tokens_per_chip), order=str(r.order),
+                tensor=int(r.mesh.tensor))
+
+
+def engine_from_config(cfg, model, settings: Settings, mesh=None) -> RolloutEngine:
+    """make_engine(config.rollout.engine, ...) with config.rollout's options."""
+    return make_engine(cfg.rollout.engine, model, settings, mesh, **engine_options(cfg))
+
+
 def make_engine(kind: str, model, settings: Settings, mesh=None, **options) -> RolloutEngine:
     """The rollout engine `kind` (one of ENGINES) for `model` (its current weights; replace them
     with sync_weights) under `settings`, on `mesh` (None: one device). `options` go to the
