@@ -151,6 +151,9 @@ def base() -> ml_collections.ConfigDict:
     c.rollout.page_size = 16  # tokens per KV page
     c.rollout.block = 16  # decode steps per jitted block (the host admits and retires between)
     c.rollout.order = "fifo"  # admission order: fifo | longest (largest budget first)
+    # Context tokens per prefill call (admitted rows are prefilled together up to this; a
+    # longer context goes alone): bounds the prefill's activations.
+    c.rollout.prefill_tokens = 8192
     return c
 
 

@@ -140,6 +140,7 @@ SCHEMA: dict[str, Callable[[Any], str | None]] = {
     "rollout.slots": _int(1),
     "rollout.page_size": _int(1),
     "rollout.block": _int(1),
+    "rollout.prefill_tokens": _int(1),
     "rollout.order": _one_of("fifo", "longest"),  # scope_jax.engine.ORDERS
 }
 FREE = ("mesh", "arch")  # sub-dicts whose keys are free (mesh axes; architecture dicts)

@@ -163,20 +163,24 @@ def _logits_at(model, hidden: jax.Array, rows: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings", "key_impl", "impl"),
                    donate_argnames=("pages", "seen"))
-def _prefill_program(params, pages, seen, ids, positions, slots, kv_lens, page_indices, cu_q_lens,
-                     num_seqs, key_data, index, into, *, graphdef, settings, key_impl, impl):
-    """Prefills the admitted rows' contexts and samples one token for each.
+def _prefill_program(params, pages, seen, ids, positions, slots, segment_ids, kv_lens,
+                     page_indices, cu_q_lens, num_seqs, key_data, index, into, *, graphdef,
+                     settings, key_impl, impl):
+    """Prefills the admitted rows' whole contexts and samples one token for each.
 
-    ids, positions, slots int32 [T]: the contexts (prompt + tokens so far) of up to S rows
-    laid end to end (padding after them: slot -1); kv_lens int32 [S] their lengths;
-    page_indices int32 [S, n]; cu_q_lens int32 [S + 1]; num_seqs int32 [1]; key_data [S, ...]
+    ids, positions, slots, segment_ids int32 [T]: the contexts (prompt + tokens so far) of up
+    to S rows laid end to end (padding after them: slot -1, segment 0); every context starts
+    at its first token, so attention runs within each one over its own keys (PagedBatch);
+    kv_lens int32 [S] their lengths; page_indices int32 [S, 1] (unread: the pages are only
+    written); cu_q_lens int32 [S + 1]; num_seqs int32 [1]; key_data [S, ...]
     each row's key; index int32 [S] the token number each samples; into int32 [S] the slot
     each row takes (S for padding: dropped) in `seen` bool [S, V] (None: no penalty).
     Returns (pages, seen, token int32 [S], logprob [S], policy logprob [S]).
     """
     model = nnx.merge(graphdef, params)
     batch = PagedBatch(slots=slots, kv_lens=kv_lens, page_indices=page_indices,
-                       cu_q_lens=cu_q_lens, num_seqs=num_seqs, implementation=impl)
+                       cu_q_lens=cu_q_lens, num_seqs=num_seqs, segment_ids=segment_ids,
+                       implementation=impl)
     hidden, pages = model.forward_paged(ids, positions, pages, batch)
     logits = _logits_at(model, hidden, jnp.maximum(cu_q_lens[1:] - 1, 0))
     vocab = logits.shape[-1]
@@ -275,7 +279,8 @@ class ContinuousEngine:
 
     def __init__(self, model, settings: Settings, mesh=None, *, slots: int = 32,
                  page_size: int = 16, block: int = 16, kv_tokens: int | None = None,
-                 order: str = "fifo", implementation: str | None = None):
+                 order: str = "fifo", prefill_tokens: int = 8192, tensor: int = 1,
+                 implementation: str | None = None):
         for name, v in (("slots", slots), ("page_size", page_size), ("block", block)):
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"ContinuousEngine: {name} must be an int >= 1, got {v!r}")
@@ -290,6 +295,7 @@ class ContinuousEngine:
         self.settings, self.mesh = settings, mesh
         self.slots, self.page_size, self.block = int(slots), int(page_size), int(block)
         self.kv_tokens, self.order, self.implementation = kv_tokens, order, implementation
+        self.prefill_tokens = int(prefill_tokens)
         self.graphdef, params = nnx.split(model)
         self.config, self.dtype = model.config, model.dtype
         self.params = _cast(params, self.dtype)
@@ -371,8 +377,7 @@ class ContinuousEngine:
             for p in sched.reserve():
                 live[p.slot], slot_row[p.slot] = False, -1  # its tokens so far stay here
                 assert len(toks[p.row]) == p.generated
-            admitted = sched.admit()
-            if admitted:
+            while admitted := sched.admit(self.prefill_tokens):
                 pages, seen = self._prefill(admitted, rows, toks, key_data, pages, seen, static)
                 tok, lp, plp = self._last_prefill
                 stats["prefills"] += 1
@@ -435,8 +440,8 @@ class ContinuousEngine:
         ids = np.full((t,), self.settings.pad_id, np.int32)
         pos = np.zeros((t,), np.int32)
         flat = np.full((t,), -1, np.int32)
-        width = _pow2(max(len(a.pages) for a in admitted))
-        table = np.zeros((slots, width), np.int32)
+        seg = np.zeros((t,), np.int32)
+        table = np.zeros((slots, 1), np.int32)
         kv_lens = np.zeros((slots,), np.int32)
         cu = np.zeros((slots + 1,), np.int32)
         index = np.zeros((slots,), np.int32)
@@ -448,13 +453,13 @@ class ContinuousEngine:
             ids[start:start + len(c)] = c
             pos[start:start + len(c)] = j
             flat[start:start + len(c)] = np.asarray(a.pages)[j // ps] * ps + j % ps
-            table[i, :len(a.pages)] = a.pages
+            seg[start:start + len(c)] = i + 1
             kv_lens[i], index[i], into[i], kd[i] = len(c), a.generated, a.slot, key_data[a.row]
             start += len(c)
             cu[i + 1:] = start
         pages, seen, tok, lp, plp = _prefill_program(
             self.params, pages, seen, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(flat),
-            jnp.asarray(kv_lens), jnp.asarray(table), jnp.asarray(cu),
+            jnp.asarray(seg), jnp.asarray(kv_lens), jnp.asarray(table), jnp.asarray(cu),
             jnp.asarray([len(admitted)], jnp.int32), jnp.asarray(kd), jnp.asarray(index),
             jnp.asarray(into), **static)
         tok, lp, plp = jax.device_get((tok, lp, plp))
@@ -496,7 +501,7 @@ def engine_options(cfg) -> dict:
         return {}
     return dict(slots=int(r.slots), page_size=int(r.page_size), block=int(r.block),
                 kv_tokens=int(r.kv_tokens_per_chip), order=str(r.order),
-                tensor=int(r.mesh.tensor))
+                prefill_tokens=int(r.prefill_tokens), tensor=int(r.mesh.tensor))
 
 
 def engine_from_config(cfg, model, settings: Settings, mesh=None) -> RolloutEngine:
