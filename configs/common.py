@@ -140,9 +140,11 @@ def base() -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict()
     c.rollout.engine = "static"
     # The rollout weight layout: each host's chips generate on their own (nothing crosses
-    # hosts while decoding); tensor = chips of one host that split one engine's heads (a
-    # divisor of mesh.tensor); 1 = every chip its own engine, the weights replicated on it.
-    c.rollout.mesh = ml_collections.ConfigDict({"tensor": 1})
+    # hosts while decoding). tensor = chips of one host that split one engine's heads: -1 =
+    # mesh.tensor (the heads stay split as training splits them, the weights are gathered
+    # over data and fsdp once per step), 1 = every chip its own engine, the weights
+    # replicated on it. mesh.tensor's chips must sit on one host.
+    c.rollout.mesh = ml_collections.ConfigDict({"tensor": -1})
     # Continuous engine only. Page pool per engine, in tokens (at 28 layers, 2 KV heads of 128
     # in bfloat16: 28 KiB a token, so 65,536 tokens = 1.75 GiB); at least one whole rollout
     # (data.max_prompt_len + sampling.max_new_tokens). Admission waits when it is full.

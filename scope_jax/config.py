@@ -135,7 +135,7 @@ SCHEMA: dict[str, Callable[[Any], str | None]] = {
     "model.remat_policy": _one_of("full", "minimal", "none"),  # scope_jax.models.REMAT_POLICIES
     "model.logprob_chunk": _int(1),
     "rollout.engine": _one_of("static", "continuous"),  # scope_jax.rollout.ENGINES
-    "rollout.mesh.tensor": _int(1),
+    "rollout.mesh.tensor": lambda v: None if v == -1 else _int(1)(v),
     "rollout.kv_tokens_per_chip": _int(1),
     "rollout.slots": _int(1),
     "rollout.page_size": _int(1),
@@ -223,10 +223,13 @@ def _rollout_problems(cfg) -> list[str]:
     mesh = cfg["mesh"]
     train_tensor = mesh.get("tensor", 1) if hasattr(mesh, "get") else 1
     t = r["mesh"]["tensor"]
-    if train_tensor not in (-1,) and t > 1 and train_tensor % t:
-        out.append(f"config.rollout.mesh.tensor={t}: must divide the training mesh's tensor axis "
-                   f"(config.mesh.tensor={train_tensor}): the rollout layout splits the heads "
-                   "within one host as the training layout does, or replicates them (1)")
+    if t == -1 and train_tensor == -1:
+        out.append("config.rollout.mesh.tensor=-1 (the training mesh's tensor axis) needs "
+                   "config.mesh.tensor to be a size, not -1")
+    elif t not in (-1, 1) and t != train_tensor:
+        out.append(f"config.rollout.mesh.tensor={t}: must be 1 (each chip its own engine, the "
+                   f"weights replicated), -1 or config.mesh.tensor={train_tensor} (the heads "
+                   "split within a host as the training layout splits them)")
     return out
 
 

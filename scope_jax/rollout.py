@@ -216,7 +216,6 @@ def _decode_program(params, pages, seen, page_table, prev, generated, budget, kv
     logprobs, policy_logprobs float32 [S, block]): slot s's new tokens are the first
     generated[s] - generated_before[s] columns.
     """
-    model = nnx.merge(graphdef, params)
     s, page_size = prev.shape[0], pages[0].shape[1]
     keys = jax.random.wrap_key_data(key_data, impl=key_impl)
     pad = jnp.int32(settings.pad_id)
@@ -226,7 +225,12 @@ def _decode_program(params, pages, seen, page_table, prev, generated, budget, kv
     def cond(c):
         return (c[0] < block) & jnp.any(c[5])
 
-    def body(c):
+    def body(carry):
+        c, weights = carry
+        # The weights travel in the carry behind an optimization barrier, so XLA cannot hoist
+        # work on them (XLA:CPU's f32 copies of bf16 weights for its dots) out of the loop,
+        # where every layer's copy would stay alive for the whole block.
+        model = nnx.merge(graphdef, jax.lax.optimization_barrier(weights))
         j, pages, seen, prev, generated, live, kv_len, eos_hit, toks, lps, plps = c
         page = jnp.take_along_axis(page_table, (kv_len // page_size)[:, None], axis=1)[:, 0]
         batch = PagedBatch(
@@ -250,11 +254,12 @@ def _decode_program(params, pages, seen, page_table, prev, generated, budget, kv
         kv_len = kv_len + live
         prev = jnp.where(live, tok, prev)
         live = live & ~hit & (generated < budget)
-        return j + 1, pages, seen, prev, generated, live, kv_len, eos_hit | hit, toks, lps, plps
+        return (j + 1, pages, seen, prev, generated, live, kv_len, eos_hit | hit, toks, lps,
+                plps), weights
 
     init = (jnp.int32(0), pages, seen, prev, generated, live, kv_len, jnp.zeros((s,), bool),
             jnp.full((s, block), pad), zeros, zeros)
-    out = jax.lax.while_loop(cond, body, init)
+    out = jax.lax.while_loop(lambda carry: cond(carry[0]), body, (init, params))[0]
     _, pages, seen, _, generated, live, _, eos_hit, toks, lps, plps = out
     return pages, seen, generated, live, eos_hit, toks, lps, plps
 
@@ -616,6 +621,87 @@ def _prefill_args(admitted, run: _Run, slots: int, ps: int, pad_id: int) -> tupl
             np.asarray([len(admitted)], np.int32), kd, index, into)
 
 
+def lower_rollout(cfg, *, mesh=None) -> dict:
+    """Lowers, without weights, the programs the continuous engine compiles for a training
+    step of `cfg`: {"prefill", "decode_block", "weight_sync"} -> jax.stages.Lowered.
+
+    The student's architecture comes from cfg.student's config.json or cfg.arch.student (as
+    train.lower_step; override its depth there); compute dtype config.model.dtype. The
+    rollout layout is config.rollout.mesh: the decode block and the prefill are lowered for
+    one engine group (its first `tensor` chips of `mesh`, default make_mesh(config.mesh)), with
+    the weights in that layout and a page pool of config.rollout.kv_tokens_per_chip tokens;
+    slots = min(config.rollout.slots, the rollouts per group rounded up to a power of two);
+    the decode block at its widest page table (one row of data.max_prompt_len +
+    sampling.max_new_tokens tokens), the prefill at config.rollout.prefill_tokens tokens. The
+    weight sync is the jit that casts the student's params in the training sharding on `mesh`
+    to the compute dtype in the rollout layout there (the step's one weight all-gather).
+    """
+    from scope_jax import sharding as shd
+    from scope_jax import train
+    from scope_jax.models import ModelConfig
+
+    mesh = shd.make_mesh(cfg.mesh) if mesh is None else mesh
+    r = cfg.rollout
+    t = rollout_tensor(cfg)
+    if mesh.size % t:
+        raise ValueError(f"config.rollout.mesh.tensor={t} must divide the mesh's {mesh.size} chips")
+    graphdef, params, _ = train.abstract_model(cfg, "student", mesh)
+    arch = train._hf_config(cfg, "student")
+    mc = ModelConfig.from_hf(arch, source="config.arch.student")
+    dtype = jnp.dtype(cfg.model.dtype)
+    rules = rollout_rules(t)
+    model = nnx.merge(graphdef, params)  # abstract: shapes and metadata only
+    group = shd.make_mesh({"tensor": t}, devices=np.asarray(mesh.devices).reshape(-1)[:t])
+    sd = jax.ShapeDtypeStruct
+
+    def abstract(tree, layout):
+        return jax.tree.map(lambda x, sh: sd(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating)
+                                             else x.dtype, sharding=sh), tree, layout)
+
+    train_layout = nnx.to_pure_dict(shd.model_shardings(model, mesh, rules))
+    sync = jax.jit(functools.partial(_cast, dtype=dtype), out_shardings=train_layout)
+    with jax.set_mesh(mesh):
+        lowered = {"weight_sync": sync.lower(params)}
+    rparams = abstract(params, nnx.to_pure_dict(shd.model_shardings(model, group, rules)))
+    settings = settings_from_config(cfg, model_config=mc)
+    rollouts = int(cfg.prompts_per_step) * int(cfg.num_samples)
+    slots = min(int(r.slots), _pow2(-(-rollouts // (mesh.size // t))))
+    ps = int(r.page_size)
+    num_pages = int(r.kv_tokens_per_chip) // ps
+    width = engine.pages_for(int(cfg.data.max_prompt_len) + settings.max_new_tokens, ps)
+    kv_sh = _pages_sharding(group, mc.num_kv_heads)
+    pages = tuple(sd((num_pages, ps, 2 * mc.num_kv_heads, mc.head_dim), dtype, sharding=kv_sh)
+                  for _ in range(mc.num_layers))
+    rep = NamedSharding(group, P())
+    key_impl = jax.random.key_impl(jax.random.key(0))
+    key_shape = jax.random.key_data(jax.random.key(0)).shape
+
+    def arr(shape, dt=jnp.int32):
+        return sd(shape, dt, sharding=rep)
+
+    seen = None if settings.repetition_penalty == 1.0 else arr((slots, mc.vocab_size), jnp.bool_)
+    static = dict(graphdef=graphdef, settings=_program_settings(settings), key_impl=key_impl,
+                  impl=None)
+    keys = arr((slots,) + key_shape, jnp.uint32)
+    vec = arr((slots,))
+    tokens = _pow2(int(r.prefill_tokens), 16)
+    with jax.set_mesh(group):
+        lowered["decode_block"] = _decode_program.lower(
+            rparams, pages, seen, arr((slots, width)), vec, vec, vec, vec, arr((slots,), jnp.bool_),
+            keys, arr((len(settings.stop_ids),)), block=int(r.block), **static)
+        flat = arr((tokens,))
+        lowered["prefill"] = _prefill_program.lower(
+            rparams, pages, seen, flat, flat, flat, flat, vec, arr((slots, 1)),
+            arr((slots + 1,)), arr((1,)), keys, vec, vec, **static)
+    return lowered
+
+
+def rollout_tensor(cfg) -> int:
+    """config.rollout.mesh.tensor resolved: -1 is the training mesh's tensor axis."""
+    t = int(cfg.rollout.mesh.tensor)
+    return int(cfg.mesh.get("tensor", 1)) if t == -1 else t
+
+
 def engine_options(cfg) -> dict:
     """make_engine's options for config.rollout.engine (none for the static engine)."""
     r = cfg.rollout
@@ -623,7 +709,7 @@ def engine_options(cfg) -> dict:
         return {}
     return dict(slots=int(r.slots), page_size=int(r.page_size), block=int(r.block),
                 kv_tokens=int(r.kv_tokens_per_chip), order=str(r.order),
-                prefill_tokens=int(r.prefill_tokens), tensor=int(r.mesh.tensor))
+                prefill_tokens=int(r.prefill_tokens), tensor=rollout_tensor(cfg))
 
 
 def engine_from_config(cfg, model, settings: Settings, mesh=None) -> RolloutEngine:
