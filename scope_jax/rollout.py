@@ -227,10 +227,9 @@ def _decode_program(params, pages, seen, page_table, prev, generated, budget, kv
 
     def body(carry):
         c, weights = carry
-        # The weights travel in the carry behind an optimization barrier, so XLA cannot hoist
-        # work on them (XLA:CPU's f32 copies of bf16 weights for its dots) out of the loop,
-        # where every layer's copy would stay alive for the whole block.
-        model = nnx.merge(graphdef, jax.lax.optimization_barrier(weights))
+        # The weights travel in the carry and the model is rebuilt here, so the model's NNX
+        # code runs at this loop's trace level (as sampling._decode).
+        model = nnx.merge(graphdef, weights)
         j, pages, seen, prev, generated, live, kv_len, eos_hit, toks, lps, plps = c
         page = jnp.take_along_axis(page_table, (kv_len // page_size)[:, None], axis=1)[:, 0]
         batch = PagedBatch(

@@ -833,12 +833,7 @@ class Transformer(nnx.Module):
                                   jnp.asarray(positions, jnp.int32)[None])
         new = []
         for layer, pages in zip(self.layers, kv_pages):
-            # Each layer's weights pass one optimization barrier with that layer's input: no
-            # work on them (XLA:CPU's f32 copies of bf16 weights for its dots) can be scheduled
-            # before the layer runs, so such copies live one layer at a time, not all at once.
-            graph, weights = nnx.split(layer)
-            weights, x = jax.lax.optimization_barrier((weights, x))
-            x, pages = nnx.merge(graph, weights).paged(x, cos, sin, pages, batch)
+            x, pages = layer.paged(x, cos, sin, pages, batch)
             new.append(pages)
         return self.norm(x)[0], tuple(new)
 
