@@ -13,9 +13,10 @@ API (one Scheduler per generate call):
     while not sched.done():
         preempted = sched.reserve()      # pages for the next block of every live row;
                                          # evicts the most recently admitted rows if short
-        admitted = sched.admit()         # Admission(row, slot, context, generated) list
-        ... prefill the admitted rows' `context` tokens (prompt + tokens so far), which
-            samples token number `generated` of each; run one decode block ...
+        while admitted := sched.admit(max_tokens):  # Admission(row, slot, context, generated)
+            ... prefill the admitted rows' `context` tokens (prompt + tokens so far), which
+                samples token number `generated` of each ...
+        ... run one decode block ...
         finished = sched.advance({row: (generated, done), ...})   # for every live row
 
 Invariants:
@@ -225,11 +226,13 @@ class Scheduler:
         self._free_slots.append(r.slot)
         r.slot = -1
 
-    def admit(self) -> list[Admission]:
+    def admit(self, max_tokens: int | None = None) -> list[Admission]:
         """Places pending rows into free slots, in queue order, while the pool has the pages
         for a row's context plus one block; stops at the first row that does not fit (no
-        overtaking: the queue order is kept)."""
-        out = []
+        overtaking: the queue order is kept). max_tokens: at most this many context tokens
+        in all (one prefill call's size), except that a first row longer than it goes alone;
+        call again for the next prefill."""
+        out, tokens = [], 0
         for row in list(self._pending()):
             if not self._free_slots:
                 break
@@ -238,6 +241,9 @@ class Scheduler:
             extra = self._need(r, context + self.block)
             if extra > len(self._free_pages):
                 break
+            if max_tokens is not None and out and tokens + context > max_tokens:
+                break
+            tokens += context
             self._pop_pending(row)
             r.slot = self._free_slots.pop()
             r.admitted_at = self._admissions
@@ -300,10 +306,11 @@ class ReplayStats:
 
 def replay(prompt_lens: Sequence[int], lengths: Sequence[int], budgets: Sequence[int] | None = None,
            *, slots: int, num_pages: int, page_size: int, block: int,
-           order: str = "fifo") -> ReplayStats:
+           order: str = "fifo", prefill_tokens: int | None = None) -> ReplayStats:
     """Runs the Scheduler on a trace: row i has a prompt of prompt_lens[i] tokens and ends
     after lengths[i] generated tokens (EOS included; <= budgets[i], default lengths[i]), as
-    the engine would run it, minus the model. Returns ReplayStats."""
+    the engine would run it, minus the model (prefill calls of at most `prefill_tokens`
+    context tokens, as the engine's). Returns ReplayStats."""
     budgets = list(lengths) if budgets is None else list(budgets)
     if not len(prompt_lens) == len(lengths) == len(budgets):
         raise ValueError("replay: prompt_lens, lengths and budgets differ in length")
@@ -316,8 +323,7 @@ def replay(prompt_lens: Sequence[int], lengths: Sequence[int], budgets: Sequence
     stats = ReplayStats()
     while not sched.done():
         stats.preemptions += len(sched.reserve())
-        admitted = sched.admit()
-        if admitted:
+        while admitted := sched.admit(prefill_tokens):
             stats.prefills += 1
             stats.prefill_tokens += sum(a.context for a in admitted)
         live = sched.live.values()

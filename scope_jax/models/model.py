@@ -464,6 +464,12 @@ class Attention(nnx.Module):
 
         q, k, v = self._qkv(x, cos, sin)
         kv_pages = write_kv(kv_pages, k[0], v[0], batch.slots)
+        if batch.segment_ids is not None:  # whole sequences: the packed self-attention path
+            out = attention(q, k.astype(kv_pages.dtype).astype(q.dtype),
+                            v.astype(kv_pages.dtype).astype(q.dtype),
+                            jnp.arange(x.shape[1], dtype=jnp.int32), batch.segment_ids[None],
+                            self.d ** -0.5, chunk=self.chunk, rules=self.rules)
+            return self.o_proj(out), kv_pages
         out = paged_attention(q[0].astype(kv_pages.dtype), kv_pages, batch.kv_lens,
                               batch.page_indices, batch.cu_q_lens, batch.num_seqs,
                               sm_scale=self.d ** -0.5, implementation=batch.implementation)
@@ -591,6 +597,10 @@ class PagedBatch:
     page_indices: int32 [S, n]  each sequence's pages in order (entries past its length unused)
     cu_q_lens:    int32 [S + 1] cumulative query counts
     num_seqs:     int32 [1]     sequences in use (the first num_seqs of S)
+    segment_ids:  int32 [T] or None. Given when every sequence is prefilled whole (from its
+                  first token; 0 on padding): attention then runs within each sequence over
+                  this call's own keys, the packed self-attention path (query-chunked, the
+                  backend's kernel), instead of reading the pages back
     implementation: paged_attention's (None: its default for the backend); static
     """
 
@@ -599,6 +609,7 @@ class PagedBatch:
     page_indices: jax.Array
     cu_q_lens: jax.Array
     num_seqs: jax.Array
+    segment_ids: jax.Array | None = None
     implementation: str | None = flax.struct.field(pytree_node=False, default=None)
 
 
