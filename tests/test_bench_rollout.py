@@ -65,7 +65,8 @@ def _lay(rows_per_instance_slots: int, page: int, block: int, pages: int = 10_00
          instances: int = 2) -> br.Layout:
     return br.Layout(axes={"data": 1, "fsdp": 1, "tensor": 1}, chips=1, instances=instances,
                      slots=rows_per_instance_slots, page_size=page, block=block,
-                     num_pages=pages, kv_tokens_per_chip=pages * page, order="fifo")
+                     num_pages=pages, kv_tokens_per_chip=pages * page, order="fifo",
+                     prefill_tokens=None)
 
 
 @pytest.mark.parametrize("block", [1, 4, 16])

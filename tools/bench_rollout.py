@@ -165,8 +165,9 @@ def static_cost(prompt_lens, lengths, *, shards: int, max_new_tokens: int,
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """The continuous engine's rollout layout at a config: `chips` per instance (the size of
-    config.rollout.mesh), `instances` on the pod, and its scheduler's settings."""
+    """The continuous engine's rollout layout at a config: `chips` per instance (an engine
+    group: rollout.rollout_tensor(cfg) chips), `instances` on the pod, and the scheduler's
+    settings (config.rollout)."""
 
     axes: dict
     chips: int
@@ -177,26 +178,31 @@ class Layout:
     num_pages: int
     kv_tokens_per_chip: int
     order: str
+    prefill_tokens: int | None
 
 
 def layout(cfg) -> Layout:
     """The continuous engine's layout from config.rollout (mesh, slots, page_size, block,
-    kv_tokens_per_chip, order); the pod's chips are config.mesh's."""
+    kv_tokens_per_chip, order, prefill_tokens); the pod's chips are config.mesh's."""
+    from scope_jax import rollout
+
     r = cfg.get("rollout")
     need = ("mesh", "slots", "page_size", "block", "kv_tokens_per_chip")
     missing = [k for k in need if r is None or k not in r]
     if missing:
         raise ValueError(f"config.rollout lacks {['rollout.' + k for k in missing]}: the replay "
-                         "needs the continuous engine's settings (merge its branch)")
-    axes = mesh_axes(r.mesh)
-    chips, pod = math.prod(axes.values()), math.prod(mesh_axes(cfg.mesh).values())
-    if pod % chips:
-        raise ValueError(f"config.rollout.mesh {axes} ({chips} chips) does not divide the pod's "
-                         f"{pod} chips (config.mesh)")
+                         "needs the continuous engine's settings")
+    chips = rollout.rollout_tensor(cfg)
+    pod = math.prod(mesh_axes(cfg.mesh).values())
+    if chips < 1 or pod % chips:
+        raise ValueError(f"config.rollout.mesh.tensor={chips} does not divide the pod's {pod} "
+                         "chips (config.mesh)")
     page = int(r.page_size)
-    return Layout(axes=axes, chips=chips, instances=pod // chips, slots=int(r.slots),
-                  page_size=page, block=int(r.block), num_pages=int(r.kv_tokens_per_chip) // page,
-                  kv_tokens_per_chip=int(r.kv_tokens_per_chip), order=str(r.get("order", "fifo")))
+    return Layout(axes={"data": 1, "fsdp": 1, "tensor": chips}, chips=chips,
+                  instances=pod // chips, slots=int(r.slots), page_size=page, block=int(r.block),
+                  num_pages=int(r.kv_tokens_per_chip) // page,
+                  kv_tokens_per_chip=int(r.kv_tokens_per_chip), order=str(r.get("order", "fifo")),
+                  prefill_tokens=int(r.prefill_tokens) if r.get("prefill_tokens") else None)
 
 
 def engine_cost(prompt_lens, lengths, lay: Layout, *, max_new_tokens: int) -> dict[str, np.ndarray]:
@@ -204,21 +210,22 @@ def engine_cost(prompt_lens, lengths, lay: Layout, *, max_new_tokens: int) -> di
     contiguous block of rows replayed through scope_jax.engine.replay with every row's budget
     max_new_tokens. Keys as static_cost's, plus longest (the instance's longest row),
     prefill_tokens, preemptions."""
-    from scope_jax import engine
+    from scope_jax import engine, rollout
 
     p, n_tok = np.asarray(prompt_lens), np.asarray(lengths)
     if len(p) % lay.instances:
         raise ValueError(f"engine_cost: {len(p)} rows do not split evenly over "
                          f"{lay.instances} rollout instances")
     rows = len(p) // lay.instances
+    slots = min(lay.slots, rollout._pow2(rows))  # the engine's own rule (ContinuousEngine.generate)
     keys = ("decode_steps", "useful_row_steps", "row_steps", "kv_live", "kv_read",
             "prefill_tokens", "preemptions")
     out = {k: np.zeros(lay.instances, np.int64) for k in keys + ("longest",)}
     for k in range(lay.instances):
         sl = slice(k * rows, (k + 1) * rows)
         s = engine.replay(p[sl].tolist(), n_tok[sl].tolist(), [max_new_tokens] * rows,
-                          slots=lay.slots, num_pages=lay.num_pages, page_size=lay.page_size,
-                          block=lay.block, order=lay.order)
+                          slots=slots, num_pages=lay.num_pages, page_size=lay.page_size,
+                          block=lay.block, order=lay.order, prefill_tokens=lay.prefill_tokens)
         for key in keys:
             out[key][k] = getattr(s, key)
         out["longest"][k] = n_tok[sl].max()
@@ -238,8 +245,11 @@ def replay_report(cfg, *, draws: int, mix: Mix, hbm_gbps: float = V5E_HBM_GBPS,
 
     from scope_jax import train
 
+    from scope_jax import rollout
+
     m = int(cfg.sampling.max_new_tokens)
     static_axes, lay = mesh_axes(cfg.mesh), layout(cfg)
+    rows_per_instance = int(cfg.prompts_per_step) * int(cfg.num_samples) // lay.instances
     shards = math.prod(static_axes[a] for a in ("data", "fsdp"))  # train.batch_shards' axes
     compute, param = jnp.dtype(cfg.model.dtype), jnp.dtype(cfg.model.param_dtype)
     # static: the f32 params gathered over fsdp, still split over tensor; cache in compute dtype
@@ -291,8 +301,9 @@ def replay_report(cfg, *, draws: int, mix: Mix, hbm_gbps: float = V5E_HBM_GBPS,
                    int(cfg.prompts_per_step) * int(cfg.num_samples) // shards,
                    "weight_bytes_per_step": w_static, "kv_bytes_per_token": kv_static,
                    "kv_cache_bytes_per_chip": cache_tokens * kv_static},
-        "continuous": {**dataclasses.asdict(lay), "rows_per_instance": int(cfg.prompts_per_step) *
-                       int(cfg.num_samples) // lay.instances, "weight_bytes_per_step": w_engine,
+        "continuous": {**dataclasses.asdict(lay), "rows_per_instance": rows_per_instance,
+                       "slots_used": min(lay.slots, rollout._pow2(rows_per_instance)),
+                       "weight_bytes_per_step": w_engine,
                        "kv_bytes_per_token": kv_engine,
                        "kv_pool_bytes_per_chip": lay.num_pages * lay.page_size * kv_engine},
         "per_draw": per_draw})
@@ -405,12 +416,14 @@ class TunixDriver:
             self.proc.wait(timeout=60)
 
 
-def _jax_engines(model, cap: int, **settings):
-    """{"static", "continuous"}: scope_jax.rollout engines on `model`, EOS off."""
+def _jax_engines(model, cap: int, options: dict, **settings):
+    """{"static", "continuous"}: scope_jax.rollout engines on `model`, EOS off; `options` go
+    to make_engine for the continuous one (its defaults when empty)."""
     from scope_jax import rollout
 
     s = rollout.Settings(max_new_tokens=cap, stop_ids=(), pad_id=0, **settings)
-    return {kind: rollout.make_engine(kind, model, s) for kind in ("static", "continuous")}
+    return {"static": rollout.make_engine("static", model, s),
+            "continuous": rollout.make_engine("continuous", model, s, **options)}
 
 
 def _run_jax(engine, prompts, budgets=None, key=None):
@@ -438,7 +451,7 @@ def _agreement(static_out, rows: list[list[int]]) -> float:
     return same / max(1, int(lens.sum()))
 
 
-def skewed_bench(p: dict, *, repeats: int, tunix_python: str) -> dict:
+def skewed_bench(p: dict, *, repeats: int, tunix_python: str, options: dict) -> dict:
     """(b): tokens/s at a skewed mix of per-row budgets (EOS off, greedy): continuous, static,
     transformers' continuous batching and tunix's sampler (when its venv is there), on the same
     random checkpoint; interleaved rounds after one warm-up call each."""
@@ -447,7 +460,8 @@ def skewed_bench(p: dict, *, repeats: int, tunix_python: str) -> dict:
     from scope_jax.models import load_hf
     from tools.bench_sampling import CONFIGS, time_interleaved, write_checkpoint
 
-    spec = CONFIGS[p["model"]]["model"]
+    # rope theta 1e6 (Qwen3's own): tunix 0.1.7's Qwen3 ignores the config's theta and uses it
+    spec = dict(CONFIGS[p["model"]]["model"], rope_theta=1e6)
     prompts, budgets = skewed_mix(p["rows"], p["median"], p["cap"], p["prompt_min"],
                                   p["prompt_max"], spec["vocab_size"])
     tokens = int(sum(budgets))
@@ -457,7 +471,7 @@ def skewed_bench(p: dict, *, repeats: int, tunix_python: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out["params"] = write_checkpoint(tmp, spec)
         model = load_hf(tmp)
-        eng = _jax_engines(model, p["cap"], temperature=0.0)
+        eng = _jax_engines(model, p["cap"], options, temperature=0.0)
         fns = {"continuous": lambda: _run_jax(eng["continuous"], prompts, budgets),
                "static": lambda: _run_jax(eng["static"], prompts, budgets)}
         hf = HFContinuous(tmp, p["cap"])
@@ -496,7 +510,7 @@ def skewed_bench(p: dict, *, repeats: int, tunix_python: str) -> dict:
     return out
 
 
-def equal_bench(p: dict, *, repeats: int) -> dict:
+def equal_bench(p: dict, *, repeats: int, options: dict) -> dict:
     """(c): continuous vs static at equal lengths (tools/bench_sampling.py's setting: every row
     the same prompt length and budget, EOS off), greedy and sampled (bench_sampling.MODES)."""
     import jax
@@ -513,7 +527,7 @@ def equal_bench(p: dict, *, repeats: int) -> dict:
         write_checkpoint(tmp, spec)
         model = load_hf(tmp)
     for mode, kw in MODES.items():
-        eng = _jax_engines(model, m, **kw)
+        eng = _jax_engines(model, m, options, **kw)
         key = jax.random.key(0)
         fns = [lambda e=eng[k]: _run_jax(e, prompts, key=key) for k in ("continuous", "static")]
         first, med, times = time_interleaved(fns, repeats)
@@ -530,8 +544,22 @@ def equal_bench(p: dict, *, repeats: int) -> dict:
 # The tool
 # ---------------------------------------------------------------------------------------------
 
-def load_config(spec: str):
-    """A config file's get_config(variant) from "path[:variant]" (as tools/train.py's --config)."""
+def _literal(item: str, flag: str) -> tuple[str, object]:
+    """("key", value) from "key=value"; value a Python literal, else the string itself."""
+    import ast
+
+    key, eq, value = item.partition("=")
+    if not eq or not key:
+        raise ValueError(f"{flag} {item!r}: expected key=value")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def load_config(spec: str, overrides: list[str] = ()):
+    """A config file's get_config(variant) from "path[:variant]" (as tools/train.py's --config),
+    with "key=value" overrides (flattened keys, Python literals) applied."""
     import importlib.util
 
     path, _, variant = spec.partition(":")
@@ -540,13 +568,20 @@ def load_config(spec: str):
     module_spec = importlib.util.spec_from_file_location("bench_rollout_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
+    cfg = module.get_config(variant) if variant else module.get_config()
+    cfg.update_from_flattened_dict(dict(_literal(item, "--set") for item in overrides))
+    return cfg
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/paper_r1_1p5b.py",
                     help="experiment config file[:variant] of the replay")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. --set rollout.slots=16 (repeatable)")
+    ap.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="make_engine option of the continuous engine in (b), (c), e.g. "
+                         "--engine-option order='longest' (repeatable; default: its defaults)")
     ap.add_argument("--replay", action="store_true", help="(a) the scheduler replay")
     ap.add_argument("--skewed", action="store_true", help="(b) tokens/s at a skewed mix")
     ap.add_argument("--equal", action="store_true", help="(c) tokens/s at equal lengths")
@@ -588,8 +623,8 @@ def _print_replay(r: dict) -> None:
     c, s = r["continuous"], r["static"]
     print(f"\n== (a) replay: {r['rollouts']} rollouts, {r['draws']} draws; static: "
           f"{s['rows_per_chip']} rows/chip on mesh {s['mesh']}; continuous: {c['instances']} "
-          f"instances of {c['chips']} chips, {c['rows_per_instance']} rows each, {c['slots']} "
-          f"slots, pages of {c['page_size']}, blocks of {c['block']} (median over draws, [range])")
+          f"instances of {c['chips']} chips, {c['rows_per_instance']} rows each, {c['slots_used']} "
+          f"slots, a pool of {c['kv_tokens_per_chip']} tokens, pages of {c['page_size']}, blocks of {c['block']} (median over draws, [range])")
     print("| per chip | static | continuous |\n|---|---|---|")
     for label, key in (("useful decode row-steps", "useful_row_steps"),
                        ("live share of KV reads", "live_kv_reads"),
@@ -644,6 +679,7 @@ def main(argv=None) -> dict:
     p = dict(PRESETS[preset])
     p["rows"] = a.rows or p["rows"]
     repeats, draws = a.repeats or p["repeats"], a.draws or p["draws"]
+    options = dict(_literal(item, "--engine-option") for item in a.engine_option)
     if "skewed" in modes or "equal" in modes:
         import torch
 
@@ -651,19 +687,20 @@ def main(argv=None) -> dict:
     info = machine()
     report = {"command": "python -m tools.bench_rollout " + " ".join(
         sys.argv[1:] if argv is None else argv), "machine": info, "modes": modes,
-        "preset": preset, "torch_threads": a.torch_threads}
+        "preset": preset, "torch_threads": a.torch_threads, "engine_options": options}
     print(f"{info['date']}; {info['line']}; device {info['device']}; load average "
           f"{info['load_average']:.1f}; torch threads {a.torch_threads}", flush=True)
     t0 = time.perf_counter()
     if "replay" in modes:
-        r = replay_report(load_config(a.config), draws=draws, mix=Mix(), hbm_gbps=a.hbm_gbps)
+        r = replay_report(load_config(a.config, a.set), draws=draws, mix=Mix(), hbm_gbps=a.hbm_gbps)
         report.update(config=a.config, **r)  # headline keys at the top (the checks' interface)
         _print_replay(r)
     if "skewed" in modes:
-        report["skewed"] = skewed_bench(p, repeats=repeats, tunix_python=a.tunix_python)
+        report["skewed"] = skewed_bench(p, repeats=repeats, tunix_python=a.tunix_python,
+                                        options=options)
         _print_tps("skewed", report["skewed"])
     if "equal" in modes:
-        report["equal"] = equal_bench(p, repeats=repeats)
+        report["equal"] = equal_bench(p, repeats=repeats, options=options)
         _print_tps("equal", report["equal"])
     report["wall_s"] = time.perf_counter() - t0
     if a.json:

@@ -58,13 +58,18 @@ def load(checkpoint: str):
         hf = json.load(f)
     if hf.get("model_type") != "qwen3":
         raise ValueError(f"{checkpoint}: model_type {hf.get('model_type')!r}; this driver loads qwen3")
+    theta = float(hf.get("rope_theta") or hf.get("rope_parameters", {}).get("rope_theta", 1e6))
+    if theta != 1e6:  # tunix 0.1.7's qwen3 Attention calls apply_rope without the config's theta
+        print(f"tunix driver: {checkpoint} has rope_theta {theta:g}, but tunix 0.1.7's Qwen3 "
+              "always rotates with 1e6: its tokens will differ from the other engines'",
+              file=sys.stderr, flush=True)
     cfg = qwen3_model.ModelConfig(
         num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"],
         embed_dim=hf["hidden_size"], hidden_dim=hf["intermediate_size"],
         num_heads=hf["num_attention_heads"],
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
         num_kv_heads=hf["num_key_value_heads"],
-        rope_theta=int(hf.get("rope_theta") or hf.get("rope_parameters", {}).get("rope_theta", 1e6)),
+        rope_theta=int(theta),
         norm_eps=hf["rms_norm_eps"], use_tied_embedding=bool(hf.get("tie_word_embeddings")),
         dtype=jnp.float32, param_dtype=jnp.float32)
     return qwen3_params.create_model_from_safe_tensors(checkpoint, cfg, dtype=jnp.float32), hf, cfg
