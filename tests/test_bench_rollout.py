@@ -152,3 +152,25 @@ def test_layout_names_what_the_config_lacks():
         br.layout(cfg)
     with pytest.raises(ValueError, match="does not divide"):
         br.layout(_paper(**dict(ROLLOUT, mesh={"tensor": 3})))
+
+
+def test_quick_run_writes_every_mode(tmp_path):
+    """The tool end to end at --quick sizes (tunix left out: its venv is not the test's)."""
+    out = tmp_path / "r.json"
+    br.main(["--quick", "--json", str(out), "--set", "prompts_per_step=32",
+             "--tunix-python", str(tmp_path / "no-tunix")])
+    r = json.loads(out.read_text())
+    assert r["modes"] == ["replay", "skewed", "equal"] and r["machine"]["backend"] == "cpu"
+    for k in ("useful_row_steps", "live_kv_reads", "static_useful_row_steps", "static_live_kv_reads"):
+        assert 0 < r[k] <= 1, k
+    assert r["decode_steps_over_longest"] >= 1 and r["static_modelled_decode_s"] > 0
+    b = r["skewed"]
+    assert set(b["engines"]) == {"continuous", "static", "transformers_generate_batch"}
+    assert "tunix" in b["skipped"] and b["greedy_continuous_equals_static"] is True
+    # the same checkpoint in torch: float differences may flip a near-tie, not half the tokens
+    assert b["greedy_agreement_with_static"]["transformers_generate_batch"] > 0.5
+    assert b["engines"]["static"]["over_static"]["median"] == 1.0
+    for e in b["engines"].values():
+        assert e["tokens_per_s"] > 0 and e["over_static"]["min"] <= e["over_static"]["median"]
+    assert set(r["equal"]["modes"]) == {"greedy", "sample"}
+    assert r["equal"]["modes"]["greedy"]["same_tokens"] is True

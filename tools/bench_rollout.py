@@ -350,15 +350,20 @@ def _ratios(base: list[float], new: list[float]) -> dict:
 class HFContinuous:
     """transformers' continuous batching (ContinuousBatchingManager, the engine under
     generate_batch), one manager kept across calls, with a max_new_tokens per request
-    (generate_batch itself takes one for all), EOS off, greedy."""
+    (generate_batch itself takes one for all), EOS off, greedy; on CUDA when torch sees a GPU
+    and jax runs on one too, else on the CPU."""
 
     def __init__(self, path: str, cap: int):
+        import jax
         import torch
         import transformers
 
         self.torch = torch
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32).eval()
+        if jax.default_backend() == "gpu" and torch.cuda.is_available():
+            self.model = self.model.to("cuda")
+        self.device = str(next(self.model.parameters()).device)
         gen = transformers.GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0,
                                             max_new_tokens=cap)
         self.manager = self.model.init_continuous_batching(generation_config=gen)
@@ -505,6 +510,7 @@ def skewed_bench(p: dict, *, repeats: int, tunix_python: str, options: dict) -> 
         n: {"tokens_per_s": tokens / med[k], "median_s": med[k], "first_call_s": first[k],
             "over_static": _ratios(times[ref], times[k])} for k, n in enumerate(names)}
     out["skipped"] = skipped
+    out["transformers_device"] = hf.device
     out["greedy_continuous_equals_static"] = agree.pop("continuous")
     out["greedy_agreement_with_static"] = agree
     return out
