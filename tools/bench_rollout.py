@@ -5,8 +5,8 @@
     python -m tools.bench_rollout --replay --config configs/paper_r1_1p5b.py --json out.json
     # (b) tokens/s at a skewed mix of per-row budgets, (c) at equal lengths, on the tiny model:
     python -m tools.bench_rollout --skewed --equal --json out.json
-    python -m tools.bench_rollout --quick --json out.json          # every mode, smoke sizes (< 1 min)
-    python -m tools.bench_rollout --device-run --skewed --equal    # GPU sizes (< 6 min on an H200)
+    python -m tools.bench_rollout --quick --json out.json          # every mode, smoke sizes
+    python -m tools.bench_rollout --device-run                     # (b), (c) at GPU sizes
 
 (a) Replay. A trace is one RL step's rollouts: config.prompts_per_step prompts of 64..511 tokens
 (uniform, one length per prompt, shared by its config.num_samples samples) and their response
@@ -44,6 +44,21 @@ steps); `live_kv_reads` = KV tokens of live context attended / KV tokens read (s
 whole phase cache of every row; continuous: the live rows' whole pages);
 `decode_steps_over_longest` = decode steps / (longest row's length - 1), the longest row of
 the same instance (of the whole batch for the static sampler), the worst instance of a draw.
+Not modelled: a finished or empty slot's one-token read per step (the engine gives dead slots
+kv_len 1), KV writes, and the host's time between blocks.
+
+(b), (c) Tokens per second on this process's device, every engine on one random Qwen3
+checkpoint (tools/bench_sampling.write_checkpoint; preset "cpu": its "tiny" shape, "device":
+its "100m") written by transformers: `continuous` and `static` through
+scope_jax.rollout.make_engine (continuous with its defaults, or --engine-option), transformers'
+continuous batching (the ContinuousBatchingManager under generate_batch, one max_new_tokens
+per request) and google-tunix's Sampler in its own venv (tools/tunix_sampler_driver.py; one
+budget per call, so every row runs the longest budget). tokens/s = the tokens the rows asked
+for (sum of budgets) / wall seconds; rounds interleave the engines after one warm-up call each
+(bench_sampling.time_interleaved) and ratios are per round against `static`. EOS is off and
+decoding greedy in (b); (c) runs bench_sampling.MODES. Each run also checks that the
+continuous engine's greedy tokens equal the static sampler's, and how many of the static
+sampler's greedy tokens the other engines reproduce.
 """
 from __future__ import annotations
 
@@ -593,7 +608,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--equal", action="store_true", help="(c) tokens/s at equal lengths")
     ap.add_argument("--quick", action="store_true", help="smoke-test sizes (< 1 minute on a CPU)")
     ap.add_argument("--device-run", action="store_true",
-                    help="(b), (c) at GPU sizes (< 6 minutes on an H200)")
+                    help="(b), (c) at sizes meant for a GPU (the ~100M model; its time on an "
+                         "H200 is not measured yet)")
     ap.add_argument("--draws", type=int, default=0, help="replay traces (default: the preset's)")
     ap.add_argument("--repeats", type=int, default=0,
                     help="interleaved rounds of (b), (c) (default: the preset's)")
@@ -678,7 +694,8 @@ def main(argv=None) -> dict:
     """Runs the modes asked for (none: all; with --device-run: (b) and (c)); returns the report
     (the replay's keys at the top level, then "skewed", "equal")."""
     a = parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu") if not a.device_run else None
+    if not a.device_run:  # the CPU sizes measure the CPU even where an accelerator is present
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     modes = [m for m in ("replay", "skewed", "equal") if getattr(a, m)]
     modes = modes or (["skewed", "equal"] if a.device_run else ["replay", "skewed", "equal"])
     preset = "quick" if a.quick else "device" if a.device_run else "cpu"
