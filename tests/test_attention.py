@@ -319,11 +319,13 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("case", ["mixed", "decode"])
 @pytest.mark.parametrize("heads", [(4, 2), (6, 1)])
-def test_paged_xla_matches_numpy_per_sequence(dtype, case, heads):
+@pytest.mark.parametrize("block_bytes", [None, 1])  # all pages in one block / one page a block
+def test_paged_xla_matches_numpy_per_sequence(dtype, case, heads, block_bytes):
     batch = dict(MIXED if case == "mixed" else DECODE, heads=heads, dtype=dtype)
     args, dense, live = _paged_batch(**batch)
     scale = 16 ** -0.5
-    out = jax.jit(functools.partial(paged_attention, sm_scale=scale, implementation="xla"))(*args)
+    out = jax.jit(functools.partial(paged_attention_xla, sm_scale=scale,
+                                    block_bytes=block_bytes))(*args)
     assert out.shape == args[0].shape and out.dtype == dtype
     out = np.asarray(out.astype(jnp.float32))
     ref = _paged_numpy_reference(dense, heads[0], scale)
@@ -343,16 +345,19 @@ def test_paged_xla_matches_jax_ref_ragged_paged_attention(dtype):
 
 
 def test_paged_xla_ignores_unread_page_indices_and_dead_slots():
-    """Entries past a sequence's pages (here out of range) and dead slots change nothing."""
+    """Entries past a sequence's pages (here out of range, and 3 more columns than any sequence
+    needs, as a caller's bucket) and dead slots change nothing, whatever the block size."""
     args, dense, live = _paged_batch(**MIXED, seed=2)
     q, pool, lens, table, cu, n = args
     out = paged_attention_xla(*args, sm_scale=0.25)
-    table = np.asarray(table).copy()
+    table = np.pad(np.asarray(table), ((0, 0), (0, 3)))
     for s, kv in enumerate(MIXED["kv_lens"]):
         table[s, -(-kv // 8):] = [-7, 10 ** 6][s % 2]
     table[len(MIXED["q_lens"]):] = 10 ** 6
-    out2 = paged_attention_xla(q, pool, lens, jnp.asarray(table), cu, n, sm_scale=0.25)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))
+    for block_bytes in (None, 1, 3 * 26 * 8 * 4 * 16 * 4):  # 7 pages: 1 block; 1; 3 a block
+        out2 = paged_attention_xla(q, pool, lens, jnp.asarray(table), cu, n, sm_scale=0.25,
+                                   block_bytes=block_bytes)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(out2), atol=1e-6, rtol=0)
     np.testing.assert_allclose(np.asarray(out[:live]), _paged_numpy_reference(dense, 4, 0.25),
                                atol=1e-5, rtol=0)
 
