@@ -538,3 +538,27 @@ def test_bench_paged_runs_here_at_small_sizes(tmp_path):
         for name, r in case["impls"].items():
             assert r["max_abs_err_vs_f32"] < 2e-2, (case["page_size"], name)
             assert r["median_ms"] > 0
+
+
+@pytest.mark.parametrize("heads,d,page_size,num_seqs,pages_per_seq,num_pages", [
+    ((12, 2), 128, 16, 256, 768, 100_000),  # Qwen2-1.5B heads, 12k kv: the pool transposed
+    ((12, 2), 128, 64, 32, 192, 8_000),  # the table's pages gathered
+    ((4, 2), 16, 16, 32, 5, 200),  # the tiny test model's heads; 5 pages padded to 8
+])
+def test_pallas_gpu_lowers_for_cuda(heads, d, page_size, num_seqs, pages_per_seq, num_pages):
+    """The Triton lowering runs in Python, so its shape rules (every load a power of two) are
+    checked here without a GPU; compiling to PTX and running need one."""
+    shape = jax.ShapeDtypeStruct
+    i32 = jnp.int32
+    args = (shape((num_seqs, heads[0], d), jnp.bfloat16),
+            shape((num_pages, page_size, 2 * heads[1], d), jnp.bfloat16),
+            shape((num_seqs,), i32), shape((num_seqs, pages_per_seq), i32),
+            shape((num_seqs + 1,), i32), shape((1,), i32))
+    for fn in (attn.paged_attention_pallas_gpu, attn.gpu_kernel_if_decode):
+        lowered = jax.jit(functools.partial(fn, sm_scale=d ** -0.5)).trace(*args).lower(
+            lowering_platforms=("cuda",))
+        assert "triton" in lowered.as_text()
+    with pytest.raises(ValueError, match="power of 2"):  # the check can fail
+        jax.jit(functools.partial(attn.paged_attention_pallas_gpu, sm_scale=1.0,
+                                  pages_per_compute_block=3)).trace(*args).lower(
+            lowering_platforms=("cuda",))
