@@ -311,7 +311,7 @@ def _paged_numpy_reference(dense, hq, scale):
 
 # prefill from scratch, a prefill chunk continuing a sequence, decodes (one at a page boundary,
 # one exactly filling its pages), a 1-token prefill; two dead slots and 3 padding query rows
-MIXED = dict(q_lens=[13, 7, 1, 1, 1], kv_lens=[13, 30, 17, 16, 1], slots=7, num_tokens=26)
+MIXED = dict(q_lens=[13, 7, 1, 1, 1], kv_lens=[13, 45, 17, 16, 1], slots=7, num_tokens=26)
 DECODE = dict(q_lens=[1] * 6, kv_lens=[5, 16, 17, 40, 1, 23], slots=8, num_tokens=8)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -319,9 +319,11 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("case", ["mixed", "decode"])
 @pytest.mark.parametrize("heads", [(4, 2), (6, 1)])
-@pytest.mark.parametrize("block_bytes", [None, 1])  # all pages in one block / one page a block
-def test_paged_xla_matches_numpy_per_sequence(dtype, case, heads, block_bytes):
-    batch = dict(MIXED if case == "mixed" else DECODE, heads=heads, dtype=dtype)
+@pytest.mark.parametrize("page_size", [8, 32])  # 1 page a block: 4 pages / 1 page
+@pytest.mark.parametrize("block_bytes", [None, 1])  # all pages in one block / the least
+def test_paged_xla_matches_numpy_per_sequence(dtype, case, heads, page_size, block_bytes):
+    batch = dict(MIXED if case == "mixed" else DECODE, heads=heads, dtype=dtype,
+                 page_size=page_size)
     args, dense, live = _paged_batch(**batch)
     scale = 16 ** -0.5
     out = jax.jit(functools.partial(paged_attention_xla, sm_scale=scale,
@@ -354,7 +356,7 @@ def test_paged_xla_ignores_unread_page_indices_and_dead_slots():
     for s, kv in enumerate(MIXED["kv_lens"]):
         table[s, -(-kv // 8):] = [-7, 10 ** 6][s % 2]
     table[len(MIXED["q_lens"]):] = 10 ** 6
-    for block_bytes in (None, 1, 3 * 26 * 8 * 4 * 16 * 4):  # 7 pages: 1 block; 1; 3 a block
+    for block_bytes in (None, 1, 5 * 26 * 8 * 4 * 16 * 4):  # 9 pages: 1 block; 4; 5 a block
         out2 = paged_attention_xla(q, pool, lens, jnp.asarray(table), cu, n, sm_scale=0.25,
                                    block_bytes=block_bytes)
         np.testing.assert_allclose(np.asarray(out), np.asarray(out2), atol=1e-6, rtol=0)

@@ -417,8 +417,11 @@ def paged_attention_xla(queries: jax.Array, kv_pages: jax.Array, kv_lens: jax.Ar
     times faster than one gather of the whole bucket; tools/bench_paged.py --sizes cpu times
     it against the static sampler's dense-cache attend_decode).
 
-    block_bytes: the gathered block's target size (whole pages, at least one); default 256 KiB
-    on CPU (L2-sized), 64 MiB elsewhere (fewer loop steps). page_indices entries past a
+    block_bytes: the gathered block's target size (whole pages, at least 32 positions); default
+    256 KiB on CPU (L2-sized), 64 MiB elsewhere (fewer loop steps). The CPU figures were
+    chosen by timing decode at the tiny model's and Qwen2-1.5B's heads on the shared 2-core
+    dev machine (2026-12-04; noisy, load average ~10): both were slower with 2x larger or
+    smaller blocks. block_bytes=1 means one page (or 32 positions) a block. page_indices entries past a
     sequence's live pages may hold anything (clipped into range, masked). Not differentiable
     (a dynamic-length loop): inference only, as the kernels. Arguments and result as
     paged_attention.
@@ -429,19 +432,21 @@ def paged_attention_xla(queries: jax.Array, kv_pages: jax.Array, kv_lens: jax.Ar
     if block_bytes is None:
         block_bytes = 1 << 18 if jax.default_backend() == "cpu" else 1 << 26
     page_bytes = t * page_size * 2 * hkv * d * kv_pages.dtype.itemsize
-    block = max(1, min(pages_per_seq, block_bytes // page_bytes))
+    # at least 32 positions a block: fewer made the loop's per-step cost dominate on CPU
+    block = min(pages_per_seq, max(-(-32 // page_size), block_bytes // page_bytes))
     num_blocks = -(-pages_per_seq // block)
     width = block * page_size  # kv positions per block
     seq, pos, live = paged_token_positions(kv_lens, cu_q_lens, num_seqs, t)
     pages = jnp.pad(jnp.clip(page_indices, 0, p - 1),  # padding pages are masked by position
                     ((0, 0), (0, num_blocks * block - pages_per_seq)))
     pages = pages[seq].reshape(t, num_blocks, block)
+    split = kv_pages.reshape(p, page_size, hkv, 2, d)
     q = queries.reshape(t, hkv, g, d)
 
     def fold(j, carry):
         top, total, acc = carry  # running max and sum [T, Hkv, G], values [T, Hkv, G, D]
-        kv = kv_pages[pages[:, j]].reshape(t, width, hkv, 2, d)  # combined head 2h: K_h, V_h
-        k, v = kv[..., 0, :], kv[..., 1, :]
+        # combined head 2h is K_h, 2h + 1 is V_h; two gathers, each fused with its slice
+        k, v = (split[pages[:, j], :, :, i].reshape(t, width, hkv, d) for i in (0, 1))
         scores = jnp.einsum("tkgd,tlkd->tkgl", q, k, preferred_element_type=jnp.float32)
         at = j * width + jnp.arange(width, dtype=jnp.int32)
         allowed = at[None, :] <= pos[:, None]  # [T, width]; pos < kv_len
