@@ -445,9 +445,12 @@ def paged_attention_xla(queries: jax.Array, kv_pages: jax.Array, kv_lens: jax.Ar
 
     def fold(j, carry):
         top, total, acc = carry  # running max and sum [T, Hkv, G], values [T, Hkv, G, D]
-        # combined head 2h is K_h, 2h + 1 is V_h; two gathers, each fused with its slice
-        k, v = (split[pages[:, j], :, :, i].reshape(t, width, hkv, d) for i in (0, 1))
-        scores = jnp.einsum("tkgd,tlkd->tkgl", q, k, preferred_element_type=jnp.float32)
+        # combined head 2h is K_h, 2h + 1 is V_h; two gathers, each fused with its slice and
+        # transpose to [T, Hkv, width, D] (head-major: 1.5x faster at the tiny model's heads on
+        # CPU than position-major, ~8% slower at Qwen2-1.5B's)
+        k, v = (split[pages[:, j], :, :, i].reshape(t, width, hkv, d).transpose(0, 2, 1, 3)
+                for i in (0, 1))
+        scores = jnp.einsum("tkgd,tkld->tkgl", q, k, preferred_element_type=jnp.float32)
         at = j * width + jnp.arange(width, dtype=jnp.int32)
         allowed = at[None, :] <= pos[:, None]  # [T, width]; pos < kv_len
         scores = jnp.where(allowed[:, None, None], scores * sm_scale, -jnp.inf)
@@ -456,7 +459,7 @@ def paged_attention_xla(queries: jax.Array, kv_pages: jax.Array, kv_lens: jax.Ar
         probs = jnp.exp(scores - shift[..., None])
         rescale = jnp.exp(top - shift)
         acc = acc * rescale[..., None] + jnp.einsum(
-            "tkgl,tlkd->tkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            "tkgl,tkld->tkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return new_top, total * rescale + probs.sum(-1), acc
 
     init = (jnp.full((t, hkv, g), -jnp.inf, jnp.float32), jnp.zeros((t, hkv, g), jnp.float32),
