@@ -498,7 +498,14 @@ def paged_attention(queries: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array,
       implementation: None (default_paged_implementation), "xla", "pallas_tpu" or "pallas_gpu".
     Returns:
       [T, Hq, D] in queries' dtype (float32 softmax). Rows past cu_q_lens[num_seqs] (padding)
-      are 0, with every implementation.
+      are 0, with every implementation. "xla" also gives 0 for a sequence's rows whose
+      position would be negative (q_len > kv_len: bad input). Explicit "pallas_gpu" on a batch
+      that is T == S but not one query per sequence gives NaN everywhere (see
+      paged_attention_pallas_gpu); the default never does.
+
+    Inference only (no gradient: the loop and the kernels). The kernels are single-device
+    calls: under a mesh the caller runs paged_attention per shard (jax.shard_map, pool and
+    sequences split alike); "xla" also runs under XLA's partitioner.
     """
     t = queries.shape[0]
     s = page_indices.shape[0] if page_indices.ndim == 2 else None
