@@ -400,6 +400,8 @@ def test_write_kv_matches_numpy(dtype):
                           np.asarray(k.astype(dtype).astype(jnp.float32)),
                           np.asarray(v.astype(dtype).astype(jnp.float32)), slots)
     fn = jax.jit(write_kv, donate_argnums=0)
+    hlo = fn.lower(pool, k, v, jnp.asarray(slots)).compile().as_text()
+    assert hlo.count("scatter(") == 1 and "input_output_alias" in hlo  # one in-place scatter
     out = fn(pool, k, v, jnp.asarray(slots))
     assert out.dtype == dtype and out.shape == (p, ps, 2 * hkv, d)
     np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), ref)

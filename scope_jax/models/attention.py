@@ -505,7 +505,7 @@ def paged_attention(queries: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array,
 
     Inference only (no gradient: the loop and the kernels). The kernels are single-device
     calls: under a mesh the caller runs paged_attention per shard (jax.shard_map, pool and
-    sequences split alike); "xla" also runs under XLA's partitioner.
+    sequences split alike). None of this has been run under a mesh by this project's tests.
     """
     t = queries.shape[0]
     s = page_indices.shape[0] if page_indices.ndim == 2 else None
