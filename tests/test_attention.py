@@ -475,17 +475,21 @@ def test_pallas_gpu_refuses_what_it_cannot_serve():
                            f"{jax.default_backend()}); interpret mode is tested above")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_pallas_gpu_compiled_matches_reference(dtype):
+    """The Triton kernel's dots on float32 inputs run in TF32 (pl.dot's default precision),
+    hence the looser float32 tolerance; the reference runs at full float32 precision."""
     args, dense, live = _paged_batch(**DECODE, heads=(12, 2), d=128, page_size=16,
                                      num_pages=40, dtype=dtype, seed=10)
     scale = 128 ** -0.5
+    tol = {jnp.float32: 5e-3, jnp.bfloat16: 3e-2}[dtype]
     out = paged_attention(*args, sm_scale=scale, implementation="pallas_gpu")
     auto = paged_attention(*args, sm_scale=scale)
-    ref = paged_attention(*args, sm_scale=scale, implementation="xla")
+    with jax.default_matmul_precision("highest"):
+        ref = paged_attention(*args, sm_scale=scale, implementation="xla")
     for got in (out, auto):
         np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)),
-                                   np.asarray(ref.astype(jnp.float32)), atol=TOL[dtype], rtol=0)
+                                   np.asarray(ref.astype(jnp.float32)), atol=tol, rtol=0)
     np.testing.assert_allclose(np.asarray(out[:live].astype(jnp.float32)),
-                               _paged_numpy_reference(dense, 12, scale), atol=TOL[dtype], rtol=0)
+                               _paged_numpy_reference(dense, 12, scale), atol=tol, rtol=0)
 
 
 def test_pallas_tpu_in_interpret_mode_or_skip_with_the_error():

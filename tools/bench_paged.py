@@ -3,8 +3,8 @@
 Random decode batches over a randomly assigned page pool (scope_jax.models.attention's layout):
 S sequences, one query each, kv lengths uniform in [lo, hi], page_indices sliced to the
 longest row's pages (the engine's live-page bucket), the pool exactly the pages in use.
-For each case it reports every implementation's largest error against a float32 xla run on
-the same (rounded) inputs, its compiled temp memory, and its time per call: one warm-up
+For each case it reports every implementation's largest error against a float32 xla run
+(matmul precision "highest") on the same (rounded) inputs, its compiled temp memory, and its time per call: one warm-up
 call each, then `--repeats` rounds calling the implementations in turn (interleaved), median
 and 10th / 90th percentiles, and the per-round ratio xla / kernel (median, min, max).
 
@@ -113,8 +113,9 @@ def run_case(case: tuple, dtype, repeats: int, backend: str, interpret: bool) ->
     args = decode_batch(page_size, num_seqs, lens, dtype=dtype, **heads)
     scale = heads["d"] ** -0.5
     fns = implementations(backend, scale, args, interpret)
-    exact = attn.paged_attention_xla(args[0].astype(jnp.float32), args[1].astype(jnp.float32),
-                                     *args[2:], sm_scale=scale)
+    with jax.default_matmul_precision("highest"):  # no TF32 in the reference on a GPU
+        exact = attn.paged_attention_xla(args[0].astype(jnp.float32),
+                                         args[1].astype(jnp.float32), *args[2:], sm_scale=scale)
     row = dict(heads=heads, page_size=page_size, num_seqs=num_seqs, dtype=jnp.dtype(dtype).name,
                kv_len_min=int(args[2].min()), kv_len_median=float(np.median(args[2])),
                kv_len_max=int(args[2].max()), pages_per_seq=int(args[3].shape[1]),
