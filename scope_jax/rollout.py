@@ -153,6 +153,18 @@ def _cast(params, dtype):
                         else x, params)
 
 
+def weight_sync(train_shardings, rollout_layout, dtype):
+    """The jitted weight sync on the training mesh: params in `train_shardings` -> the compute
+    dtype in `rollout_layout`. The cast happens in the training sharding first, so the
+    all-gather moves compute-dtype bytes (bf16: half of float32's)."""
+    def sync(params):
+        cast = jax.tree.map(jax.lax.with_sharding_constraint, _cast(params, dtype),
+                            train_shardings)
+        return cast
+
+    return jax.jit(sync, out_shardings=rollout_layout)
+
+
 def _eos(tok: jax.Array, eos_ids: jax.Array) -> jax.Array:
     return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
 
@@ -362,9 +374,11 @@ class ContinuousEngine:
         self.graphdef, params = nnx.split(model)
         self.config, self.dtype = model.config, model.dtype
         rules = rollout_rules(self.tensor)
-        self._layouts = [shd.model_shardings(model, g, rules) for g in self.groups]
+        self._layouts = [nnx.to_pure_dict(shd.model_shardings(model, g, rules))
+                         for g in self.groups]
         # The rollout layout on the training mesh: what a multi-host sync reshards to first.
-        self._train_layout = None if mesh is None else shd.model_shardings(model, mesh, rules)
+        self._train_layout = (None if mesh is None else
+                              nnx.to_pure_dict(shd.model_shardings(model, mesh, rules)))
         self._pages: dict[int, tuple] = {}
         self.last_sync: dict[str, float] = {}
         self.last_stats: dict[str, int] = {}
@@ -377,11 +391,14 @@ class ContinuousEngine:
         layout (the step's one all-gather) and each group takes its own process's shards.
         Records {"bytes": the cast params' bytes (one copy), "seconds"} in self.last_sync."""
         t0 = time.perf_counter()
-        cast = _cast(params, self.dtype)
-        if all(x.is_fully_addressable for x in jax.tree.leaves(cast)):
+        if isinstance(params, nnx.State):  # as nnx.split gives them; the layouts are plain dicts
+            params = nnx.to_pure_dict(params)
+        if all(x.is_fully_addressable for x in jax.tree.leaves(params)):
+            cast = _cast(params, self.dtype)
             self.params = [jax.device_put(cast, lay) for lay in self._layouts]
         else:
-            cast = jax.jit(lambda p: p, out_shardings=self._train_layout)(cast)
+            cast = weight_sync(jax.tree.map(lambda x: x.sharding, params), self._train_layout,
+                               self.dtype)(params)
             self.params = [jax.tree.map(_local_copy, cast, lay) for lay in self._layouts]
         jax.block_until_ready(self.params)
         self.last_sync = {"bytes": float(sum(x.nbytes for x in jax.tree.leaves(cast))),
@@ -644,7 +661,7 @@ def lower_rollout(cfg, *, mesh=None) -> dict:
     t = rollout_tensor(cfg)
     if mesh.size % t:
         raise ValueError(f"config.rollout.mesh.tensor={t} must divide the mesh's {mesh.size} chips")
-    graphdef, params, _ = train.abstract_model(cfg, "student", mesh)
+    graphdef, params, train_shardings = train.abstract_model(cfg, "student", mesh)
     arch = train._hf_config(cfg, "student")
     mc = ModelConfig.from_hf(arch, source="config.arch.student")
     dtype = jnp.dtype(cfg.model.dtype)
@@ -658,7 +675,7 @@ def lower_rollout(cfg, *, mesh=None) -> dict:
                                              else x.dtype, sharding=sh), tree, layout)
 
     train_layout = nnx.to_pure_dict(shd.model_shardings(model, mesh, rules))
-    sync = jax.jit(functools.partial(_cast, dtype=dtype), out_shardings=train_layout)
+    sync = weight_sync(train_shardings, train_layout, dtype)
     with jax.set_mesh(mesh):
         lowered = {"weight_sync": sync.lower(params)}
     rparams = abstract(params, nnx.to_pure_dict(shd.model_shardings(model, group, rules)))

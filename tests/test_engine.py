@@ -233,3 +233,58 @@ def test_finished_rows_stream_out_once_and_equal_the_result(qwen3):
     for rs, part in parts:
         for k, v in part.items():
             np.testing.assert_array_equal(v, out[k][rs], err_msg=k)
+
+
+def _two_process_worker(ckpt: str, out: str) -> None:
+    """One of 2 processes (tests/tiny_hf.run_two_processes): the student sharded over both
+    processes' devices (fsdp), each process generating its own prompts on its own engine."""
+    from scope_jax.models import load_hf
+    from scope_jax.sharding import initialize_distributed, make_mesh
+
+    initialize_distributed()
+    mesh = make_mesh({"fsdp": -1})
+    model = load_hf(ckpt, mesh=mesh)
+    pid = jax.process_index()
+    for temperature in (0.0, 0.8):
+        settings = rollout.Settings(max_new_tokens=12, temperature=temperature, stop_ids=(2,))
+        eng = rollout.make_engine("continuous", model, settings, mesh, **SMALL)
+        got = eng.generate(random_prompts(20 + pid)[:3], num_samples=2, key=jax.random.key(4))
+        assert got.tokens.shape == (12, 12) and not got.tokens.is_fully_addressable
+        np.savez(f"{out}/{pid}_{temperature}.npz",
+                 **{k: sampling.local_rows(v) for k, v in vars(got).items()})
+
+
+def test_two_processes_generate_their_own_rows(qwen3, tmp_path):
+    """2 CPU processes: each one's rows equal a one-process run of its prompts with its key
+    (jax.random.fold_in(key, process)), and the outputs are global arrays."""
+    import os
+    import subprocess  # noqa: F401
+    import sys
+
+    from tests.tiny_hf import make_tiny_checkpoint, run_two_processes
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "qwen3", seed=11, tie_word_embeddings=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    run_two_processes([sys.executable, os.path.abspath(__file__), str(ckpt), str(tmp_path)],
+                      root, env)
+    from scope_jax.models import load_hf
+
+    model = load_hf(ckpt)
+    for temperature in (0.0, 0.8):
+        settings = rollout.Settings(max_new_tokens=12, temperature=temperature, stop_ids=(2,))
+        for pid in (0, 1):
+            want = _np(rollout.make_engine("continuous", model, settings, **SMALL).generate(
+                random_prompts(20 + pid)[:3], num_samples=2,
+                key=jax.random.fold_in(jax.random.key(4), pid)))
+            got = dict(np.load(tmp_path / f"{pid}_{temperature}.npz"))
+            np.testing.assert_array_equal(got["tokens"], want["tokens"])
+            np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)
+            np.testing.assert_array_equal(got["group_ids"], want["group_ids"] + 3 * pid)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _two_process_worker(sys.argv[1], sys.argv[2])

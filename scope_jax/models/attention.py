@@ -33,8 +33,9 @@ queries are ragged (sequence s owns rows cu_q_lens[s]:cu_q_lens[s + 1]: prefill 
 decodes mixed in one call); the pool interleaves K and V heads (combined head 2h = K head h,
 2h + 1 = V head h), the layout of JAX's Pallas TPU ragged_paged_attention, so the TPU kernel
 reads the pool as it is. Implementations:
-  "xla":        paged_attention_xla, pure JAX: each query gathers its own sequence's pages
-                (no T x all-kv product); the reference and the CPU path. Tested against a
+  "xla":        paged_attention_xla, pure JAX: each query reads its own sequence's pages a
+                block at a time with an online softmax (no T x all-kv product, nothing of
+                size T x pages_per_seq); the reference and the CPU path. Tested against a
                 float64 numpy re-derivation and JAX's ref_ragged_paged_attention.
   "pallas_tpu": jax.experimental.pallas.ops.tpu.ragged_paged_attention (head_dim a multiple of
                 128). NOT run by this project: jax 0.10.2's Pallas interpret modes cannot run
@@ -392,7 +393,8 @@ def paged_token_positions(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: ja
     idx = jnp.arange(s + 1, dtype=jnp.int32)
     cu = jnp.where(idx <= n, cu_q_lens, cu_q_lens[n])  # entries past num_seqs are unspecified
     t = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(cu[1:], t, side="right"), 0, s - 1).astype(jnp.int32)
+    # a [T, S] count rather than searchsorted, whose while loop costs more on CPU at these sizes
+    seq = jnp.minimum(jnp.sum(cu[None, 1:] <= t[:, None], axis=1, dtype=jnp.int32), s - 1)
     q_len = cu[seq + 1] - cu[seq]
     pos = kv_lens[seq] - q_len + (t - cu[seq])
     return seq, pos, (t < cu[n]) & (pos >= 0)
@@ -400,33 +402,71 @@ def paged_token_positions(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: ja
 
 def paged_attention_xla(queries: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array,
                         page_indices: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
-                        sm_scale: float) -> jax.Array:
+                        sm_scale: float, block_bytes: int | None = None) -> jax.Array:
     """paged_attention in pure JAX: the reference, and the CPU path.
 
-    Each query token gathers its own sequence's pages, [T, pages_per_seq * page_size, 2 * Hkv,
-    D], and attends to the positions <= its own (float32 scores and softmax, probabilities cast
-    to the cache dtype for the value product, as the Pallas kernels). There is no T x (all
-    sequences' kv) product: work and memory are O(T * pages_per_seq * page_size), so in decode
-    (T = S, one query per sequence) it is the [S, Hq, D] x [S, pages, page_size, Hkv, D]
-    product, bounded by the caller's page_indices bucket. A prefill chunk of C tokens gathers
-    its sequence's pages C times (fine on CPU; TPU prefill runs pallas_tpu).
+    Each query token reads its own sequence's pages, a block of pages at a time, with an
+    online (flash-decoding) float32 softmax: per block it gathers [T, block pages, page_size,
+    2 * Hkv, D], scores it against its [Hkv, G, D] query, masks positions past its own, and
+    folds the block into a running max, sum and value accumulator (probabilities cast to the
+    cache dtype for the value product, as the Pallas kernels do). So there is no T x (all
+    sequences' kv) product and nothing of size T x pages_per_seq is materialised: in decode
+    (T = S) each step is the [S, Hq, D] x [S, block pages, page_size, Hkv, D] product, the
+    loop runs only up to the block of the furthest attended position (not to the end of the
+    caller's page_indices bucket), and the gathered block stays in cache (on CPU, several
+    times faster than one gather of the whole bucket; tools/bench_paged.py --sizes cpu times
+    it against the static sampler's dense-cache attend_decode).
 
-    page_indices entries past a sequence's live pages may hold anything (they are clipped into
-    range and masked). Arguments and result as paged_attention.
+    block_bytes: the gathered block's target size (whole pages, at least 32 positions); default
+    256 KiB on CPU (L2-sized), 64 MiB elsewhere (fewer loop steps). The CPU figures were
+    chosen by timing decode at the tiny model's and Qwen2-1.5B's heads on the shared 2-core
+    dev machine (2026-12-04; noisy, load average ~10): both were slower with 2x larger or
+    smaller blocks. block_bytes=1 means one page (or 32 positions) a block. page_indices entries past a
+    sequence's live pages may hold anything (clipped into range, masked). Not differentiable
+    (a dynamic-length loop): inference only, as the kernels. Arguments and result as
+    paged_attention.
     """
     t, hq, d, p, page_size, hkv, _, pages_per_seq = _paged_dims(
         queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    g = hq // hkv
+    if block_bytes is None:
+        block_bytes = 1 << 18 if jax.default_backend() == "cpu" else 1 << 26
+    page_bytes = t * page_size * 2 * hkv * d * kv_pages.dtype.itemsize
+    # at least 32 positions a block: fewer made the loop's per-step cost dominate on CPU
+    block = min(pages_per_seq, max(-(-32 // page_size), block_bytes // page_bytes))
+    num_blocks = -(-pages_per_seq // block)
+    width = block * page_size  # kv positions per block
     seq, pos, live = paged_token_positions(kv_lens, cu_q_lens, num_seqs, t)
-    pages = jnp.clip(page_indices, 0, p - 1)[seq]  # [T, pages_per_seq]
-    span = pages_per_seq * page_size
-    kv = kv_pages[pages].reshape(t, span, hkv, 2, d)  # combined head 2h is K_h, 2h + 1 is V_h
-    k, v = kv[..., 0, :], kv[..., 1, :]  # [T, L, Hkv, D]
-    q = queries.reshape(t, hkv, hq // hkv, d)
-    scores = jnp.einsum("tkgd,tlkd->tkgl", q, k, preferred_element_type=jnp.float32) * sm_scale
-    allowed = jnp.arange(span, dtype=jnp.int32)[None, :] <= pos[:, None]  # [T, L]; pos < kv_len
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("tkgl,tlkd->tkgd", probs, v, preferred_element_type=jnp.float32)
+    pages = jnp.pad(jnp.clip(page_indices, 0, p - 1),  # padding pages are masked by position
+                    ((0, 0), (0, num_blocks * block - pages_per_seq)))
+    pages = pages[seq].reshape(t, num_blocks, block)
+    split = kv_pages.reshape(p, page_size, hkv, 2, d)
+    q = queries.reshape(t, hkv, g, d)
+
+    def fold(j, carry):
+        top, total, acc = carry  # running max and sum [T, Hkv, G], values [T, Hkv, G, D]
+        # combined head 2h is K_h, 2h + 1 is V_h; two gathers, each fused with its slice and
+        # transpose to [T, Hkv, width, D] (head-major: 1.5x faster at the tiny model's heads on
+        # CPU than position-major, ~8% slower at Qwen2-1.5B's)
+        k, v = (split[pages[:, j], :, :, i].reshape(t, width, hkv, d).transpose(0, 2, 1, 3)
+                for i in (0, 1))
+        scores = jnp.einsum("tkgd,tkld->tkgl", q, k, preferred_element_type=jnp.float32)
+        at = j * width + jnp.arange(width, dtype=jnp.int32)
+        allowed = at[None, :] <= pos[:, None]  # [T, width]; pos < kv_len
+        scores = jnp.where(allowed[:, None, None], scores * sm_scale, -jnp.inf)
+        new_top = jnp.maximum(top, scores.max(-1))
+        shift = jnp.where(new_top == -jnp.inf, 0.0, new_top)  # nothing seen yet: no NaN
+        probs = jnp.exp(scores - shift[..., None])
+        rescale = jnp.exp(top - shift)
+        acc = acc * rescale[..., None] + jnp.einsum(
+            "tkgl,tkld->tkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return new_top, total * rescale + probs.sum(-1), acc
+
+    init = (jnp.full((t, hkv, g), -jnp.inf, jnp.float32), jnp.zeros((t, hkv, g), jnp.float32),
+            jnp.zeros((t, hkv, g, d), jnp.float32))
+    needed = jnp.max(jnp.where(live, pos, -1)) // width + 1  # blocks up to the furthest query
+    _, total, acc = jax.lax.fori_loop(0, jnp.minimum(needed, num_blocks), fold, init)
+    out = acc / jnp.where(total == 0, 1.0, total)[..., None]
     out = jnp.where(live[:, None, None, None], out, 0)
     return out.reshape(t, hq, d).astype(queries.dtype)
 
@@ -458,7 +498,14 @@ def paged_attention(queries: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array,
       implementation: None (default_paged_implementation), "xla", "pallas_tpu" or "pallas_gpu".
     Returns:
       [T, Hq, D] in queries' dtype (float32 softmax). Rows past cu_q_lens[num_seqs] (padding)
-      are 0, with every implementation.
+      are 0, with every implementation. "xla" also gives 0 for a sequence's rows whose
+      position would be negative (q_len > kv_len: bad input). Explicit "pallas_gpu" on a batch
+      that is T == S but not one query per sequence gives NaN everywhere (see
+      paged_attention_pallas_gpu); the default never does.
+
+    Inference only (no gradient: the loop and the kernels). The kernels are single-device
+    calls: under a mesh the caller runs paged_attention per shard (jax.shard_map, pool and
+    sequences split alike). None of this has been run under a mesh by this project's tests.
     """
     t = queries.shape[0]
     s = page_indices.shape[0] if page_indices.ndim == 2 else None

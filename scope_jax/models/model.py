@@ -452,6 +452,21 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def _pool_layout(self, x: jax.Array, axis: int) -> jax.Array:
+        """x with its KV-head axis `axis` (of K heads, or 2K combined K/V heads in a page pool)
+        split as act_kv_heads splits K heads, the other axes replicated (under a mesh)."""
+        from jax.sharding import PartitionSpec
+
+        from scope_jax.sharding import logical_to_spec
+
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return x
+        heads = logical_to_spec(("act_kv_heads",), self.rules, shape=(self.kh,), mesh=mesh)[0]
+        spec = [None] * x.ndim
+        spec[axis] = heads
+        return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
     def paged(self, x, cos, sin, kv_pages, batch: "PagedBatch"):
         """Ragged attention over a paged KV cache (the continuous engine's prefill and decode).
 
@@ -463,7 +478,12 @@ class Attention(nnx.Module):
         from scope_jax.models.attention import paged_attention, write_kv
 
         q, k, v = self._qkv(x, cos, sin)
-        kv_pages = write_kv(kv_pages, k[0], v[0], batch.slots)
+        # The pool and the new keys / values keep one layout (KV heads split like
+        # act_kv_heads when they divide, else replicated): left free, the partitioner may
+        # re-lay the whole pool out every step to meet the scatter.
+        k, v = (self._pool_layout(a[0], 1) for a in (k, v))
+        kv_pages = self._pool_layout(write_kv(self._pool_layout(kv_pages, 2), k, v, batch.slots), 2)
+        k, v = k[None], v[None]
         if batch.segment_ids is not None:  # whole sequences: the packed self-attention path
             out = attention(q, k.astype(kv_pages.dtype).astype(q.dtype),
                             v.astype(kv_pages.dtype).astype(q.dtype),
