@@ -368,10 +368,11 @@ class HFContinuous:
     (generate_batch itself takes one for all), EOS off, greedy; on CUDA when torch sees a GPU
     and jax runs on one too, else on the CPU."""
 
-    def __init__(self, path: str, cap: int):
+    def __init__(self, path: str, cap: int, rows: int, longest_prompt: int, page_size: int = 16):
         import jax
         import torch
         import transformers
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         self.torch = torch
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -381,7 +382,12 @@ class HFContinuous:
         self.device = str(next(self.model.parameters()).device)
         gen = transformers.GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0,
                                             max_new_tokens=cap)
-        self.manager = self.model.init_continuous_batching(generation_config=gen)
+        # A cache for every row at its whole budget, sized here: left to itself the manager
+        # sizes its cache from the free memory (on a CPU, over 10 GB of host RAM).
+        blocks = rows * -(-(longest_prompt + cap) // page_size)
+        self.manager = self.model.init_continuous_batching(
+            generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(
+                page_size=page_size, num_blocks=blocks))
         self.manager.start()
         self.calls = 0
 
@@ -494,7 +500,7 @@ def skewed_bench(p: dict, *, repeats: int, tunix_python: str, options: dict) -> 
         eng = _jax_engines(model, p["cap"], options, temperature=0.0)
         fns = {"continuous": lambda: _run_jax(eng["continuous"], prompts, budgets),
                "static": lambda: _run_jax(eng["static"], prompts, budgets)}
-        hf = HFContinuous(tmp, p["cap"])
+        hf = HFContinuous(tmp, p["cap"], len(prompts), max(len(q) for q in prompts))
         fns["transformers_generate_batch"] = lambda: hf.generate(prompts, budgets)
         tunix, skipped = None, {}
         if not os.path.exists(tunix_python):
