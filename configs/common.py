@@ -134,6 +134,30 @@ def base() -> ml_collections.ConfigDict:
     c.model.logprob_chunk = 512  # vocabulary tile of losses.token_logprobs
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+
+    # Rollout generation (scope_jax.rollout). engine: "static" (scope_jax.sampling: the batch
+    # decodes until its longest row ends) or "continuous" (scope_jax.engine: slots refilled as
+    # rows end, a paged KV cache that holds live context only). Static stays the default until
+    # tools/bench_rollout.py measures the continuous engine faster on the toy and at scale.
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.engine = "static"
+    # The rollout weight layout: each host's chips generate on their own (nothing crosses
+    # hosts while decoding). tensor = chips of one host that split one engine's heads: -1 =
+    # mesh.tensor (the heads stay split as training splits them, the weights are gathered
+    # over data and fsdp once per step), 1 = every chip its own engine, the weights
+    # replicated on it. mesh.tensor's chips must sit on one host.
+    c.rollout.mesh = ml_collections.ConfigDict({"tensor": -1})
+    # Continuous engine only. Page pool per engine, in tokens (at 28 layers, 2 KV heads of 128
+    # in bfloat16: 28 KiB a token, so 65,536 tokens = 1.75 GiB); at least one whole rollout
+    # (data.max_prompt_len + sampling.max_new_tokens). Admission waits when it is full.
+    c.rollout.kv_tokens_per_chip = 65536
+    c.rollout.slots = 32  # rows decoded together per engine
+    c.rollout.page_size = 16  # tokens per KV page
+    c.rollout.block = 16  # decode steps per jitted block (the host admits and retires between)
+    c.rollout.order = "fifo"  # admission order: fifo | longest (largest budget first)
+    # Context tokens per prefill call (admitted rows are prefilled together up to this; a
+    # longer context goes alone): bounds the prefill's activations.
+    c.rollout.prefill_tokens = 8192
     return c
 
 

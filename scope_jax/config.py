@@ -136,6 +136,14 @@ SCHEMA: dict[str, Callable[[Any], str | None]] = {
     "model.teacher_dtype": _one_of(*_DTYPES),
     "model.remat_policy": _one_of("full", "minimal", "none"),  # scope_jax.models.REMAT_POLICIES
     "model.logprob_chunk": _int(1),
+    "rollout.engine": _one_of("static", "continuous"),  # scope_jax.rollout.ENGINES
+    "rollout.mesh.tensor": lambda v: None if v == -1 else _int(1)(v),
+    "rollout.kv_tokens_per_chip": _int(1),
+    "rollout.slots": _int(1),
+    "rollout.page_size": _int(1),
+    "rollout.block": _int(1),
+    "rollout.prefill_tokens": _int(1),
+    "rollout.order": _one_of("fifo", "longest"),  # scope_jax.engine.ORDERS
 }
 FREE = ("mesh", "arch")  # sub-dicts whose keys are free (mesh axes; architecture dicts)
 
@@ -206,11 +214,34 @@ def problems(cfg) -> list[str]:
     if cfg["prompts_per_step"] % cfg["pipeline"]["chunks"]:
         out.append(f"config.pipeline.chunks={cfg['pipeline']['chunks']}: must divide prompts_per_step="
                    f"{cfg['prompts_per_step']} (every chunk holds the same number of prompts)")
+    out += _rollout_problems(cfg)
     if cfg["packing"]:
         longest = prompt_bucket(cfg["data"]["max_prompt_len"]) + cfg["sampling"]["max_new_tokens"]
         if cfg["packing"] < longest:
             out.append(f"config.packing={cfg['packing']}: a packed row must hold any rollout, "
                        f"prompt bucket + sampling.max_new_tokens = {longest} tokens; set it >= {longest}")
+    return out
+
+
+def _rollout_problems(cfg) -> list[str]:
+    """The rollout group's cross-key checks (the continuous engine's pool and layout)."""
+    r, out = cfg["rollout"], []
+    kv, page = r["kv_tokens_per_chip"], r["page_size"]
+    longest = cfg["data"]["max_prompt_len"] + cfg["sampling"]["max_new_tokens"]
+    if r["engine"] == "continuous" and kv < -(-longest // page) * page:
+        out.append(f"config.rollout.kv_tokens_per_chip={kv}: the page pool must hold one whole "
+                   f"rollout, data.max_prompt_len + sampling.max_new_tokens = {longest} tokens "
+                   f"in pages of rollout.page_size={page}; set it >= {-(-longest // page) * page}")
+    mesh = cfg["mesh"]
+    train_tensor = mesh.get("tensor", 1) if hasattr(mesh, "get") else 1
+    t = r["mesh"]["tensor"]
+    if t == -1 and train_tensor == -1:
+        out.append("config.rollout.mesh.tensor=-1 (the training mesh's tensor axis) needs "
+                   "config.mesh.tensor to be a size, not -1")
+    elif t not in (-1, 1) and t != train_tensor:
+        out.append(f"config.rollout.mesh.tensor={t}: must be 1 (each chip its own engine, the "
+                   f"weights replicated), -1 or config.mesh.tensor={train_tensor} (the heads "
+                   "split within a host as the training layout splits them)")
     return out
 
 

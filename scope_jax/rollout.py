@@ -16,6 +16,8 @@ Engines (config.rollout.engine):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -23,11 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from scope_jax import sampling
+from scope_jax import engine, sampling
+from scope_jax.models.model import PagedBatch
 from scope_jax.sampling import SamplerOutput
 
-ENGINES = ("static",)
+ENGINES = ("static", "continuous")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,11 +138,612 @@ class StaticEngine:
         return out if budgets is None else cap_rows(out, budgets, s.pad_id)
 
 
-def make_engine(kind: str, model, settings: Settings, mesh=None) -> RolloutEngine:
+# ----------------------------------------------------------------------------- continuous
+
+
+def _pow2(n: int, least: int = 1) -> int:
+    """The smallest power of two >= max(n, least): compiled shapes stay few (log2 many)."""
+    return max(least, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _cast(params, dtype):
+    """Floating leaves of `params` in `dtype` (the model casts every weight to its compute
+    dtype before use, so this changes no result, only the bytes each step reads)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                        else x, params)
+
+
+def weight_sync(train_shardings, rollout_layout, dtype):
+    """The jitted weight sync on the training mesh: params in `train_shardings` -> the compute
+    dtype in `rollout_layout`. The cast happens in the training sharding first, so the
+    all-gather moves compute-dtype bytes (bf16: half of float32's)."""
+    def sync(params):
+        cast = jax.tree.map(jax.lax.with_sharding_constraint, _cast(params, dtype),
+                            train_shardings)
+        return cast
+
+    return jax.jit(sync, out_shardings=rollout_layout)
+
+
+def _eos(tok: jax.Array, eos_ids: jax.Array) -> jax.Array:
+    return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+
+
+def _logits_at(model, hidden: jax.Array, rows: jax.Array) -> jax.Array:
+    """float32 [R, V]: the logits of hidden [T, H]'s rows `rows` int32 [R] only."""
+    return model.logits_from_hidden(hidden[rows][None])[0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings", "key_impl", "impl"),
+                   donate_argnames=("pages", "seen"))
+def _prefill_program(params, pages, seen, ids, positions, slots, segment_ids, kv_lens,
+                     page_indices, cu_q_lens, num_seqs, key_data, index, into, *, graphdef,
+                     settings, key_impl, impl):
+    """Prefills the admitted rows' whole contexts and samples one token for each.
+
+    ids, positions, slots, segment_ids int32 [T]: the contexts (prompt + tokens so far) of up
+    to S rows laid end to end (padding after them: slot -1, segment 0); every context starts
+    at its first token, so attention runs within each one over its own keys (PagedBatch);
+    kv_lens int32 [S] their lengths; page_indices int32 [S, 1] (unread: the pages are only
+    written); cu_q_lens int32 [S + 1]; num_seqs int32 [1]; key_data [S, ...]
+    each row's key; index int32 [S] the token number each samples; into int32 [S] the slot
+    each row takes (S for padding: dropped) in `seen` bool [S, V] (None: no penalty).
+    Returns (pages, seen, token int32 [S], logprob [S], policy logprob [S]).
+    """
+    model = nnx.merge(graphdef, params)
+    batch = PagedBatch(slots=slots, kv_lens=kv_lens, page_indices=page_indices,
+                       cu_q_lens=cu_q_lens, num_seqs=num_seqs, segment_ids=segment_ids,
+                       implementation=impl)
+    hidden, pages = model.forward_paged(ids, positions, pages, batch)
+    logits = _logits_at(model, hidden, jnp.maximum(cu_q_lens[1:] - 1, 0))
+    vocab = logits.shape[-1]
+    uniforms = (None if settings.temperature == 0.0 else
+                sampling.token_uniforms(jax.random.wrap_key_data(key_data, impl=key_impl), index))
+    row_seen = None
+    if seen is not None:  # the context's tokens (prompt and response so far), as the static sampler
+        t = ids.shape[0]
+        seq = jnp.searchsorted(cu_q_lens[1:], jnp.arange(t), side="right")
+        real = jnp.arange(t) < cu_q_lens[num_seqs[0]]
+        row_seen = jnp.zeros((kv_lens.shape[0], vocab + 1), bool).at[
+            jnp.where(real, seq, 0), jnp.where(real, ids, vocab)].set(True)[:, :vocab]
+    tok, lp, plp = sampling._pick(logits, uniforms, row_seen, settings)
+    if seen is not None:
+        row_seen = row_seen.at[jnp.arange(tok.shape[0]), tok].set(True)
+        seen = seen.at[into].set(row_seen, mode="drop")
+    return pages, seen, tok, lp, plp
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings", "key_impl", "impl", "block"),
+                   donate_argnames=("pages", "seen"))
+def _decode_program(params, pages, seen, page_table, prev, generated, budget, kv_len, live,
+                    key_data, eos_ids, *, graphdef, settings, key_impl, impl, block):
+    """Up to `block` decode steps of all S slots in one lax loop (it stops early when no slot
+    is live); a slot that ends (EOS or budget) stops writing and its later tokens are pad.
+
+    page_table int32 [S, n] (n: a power of two covering every live slot's pages, so attention
+    gathers live pages only); prev int32 [S] the token to feed; generated int32 [S] tokens so
+    far; budget int32 [S]; kv_len int32 [S] tokens in the cache (= prompt + generated - 1);
+    live bool [S]; key_data [S, ...]; eos_ids int32 [E].
+    Returns (pages, seen, generated [S], live [S], eos_hit [S], tokens int32 [S, block],
+    logprobs, policy_logprobs float32 [S, block]): slot s's new tokens are the first
+    generated[s] - generated_before[s] columns.
+    """
+    s, page_size = prev.shape[0], pages[0].shape[1]
+    keys = jax.random.wrap_key_data(key_data, impl=key_impl)
+    pad = jnp.int32(settings.pad_id)
+    zeros = jnp.zeros((s, block), jnp.float32)
+    rows = jnp.arange(s)
+
+    def cond(c):
+        return (c[0] < block) & jnp.any(c[5])
+
+    def body(carry):
+        c, weights = carry
+        # The weights travel in the carry and the model is rebuilt here, so the model's NNX
+        # code runs at this loop's trace level (as sampling._decode).
+        model = nnx.merge(graphdef, weights)
+        j, pages, seen, prev, generated, live, kv_len, eos_hit, toks, lps, plps = c
+        page = jnp.take_along_axis(page_table, (kv_len // page_size)[:, None], axis=1)[:, 0]
+        batch = PagedBatch(
+            slots=jnp.where(live, page * page_size + kv_len % page_size, -1),
+            kv_lens=jnp.where(live, kv_len + 1, 1), page_indices=page_table,
+            cu_q_lens=jnp.arange(s + 1, dtype=jnp.int32), num_seqs=jnp.full((1,), s, jnp.int32),
+            implementation=impl)
+        hidden, pages = model.forward_paged(prev, kv_len, pages, batch)
+        logits = _logits_at(model, hidden, rows)
+        uniforms = (None if settings.temperature == 0.0 else
+                    sampling.token_uniforms(keys, generated))
+        tok, lp, plp = sampling._pick(logits, uniforms, seen, settings)
+        tok = jnp.where(live, tok, pad)
+        if seen is not None:
+            seen = seen.at[rows, tok].set(seen[rows, tok] | live)
+        generated = generated + live
+        hit = live & _eos(tok, eos_ids)
+        toks = toks.at[:, j].set(tok)
+        lps = lps.at[:, j].set(jnp.where(live, lp, 0.0))
+        plps = plps.at[:, j].set(jnp.where(live, plp, 0.0))
+        kv_len = kv_len + live
+        prev = jnp.where(live, tok, prev)
+        live = live & ~hit & (generated < budget)
+        return (j + 1, pages, seen, prev, generated, live, kv_len, eos_hit | hit, toks, lps,
+                plps), weights
+
+    init = (jnp.int32(0), pages, seen, prev, generated, live, kv_len, jnp.zeros((s,), bool),
+            jnp.full((s, block), pad), zeros, zeros)
+    out = jax.lax.while_loop(lambda carry: cond(carry[0]), body, (init, params))[0]
+    _, pages, seen, _, generated, live, _, eos_hit, toks, lps, plps = out
+    return pages, seen, generated, live, eos_hit, toks, lps, plps
+
+
+def rollout_rules(tensor: int) -> tuple:
+    """The rollout weight layout as logical-axis rules: DEFAULT_RULES without the data and
+    fsdp axes (nothing is split across a host's engines), and without 'tensor' too when each
+    chip is its own engine (tensor == 1: the weights replicated)."""
+    from scope_jax.sharding import DEFAULT_RULES
+
+    drop = {"data", "fsdp"} | ({"tensor"} if tensor == 1 else set())
+
+    def keep(axes):
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        axes = tuple(a for a in axes if a not in drop)
+        return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+    return tuple((name, keep(axes)) for name, axes in DEFAULT_RULES)
+
+
+def engine_groups(mesh, tensor: int) -> list:
+    """This process's engine groups, one mesh each ('tensor' of `tensor` chips, data and fsdp of
+    size 1): its devices of `mesh` (all local devices without one) in mesh order, `tensor`
+    consecutive ones per group (consecutive along the training mesh's tensor axis, so
+    tensor == mesh.tensor keeps each head shard where training has it). Nothing crosses
+    groups, hence hosts, while decoding."""
+    from scope_jax.sharding import make_mesh
+
+    if mesh is None:
+        devices = jax.local_devices()
+    else:
+        devices = [d for d in np.asarray(mesh.devices).reshape(-1)
+                   if d.process_index == jax.process_index()]
+    if not devices or len(devices) % tensor:
+        raise ValueError(f"rollout.mesh.tensor={tensor} must divide this process's "
+                         f"{len(devices)} devices")
+    return [make_mesh({"tensor": tensor}, devices=devices[i:i + tensor])
+            for i in range(0, len(devices), tensor)]
+
+
+def _pages_sharding(group, num_kv_heads: int):
+    """The page pools' sharding on an engine group: KV heads split over 'tensor' when they
+    divide (combined heads 2h, 2h + 1 stay together), else replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    t = group.shape["tensor"]
+    return NamedSharding(group, P(None, None, "tensor", None) if t > 1 and num_kv_heads % t == 0
+                         else P())
+
+
+class ContinuousEngine:
+    """Continuous batching over a paged KV cache (scope_jax.engine.Scheduler decides; this
+    runs the device programs).
+
+    Each engine group (engine_groups: one chip, or `tensor` chips of one host splitting the
+    heads) holds its own copy of the weights in the compute dtype (sync_weights), its own page
+    pool and its own Scheduler; a process's rows are split over its groups, which run side by
+    side (their blocks are dispatched before any is waited on) and never communicate. On
+    CPU, where fake devices share the host's cores, one group serves (`groups` overrides).
+
+    In a group, `slots` rows decode together in jitted blocks of `block` steps; between blocks
+    the host retires finished rows (their pages go back to the pool), evicts rows when the
+    pool runs short (recomputed later, same tokens), admits pending rows into free slots and
+    prefills them (whole contexts, at most `prefill_tokens` per call, padded to a power-of-two
+    token count). The pool holds `kv_tokens` tokens (default: every slot at the longest prompt
+    plus the whole budget); a prompt occupies its real tokens' pages only, and decode attends
+    over each slot's live pages only (page tables sliced to a power-of-two bucket of the
+    longest live row's pages). Each row draws its randomness from its own key by token number
+    (sampling.token_uniforms), so its tokens do not depend on its group, slot, neighbours or
+    the admission order.
+
+    generate returns sampling.SamplerOutput as the static engine does (tokens [N,
+    settings.max_new_tokens]); `on_finished(rows, part)` (optional) is called after each
+    block with this process's output rows that ended in it and their SamplerOutput rows
+    (numpy), while the other rows go on.
+    """
+
+    def __init__(self, model, settings: Settings, mesh=None, *, slots: int = 32,
+                 page_size: int = 16, block: int = 16, kv_tokens: int | None = None,
+                 order: str = "fifo", prefill_tokens: int = 8192, tensor: int = 1,
+                 groups: int | None = None, implementation: str | None = None):
+        from scope_jax import sharding as shd
+
+        for name, v in (("slots", slots), ("page_size", page_size), ("block", block),
+                        ("prefill_tokens", prefill_tokens), ("tensor", tensor)):
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"ContinuousEngine: {name} must be an int >= 1, got {v!r}")
+        if kv_tokens is not None and (not isinstance(kv_tokens, (int, np.integer))
+                                      or kv_tokens < page_size):
+            raise ValueError(f"ContinuousEngine: kv_tokens must be None or an int >= page_size "
+                             f"({page_size}), got {kv_tokens!r}")
+        self.settings, self.mesh = settings, mesh
+        self.slots, self.page_size, self.block = int(slots), int(page_size), int(block)
+        self.kv_tokens, self.order, self.implementation = kv_tokens, order, implementation
+        self.prefill_tokens, self.tensor = int(prefill_tokens), int(tensor)
+        self.groups = engine_groups(mesh, self.tensor)
+        if groups is not None:
+            self.groups = self.groups[:groups]
+        elif jax.default_backend() == "cpu":
+            self.groups = self.groups[:1]
+        self.graphdef, params = nnx.split(model)
+        self.config, self.dtype = model.config, model.dtype
+        rules = rollout_rules(self.tensor)
+        self._layouts = [nnx.to_pure_dict(shd.model_shardings(model, g, rules))
+                         for g in self.groups]
+        # The rollout layout on the training mesh: what a multi-host sync reshards to first.
+        self._train_layout = (None if mesh is None else
+                              nnx.to_pure_dict(shd.model_shardings(model, mesh, rules)))
+        self._pages: dict[int, tuple] = {}
+        self.last_sync: dict[str, float] = {}
+        self.last_stats: dict[str, int] = {}
+        self.sync_weights(params)
+
+    def sync_weights(self, params) -> None:
+        """Casts the student's params to the compute dtype and places a copy on every engine
+        group (the rollout layout); once per step, never inside decoding. With params spread
+        over several processes, they are first resharded on the training mesh to the rollout
+        layout (the step's one all-gather) and each group takes its own process's shards.
+        Records {"bytes": the cast params' bytes (one copy), "seconds"} in self.last_sync."""
+        t0 = time.perf_counter()
+        if isinstance(params, nnx.State):  # as nnx.split gives them; the layouts are plain dicts
+            params = nnx.to_pure_dict(params)
+        if all(x.is_fully_addressable for x in jax.tree.leaves(params)):
+            cast = _cast(params, self.dtype)
+            self.params = [jax.device_put(cast, lay) for lay in self._layouts]
+        else:
+            cast = weight_sync(jax.tree.map(lambda x: x.sharding, params), self._train_layout,
+                               self.dtype)(params)
+            self.params = [jax.tree.map(_local_copy, cast, lay) for lay in self._layouts]
+        jax.block_until_ready(self.params)
+        self.last_sync = {"bytes": float(sum(x.nbytes for x in jax.tree.leaves(cast))),
+                          "seconds": time.perf_counter() - t0}
+
+    def _pool(self, g: int, num_pages: int):
+        """Group g's page pools (allocated once per size; donated through every program)."""
+        pages = self._pages.pop(g, None)
+        if pages is None or pages[0].shape[0] != num_pages:
+            pages = None
+            model = nnx.merge(self.graphdef, self.params[g])
+            sh = _pages_sharding(self.groups[g], self.config.num_kv_heads)
+            pages = jax.jit(lambda: model.init_pages(num_pages, self.page_size),
+                            out_shardings=(sh,) * self.config.num_layers)()
+        return pages
+
+    def generate(self, prompts, *, num_samples=1, key=None, max_new_tokens=None,
+                 on_finished=None) -> SamplerOutput:
+        s, cfg = self.settings, self.config
+        prompts = sampling._check_prompts(prompts, int(cfg.vocab_size))
+        if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+            raise ValueError(f"generate: num_samples must be an int >= 1, got {num_samples!r}")
+        if s.temperature > 0 and key is None:
+            raise ValueError("generate: temperature > 0 needs a PRNG key (key=jax.random.key(seed))")
+        rows = [p for p in prompts for _ in range(num_samples)]
+        n, m = len(rows), s.max_new_tokens
+        budgets = row_budgets(max_new_tokens, n, m)
+        budgets = np.full((n,), m, np.int32) if budgets is None else budgets
+        keys = sampling.row_keys(key, n)
+        run = _Run(rows=rows, budgets=budgets, key_data=np.asarray(jax.random.key_data(keys)),
+                   key_impl=jax.random.key_impl(keys), num_samples=num_samples,
+                   toks=[[] for _ in range(n)], lps=[[] for _ in range(n)],
+                   plps=[[] for _ in range(n)], eos_hit=np.zeros((n,), bool),
+                   on_finished=on_finished)
+        # The process's rows, contiguous chunks over its groups; the groups' blocks interleave.
+        chunks = np.array_split(np.arange(n), len(self.groups))
+        loops = [self._group_loop(g, ids.tolist(), run) for g, ids in enumerate(chunks) if len(ids)]
+        stats = {}
+        while loops:
+            for loop in list(loops):
+                try:
+                    next(loop)
+                except StopIteration as stop:
+                    loops.remove(loop)
+                    for k, v in stop.value.items():
+                        stats[k] = stats.get(k, 0) + v
+        self.last_stats = stats
+        return self._global(self._output(range(n), run), run)
+
+    def _group_loop(self, g: int, row_ids: list[int], run: "_Run"):
+        """Generates rows `row_ids` on group g; a generator that yields once a decode block is
+        dispatched (so the next group's can be before this one is waited on). Returns the
+        group's counters."""
+        s, group = self.settings, self.groups[g]
+        m, ps = s.max_new_tokens, self.page_size
+        slots = min(self.slots, _pow2(len(row_ids)))
+        longest = max(len(run.rows[r]) for r in row_ids)
+        per_slot = engine.pages_for(longest + m, ps)
+        num_pages = (self.kv_tokens // ps if self.kv_tokens is not None else slots * per_slot)
+        sched = engine.Scheduler(slots=slots, num_pages=num_pages, page_size=ps,
+                                 block=self.block, order=self.order)
+        for r in row_ids:
+            sched.add(r, len(run.rows[r]), int(run.budgets[r]))
+        replicated = NamedSharding(group, P())
+
+        def put(x):
+            return jax.device_put(np.asarray(x), replicated)
+
+        pages = self._pool(g, num_pages)
+        seen = (None if s.repetition_penalty == 1.0 else
+                jax.device_put(np.zeros((slots, int(self.config.vocab_size)), bool), replicated))
+        eos_ids = put(np.asarray(list(s.stop_ids), np.int32))
+        stops = set(s.stop_ids)
+        static = dict(graphdef=self.graphdef, settings=_program_settings(s),
+                      key_impl=run.key_impl, impl=self.implementation)
+        table = np.zeros((slots, per_slot), np.int32)
+        slot_row = np.full((slots,), -1)
+        live = np.zeros((slots,), bool)
+        toks = run.toks
+        stats = {"blocks": 0, "decode_steps": 0, "prefills": 0, "prefill_tokens": 0}
+        while not sched.done():
+            for p in sched.reserve():
+                live[p.slot], slot_row[p.slot] = False, -1  # its tokens so far stay in `run`
+            while admitted := sched.admit(self.prefill_tokens):
+                args = _prefill_args(admitted, run, slots, ps, s.pad_id)
+                with jax.set_mesh(group):
+                    pages, seen, tok, lp, plp = _prefill_program(
+                        self.params[g], pages, seen, *map(put, args), **static)
+                tok, lp, plp = jax.device_get((tok, lp, plp))
+                stats["prefills"] += 1
+                stats["prefill_tokens"] += sum(a.context for a in admitted)
+                for i, a in enumerate(admitted):
+                    run.append(a.row, [tok[i]], [lp[i]], [plp[i]])
+                    slot_row[a.slot] = a.row
+                    run.eos_hit[a.row] = int(tok[i]) in stops
+                    live[a.slot] = not run.eos_hit[a.row] and len(toks[a.row]) < run.budgets[a.row]
+            for slot in sched.live:
+                pg = sched.pages(slot)
+                table[slot, :len(pg)], table[slot, len(pg):] = pg, 0
+            if live.any():
+                width = _pow2(max(len(sched.pages(sl)) for sl in np.flatnonzero(live)))
+                r = np.maximum(slot_row, 0)
+                gen0 = np.array([len(toks[x]) for x in r], np.int32) * (slot_row >= 0)
+                prev = np.array([toks[x][-1] if toks[x] else 0 for x in r], np.int32)
+                kv = np.array([len(run.rows[x]) + len(toks[x]) - 1 for x in r], np.int32)
+                bud = run.budgets[r].astype(np.int32)
+                with jax.set_mesh(group):
+                    pages, seen, *res = _decode_program(
+                        self.params[g], pages, seen, put(table[:, :width]), put(prev),
+                        put(gen0), put(bud), put(kv), put(live), put(run.key_data[r]), eos_ids,
+                        block=self.block, **static)
+                yield  # the other groups dispatch their blocks before this one is read
+                gen1, live1, hit1, btok, blp, bplp = jax.device_get(res)
+                stats["blocks"] += 1
+                stats["decode_steps"] += int(np.max(gen1 - gen0))
+                for sl in np.flatnonzero(live):
+                    k = int(gen1[sl] - gen0[sl])
+                    run.append(slot_row[sl], btok[sl, :k], blp[sl, :k], bplp[sl, :k])
+                    run.eos_hit[slot_row[sl]] = bool(hit1[sl])
+                live &= live1
+            finished = sched.advance({row: (len(toks[row]), not live[slot])
+                                      for slot, row in sched.live.items()})
+            slot_row[np.isin(slot_row, finished)] = -1
+            if run.on_finished is not None and finished:
+                run.on_finished(list(finished), self._output(finished, run, local=True))
+        self._pages[g] = pages
+        stats["preemptions"] = sched.preemptions
+        return stats
+
+    def _output(self, which, run: "_Run", *, local=False) -> SamplerOutput:
+        """SamplerOutput of this process's output rows `which` (numpy)."""
+        s = self.settings
+        which = list(which)
+        m, k = s.max_new_tokens, len(which)
+        tokens = np.full((k, m), s.pad_id, np.int32)
+        lp = np.zeros((k, m), np.float32)
+        plp = np.zeros((k, m), np.float32)
+        lengths = np.zeros((k,), np.int32)
+        for i, r in enumerate(which):
+            g = len(run.toks[r])
+            tokens[i, :g], lp[i, :g], plp[i, :g], lengths[i] = (
+                run.toks[r], run.lps[r], run.plps[r], g)
+        ids, plen = sampling.left_pad([run.rows[r] for r in which], run.bucket, s.pad_id)
+        return SamplerOutput(
+            tokens=tokens, response_mask=np.arange(m)[None, :] < lengths[:, None],
+            lengths=lengths,
+            finish_reason=np.where(run.eos_hit[which], sampling.FINISH_EOS,
+                                   sampling.FINISH_LENGTH).astype(np.int32),
+            logprobs=lp, policy_logprobs=plp, prompt_ids=ids, prompt_lengths=plen,
+            group_ids=(run.first + np.asarray(which, np.int32)) // run.num_samples)
+
+    def _global(self, out: SamplerOutput, run: "_Run") -> SamplerOutput:
+        """The whole output as jax arrays: this process's rows in one process; with several,
+        global arrays over the mesh's batch axes, process 0's rows first (as the static
+        sampler's; sampling.local_rows gives a process its own rows back)."""
+        if jax.process_count() == 1:
+            return jax.tree.map(jnp.asarray, out)
+        rows = NamedSharding(self.mesh, P(sampling._batch_axes(self.mesh)))
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rows, x), out)
+
+
+@dataclasses.dataclass
+class _Run:
+    """One generate call's rows and what they produced so far (host side, all groups)."""
+
+    rows: list
+    budgets: np.ndarray
+    key_data: np.ndarray
+    key_impl: object
+    num_samples: int
+    toks: list
+    lps: list
+    plps: list
+    eos_hit: np.ndarray
+    on_finished: object = None
+    bucket: int = 0  # prompt_ids' width (agreed by every process)
+    first: int = 0   # this process's first row in the global output
+
+    def __post_init__(self):
+        longest = max(len(p) for p in self.rows)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+            self.first = jax.process_index() * len(self.rows)
+        self.bucket = sampling.prompt_bucket(longest)
+
+    def append(self, row, tok, lp, plp):
+        self.toks[row] += [int(t) for t in tok]
+        self.lps[row] += [float(x) for x in lp]
+        self.plps[row] += [float(x) for x in plp]
+
+
+def _local_copy(x: jax.Array, sharding) -> jax.Array:
+    """`x` (already in the rollout layout on the training mesh) as an array on `sharding`'s
+    devices, built from this process's shards of it (no transfer)."""
+    shards = {sh.device: sh.data for sh in x.addressable_shards}
+    return jax.make_array_from_single_device_arrays(
+        x.shape, sharding, [shards[d] for d in sharding.addressable_devices_indices_map(x.shape)])
+
+
+def _program_settings(s: Settings) -> "sampling._Settings":
+    """The compile-time settings of the engine's programs (greedy ignores top-k / top-p)."""
+    greedy = s.temperature == 0.0
+    return sampling._Settings(
+        max_new_tokens=s.max_new_tokens, temperature=float(s.temperature),
+        top_k=None if greedy else s.top_k,
+        top_p=None if greedy or s.top_p in (None, 1.0) else float(s.top_p),
+        pad_id=int(s.pad_id), repetition_penalty=float(s.repetition_penalty))
+
+
+def _prefill_args(admitted, run: _Run, slots: int, ps: int, pad_id: int) -> tuple:
+    """_prefill_program's array arguments (numpy) for the admitted rows' whole contexts (prompt
+    + tokens so far) laid end to end, padded to a power-of-two token count."""
+    contexts = [run.rows[a.row] + run.toks[a.row] for a in admitted]
+    t = _pow2(sum(len(c) for c in contexts), 16)
+    ids = np.full((t,), pad_id, np.int32)
+    pos = np.zeros((t,), np.int32)
+    flat = np.full((t,), -1, np.int32)
+    seg = np.zeros((t,), np.int32)
+    kv_lens = np.zeros((slots,), np.int32)
+    cu = np.zeros((slots + 1,), np.int32)
+    index = np.zeros((slots,), np.int32)
+    into = np.full((slots,), slots, np.int32)
+    kd = np.zeros((slots,) + run.key_data.shape[1:], run.key_data.dtype)
+    start = 0
+    for i, (a, c) in enumerate(zip(admitted, contexts)):
+        j = np.arange(len(c))
+        ids[start:start + len(c)], pos[start:start + len(c)] = c, j
+        flat[start:start + len(c)] = np.asarray(a.pages)[j // ps] * ps + j % ps
+        seg[start:start + len(c)] = i + 1
+        kv_lens[i], index[i], into[i], kd[i] = len(c), a.generated, a.slot, run.key_data[a.row]
+        start += len(c)
+        cu[i + 1:] = start
+    return (ids, pos, flat, seg, kv_lens, np.zeros((slots, 1), np.int32), cu,
+            np.asarray([len(admitted)], np.int32), kd, index, into)
+
+
+def lower_rollout(cfg, *, mesh=None) -> dict:
+    """Lowers, without weights, the programs the continuous engine compiles for a training
+    step of `cfg`: {"prefill", "decode_block", "weight_sync"} -> jax.stages.Lowered.
+
+    The student's architecture comes from cfg.student's config.json or cfg.arch.student (as
+    train.lower_step; override its depth there); compute dtype config.model.dtype. The
+    rollout layout is config.rollout.mesh: the decode block and the prefill are lowered for
+    one engine group (its first `tensor` chips of `mesh`, default make_mesh(config.mesh)), with
+    the weights in that layout and a page pool of config.rollout.kv_tokens_per_chip tokens;
+    slots = min(config.rollout.slots, the rollouts per group rounded up to a power of two);
+    the decode block at its widest page table (one row of data.max_prompt_len +
+    sampling.max_new_tokens tokens), the prefill at config.rollout.prefill_tokens tokens. The
+    weight sync is the jit that casts the student's params in the training sharding on `mesh`
+    to the compute dtype in the rollout layout there (the step's one weight all-gather).
+    """
+    from scope_jax import sharding as shd
+    from scope_jax import train
+    from scope_jax.models import ModelConfig
+
+    mesh = shd.make_mesh(cfg.mesh) if mesh is None else mesh
+    r = cfg.rollout
+    t = rollout_tensor(cfg)
+    if mesh.size % t:
+        raise ValueError(f"config.rollout.mesh.tensor={t} must divide the mesh's {mesh.size} chips")
+    graphdef, params, train_shardings = train.abstract_model(cfg, "student", mesh)
+    arch = train._hf_config(cfg, "student")
+    mc = ModelConfig.from_hf(arch, source="config.arch.student")
+    dtype = jnp.dtype(cfg.model.dtype)
+    rules = rollout_rules(t)
+    model = nnx.merge(graphdef, params)  # abstract: shapes and metadata only
+    group = shd.make_mesh({"tensor": t}, devices=np.asarray(mesh.devices).reshape(-1)[:t])
+    sd = jax.ShapeDtypeStruct
+
+    def abstract(tree, layout):
+        return jax.tree.map(lambda x, sh: sd(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating)
+                                             else x.dtype, sharding=sh), tree, layout)
+
+    train_layout = nnx.to_pure_dict(shd.model_shardings(model, mesh, rules))
+    sync = weight_sync(train_shardings, train_layout, dtype)
+    with jax.set_mesh(mesh):
+        lowered = {"weight_sync": sync.lower(params)}
+    rparams = abstract(params, nnx.to_pure_dict(shd.model_shardings(model, group, rules)))
+    settings = settings_from_config(cfg, model_config=mc)
+    rollouts = int(cfg.prompts_per_step) * int(cfg.num_samples)
+    slots = min(int(r.slots), _pow2(-(-rollouts // (mesh.size // t))))
+    ps = int(r.page_size)
+    num_pages = int(r.kv_tokens_per_chip) // ps
+    width = engine.pages_for(int(cfg.data.max_prompt_len) + settings.max_new_tokens, ps)
+    kv_sh = _pages_sharding(group, mc.num_kv_heads)
+    pages = tuple(sd((num_pages, ps, 2 * mc.num_kv_heads, mc.head_dim), dtype, sharding=kv_sh)
+                  for _ in range(mc.num_layers))
+    rep = NamedSharding(group, P())
+    key_impl = jax.random.key_impl(jax.random.key(0))
+    key_shape = jax.random.key_data(jax.random.key(0)).shape
+
+    def arr(shape, dt=jnp.int32):
+        return sd(shape, dt, sharding=rep)
+
+    seen = None if settings.repetition_penalty == 1.0 else arr((slots, mc.vocab_size), jnp.bool_)
+    static = dict(graphdef=graphdef, settings=_program_settings(settings), key_impl=key_impl,
+                  impl=None)
+    keys = arr((slots,) + key_shape, jnp.uint32)
+    vec = arr((slots,))
+    tokens = _pow2(int(r.prefill_tokens), 16)
+    with jax.set_mesh(group):
+        lowered["decode_block"] = _decode_program.lower(
+            rparams, pages, seen, arr((slots, width)), vec, vec, vec, vec, arr((slots,), jnp.bool_),
+            keys, arr((len(settings.stop_ids),)), block=int(r.block), **static)
+        flat = arr((tokens,))
+        lowered["prefill"] = _prefill_program.lower(
+            rparams, pages, seen, flat, flat, flat, flat, vec, arr((slots, 1)),
+            arr((slots + 1,)), arr((1,)), keys, vec, vec, **static)
+    return lowered
+
+
+def rollout_tensor(cfg) -> int:
+    """config.rollout.mesh.tensor resolved: -1 is the training mesh's tensor axis."""
+    t = int(cfg.rollout.mesh.tensor)
+    return int(cfg.mesh.get("tensor", 1)) if t == -1 else t
+
+
+def engine_options(cfg) -> dict:
+    """make_engine's options for config.rollout.engine (none for the static engine)."""
+    r = cfg.rollout
+    if r.engine == "static":
+        return {}
+    return dict(slots=int(r.slots), page_size=int(r.page_size), block=int(r.block),
+                kv_tokens=int(r.kv_tokens_per_chip), order=str(r.order),
+                prefill_tokens=int(r.prefill_tokens), tensor=rollout_tensor(cfg))
+
+
+def engine_from_config(cfg, model, settings: Settings, mesh=None) -> RolloutEngine:
+    """make_engine(config.rollout.engine, ...) with config.rollout's options."""
+    return make_engine(cfg.rollout.engine, model, settings, mesh, **engine_options(cfg))
+
+
+def make_engine(kind: str, model, settings: Settings, mesh=None, **options) -> RolloutEngine:
     """The rollout engine `kind` (one of ENGINES) for `model` (its current weights; replace them
-    with sync_weights) under `settings`, on `mesh` (None: one device)."""
+    with sync_weights) under `settings`, on `mesh` (None: one device). `options` go to the
+    continuous engine (slots, page_size, block, kv_tokens, order, implementation; see
+    ContinuousEngine); the static engine takes none."""
     if kind == "static":
+        if options:
+            raise ValueError(f"make_engine: the static engine takes no options, got {sorted(options)}")
         return StaticEngine(model, settings, mesh)
+    if kind == "continuous":
+        return ContinuousEngine(model, settings, mesh, **options)
     raise ValueError(f"rollout engine {kind!r}: expected one of {ENGINES}")
 
 

@@ -236,10 +236,29 @@ def _step_uniforms(row_keys: jax.Array, start: int, stop: int) -> jax.Array:
     vectorised threefry instead of two small ones per step, which cost ~50 us a step on CPU at
     B = 32 (the values are the same).
     """
-    def row(key):
-        return jax.vmap(lambda t: jax.random.uniform(jax.random.fold_in(key, t), (2,)))(
-            jnp.arange(start, stop, dtype=jnp.int32))
-    return jax.vmap(row, out_axes=1)(row_keys)
+    steps = jnp.arange(start, stop, dtype=jnp.int32)
+    return jax.vmap(lambda t: token_uniforms(row_keys, jnp.full(row_keys.shape, t)))(steps)
+
+
+def token_uniforms(row_keys: jax.Array, index: jax.Array) -> jax.Array:
+    """float32 [B, 2]: the two uniforms row b draws for its token number index[b] (row_keys [B]
+    keys, index int32 [B]); the one rule of every engine, so a row's tokens depend on (its key,
+    token index) only, not on its batch, slot or step."""
+    return jax.vmap(lambda k, t: jax.random.uniform(jax.random.fold_in(k, t), (2,)))(
+        row_keys, index.astype(jnp.int32))
+
+
+def row_keys(key: jax.Array | None, n: int) -> jax.Array:
+    """The per-row keys [n] of this process's n rows: split(key, n), key first folded with the
+    process index in a multi-process run (so the processes' rows differ); key None (greedy):
+    jax.random.key(0); raw uint32 keys (jax.random.PRNGKey) are accepted."""
+    if key is None:
+        key = jax.random.key(0)
+    elif not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    if jax.process_count() > 1:
+        key = jax.random.fold_in(key, jax.process_index())
+    return jax.random.split(key, n)
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
@@ -647,10 +666,6 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
     shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in shd.batch_axes(mesh)]))
     processes = jax.process_count()
     longest = max(len(p) for p in rows)
-    if key is None:
-        key = jax.random.key(0)  # greedy: never used
-    elif not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)  # raw uint32 keys from jax.random.PRNGKey
     if processes > 1:  # this process's prompts; rows of all processes form one global batch
         if mesh is None:
             raise ValueError("generate: a multi-process run needs mesh= (rows are split over it)")
@@ -659,25 +674,24 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
                              f"{shards // processes} row shards")
         # Every process must compile the same program: agree on the prompt bucket.
         longest = int(shd.max_over_hosts(longest))
-        key = jax.random.fold_in(key, jax.process_index())
         shards = shards // processes
     n_padded = -(-n // shards) * shards
     rows = rows + [[pad_id]] * (n_padded - n)  # dummy rows, finished from the start
     bucket = prompt_bucket(longest, min_bucket)
     ids, lengths = left_pad(rows, bucket, pad_id)
     done0 = np.arange(n_padded) >= n
-    row_keys = jax.random.split(key, n)  # row i's key depends on (key, i) only, not on padding
-    row_keys = jnp.concatenate([row_keys, jnp.repeat(row_keys[:1], n_padded - n)])
+    keys = row_keys(key, n)  # row i's key depends on (key, process, i) only, not on padding
+    keys = jnp.concatenate([keys, jnp.repeat(keys[:1], n_padded - n)])
 
     args = [ids, lengths, done0]
     if mesh is not None:
         row_sharding = shd.batch_sharding(mesh)
         if processes > 1:
             args = shd.to_global(args, mesh)
-            row_keys = jax.random.wrap_key_data(shd.to_global(np.asarray(jax.random.key_data(row_keys)), mesh))
+            keys = jax.random.wrap_key_data(shd.to_global(np.asarray(jax.random.key_data(keys)), mesh))
         else:
             args = [jax.device_put(a, row_sharding) for a in args]
-            row_keys = jax.device_put(row_keys, row_sharding)
+            keys = jax.device_put(keys, row_sharding)
     ids_d, lengths_d, done_d = args
     greedy = temperature == 0.0
     settings = _Settings(  # greedy ignores top-k / top-p: keep them out of the compile key
@@ -689,13 +703,13 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
     eos_d = jnp.asarray(eos, jnp.int32)
     ends = _phase_ends(settings.max_new_tokens, FIRST_PHASE)
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
-        dec, live = _prefill_program(graphdef, state, ids_d, lengths_d, row_keys, done_d, eos_d,
+        dec, live = _prefill_program(graphdef, state, ids_d, lengths_d, keys, done_d, eos_d,
                                      settings=settings, mesh=mesh, stop=ends[0])
         for start, stop in zip(ends, ends[1:]):
             # One host sync per phase: a phase is compiled and run only when a row needs it.
             if not _replicated_bool(live):
                 break
-            dec, live = _phase_program(graphdef, state, dec, lengths_d, row_keys, eos_d,
+            dec, live = _phase_program(graphdef, state, dec, lengths_d, keys, eos_d,
                                        settings=settings, mesh=mesh, bucket=bucket, start=start,
                                        stop=stop)
         mask, finish = _outputs(dec.lengths, dec.eos_hit,

@@ -8,6 +8,7 @@ cuDNN kernel itself is not exercised).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -243,3 +244,329 @@ def test_cudnn_refuses_packed_rows_and_auto_picks_xla_for_them(monkeypatch):
     monkeypatch.setattr(attn, "_logged", set())
     assert attn.default_implementation("gpu", jnp.bfloat16, True, packed=True) == "xla"
     assert attn.default_implementation("tpu", jnp.bfloat16, True, packed=True) == "splash"
+
+
+# ---------------------------------------------------------------------------------------------
+# paged_attention / write_kv
+# ---------------------------------------------------------------------------------------------
+
+from scope_jax.models.attention import paged_attention, paged_attention_xla, write_kv  # noqa: E402
+
+
+def _paged_batch(q_lens, kv_lens, *, heads=(4, 2), d=16, page_size=8, num_pages=24, slots=None,
+                 num_tokens=None, dtype=jnp.float32, seed=0):
+    """A random ragged batch over a randomly assigned page pool.
+
+    Sequence s has q_lens[s] queries at its last positions of kv_lens[s] tokens. Every
+    sequence's dense K / V [kv_len, Hkv, D] are drawn first and copied into randomly chosen
+    pages of a pool full of noise (stale data); page_indices entries past a sequence's pages
+    point at other sequences' pages. Slots past len(q_lens) and query rows past sum(q_lens)
+    hold garbage. Returns (args for paged_attention, dense (q, k, v) per sequence, live rows).
+    """
+    r = np.random.RandomState(seed)
+    hq, hkv = heads
+    n = len(q_lens)
+    slots = slots or n
+    rnd = lambda *shape: np.array(jnp.asarray(r.randn(*shape), dtype).astype(jnp.float32))
+    pages_per_seq = max(-(-kv // page_size) for kv in kv_lens)
+    order = r.permutation(num_pages)
+    pool = rnd(num_pages, page_size, 2 * hkv, d)
+    table = r.randint(0, num_pages, (slots, pages_per_seq))
+    cu = np.concatenate([[0], np.cumsum(q_lens)])
+    t = num_tokens or int(cu[-1])
+    queries = rnd(t, hq, d)
+    dense, used = [], 0
+    for s, (ql, kv) in enumerate(zip(q_lens, kv_lens)):
+        k, v = rnd(kv, hkv, d), rnd(kv, hkv, d)
+        mine = order[used:used + -(-kv // page_size)]
+        used += len(mine)
+        table[s, :len(mine)] = mine
+        for i in range(kv):
+            pool[mine[i // page_size], i % page_size, 0::2] = k[i]
+            pool[mine[i // page_size], i % page_size, 1::2] = v[i]
+        dense.append((queries[cu[s]:cu[s + 1]], k, v))
+    assert used <= num_pages
+    lens = np.concatenate([kv_lens, r.randint(0, 999, slots - n)])  # dead slots: garbage
+    cu_full = np.concatenate([cu, r.randint(0, t + 1, slots - n)])
+    args = (jnp.asarray(queries, dtype), jnp.asarray(pool, dtype), jnp.asarray(lens, jnp.int32),
+            jnp.asarray(table, jnp.int32), jnp.asarray(cu_full, jnp.int32),
+            jnp.asarray([n], jnp.int32))
+    return args, dense, int(cu[-1])
+
+
+def _paged_numpy_reference(dense, hq, scale):
+    """float64 dense causal attention of each sequence's queries over its tokens in order."""
+    outs = []
+    for q, k, v in dense:
+        ql, kv, hkv = q.shape[0], k.shape[0], k.shape[1]
+        k, v = (np.repeat(np.asarray(x, np.float64), hq // hkv, axis=1) for x in (k, v))
+        s = np.einsum("qhd,khd->hqk", np.asarray(q, np.float64), k) * scale
+        pos = kv - ql + np.arange(ql)
+        s = np.where(np.arange(kv)[None, None, :] <= pos[None, :, None], s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        outs.append(np.einsum("hqk,khd->qhd", p, v))
+    return np.concatenate(outs)
+
+
+# prefill from scratch, a prefill chunk continuing a sequence, decodes (one at a page boundary,
+# one exactly filling its pages), a 1-token prefill; two dead slots and 3 padding query rows
+MIXED = dict(q_lens=[13, 7, 1, 1, 1], kv_lens=[13, 45, 17, 16, 1], slots=7, num_tokens=26)
+DECODE = dict(q_lens=[1] * 6, kv_lens=[5, 16, 17, 40, 1, 23], slots=8, num_tokens=8)
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", ["mixed", "decode"])
+@pytest.mark.parametrize("heads", [(4, 2), (6, 1)])
+@pytest.mark.parametrize("page_size", [8, 32])  # 1 page a block: 4 pages / 1 page
+@pytest.mark.parametrize("block_bytes", [None, 1])  # all pages in one block / the least
+def test_paged_xla_matches_numpy_per_sequence(dtype, case, heads, page_size, block_bytes):
+    batch = dict(MIXED if case == "mixed" else DECODE, heads=heads, dtype=dtype,
+                 page_size=page_size)
+    args, dense, live = _paged_batch(**batch)
+    scale = 16 ** -0.5
+    out = jax.jit(functools.partial(paged_attention_xla, sm_scale=scale,
+                                    block_bytes=block_bytes))(*args)
+    assert out.shape == args[0].shape and out.dtype == dtype
+    out = np.asarray(out.astype(jnp.float32))
+    ref = _paged_numpy_reference(dense, heads[0], scale)
+    np.testing.assert_allclose(out[:live], ref, atol=TOL[dtype], rtol=0)
+    np.testing.assert_array_equal(out[live:], 0)  # padding rows
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_paged_xla_matches_jax_ref_ragged_paged_attention(dtype):
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_paged_attention
+
+    args, _, live = _paged_batch(**MIXED, heads=(4, 2), dtype=dtype, seed=1)
+    ref = ref_ragged_paged_attention(*args, sm_scale=0.3)  # its live rows only
+    out = paged_attention(*args, sm_scale=0.3, implementation="xla")
+    np.testing.assert_allclose(np.asarray(out[:live], np.float32), np.asarray(ref, np.float32),
+                               atol=TOL[dtype], rtol=0)
+
+
+def test_paged_xla_ignores_unread_page_indices_and_dead_slots():
+    """Entries past a sequence's pages (here out of range, and 3 more columns than any sequence
+    needs, as a caller's bucket) and dead slots change nothing, whatever the block size."""
+    args, dense, live = _paged_batch(**MIXED, seed=2)
+    q, pool, lens, table, cu, n = args
+    out = paged_attention_xla(*args, sm_scale=0.25)
+    table = np.pad(np.asarray(table), ((0, 0), (0, 3)))
+    for s, kv in enumerate(MIXED["kv_lens"]):
+        table[s, -(-kv // 8):] = [-7, 10 ** 6][s % 2]
+    table[len(MIXED["q_lens"]):] = 10 ** 6
+    for block_bytes in (None, 1, 5 * 26 * 8 * 4 * 16 * 4):  # 9 pages: 1 block; 4; 5 a block
+        out2 = paged_attention_xla(q, pool, lens, jnp.asarray(table), cu, n, sm_scale=0.25,
+                                   block_bytes=block_bytes)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(out2), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(out[:live]), _paged_numpy_reference(dense, 4, 0.25),
+                               atol=1e-5, rtol=0)
+
+
+def test_paged_attention_refuses_bad_layouts():
+    args, _, _ = _paged_batch(**DECODE)
+    q, pool, lens, table, cu, n = args
+    with pytest.raises(ValueError, match="cu_q_lens must have shape"):
+        paged_attention(q, pool, lens, table, cu[:-1], n, sm_scale=1.0)
+    with pytest.raises(ValueError, match="kv_lens must be int32"):
+        paged_attention(q, pool, lens.astype(jnp.int16), table, cu, n, sm_scale=1.0)
+    with pytest.raises(ValueError, match="not a multiple of"):
+        paged_attention(q[:, :3], pool, lens, table, cu, n, sm_scale=1.0)
+    with pytest.raises(ValueError, match="'flash' is not one of"):
+        paged_attention(*args, sm_scale=1.0, implementation="flash")
+
+
+def _write_kv_numpy(pool, k, v, slots):
+    pool = np.array(pool)
+    ps = pool.shape[1]
+    for t, s in enumerate(np.asarray(slots)):
+        if 0 <= s < pool.shape[0] * ps:
+            pool[s // ps, s % ps, 0::2] = k[t]
+            pool[s // ps, s % ps, 1::2] = v[t]
+    return pool
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_write_kv_matches_numpy(dtype):
+    r = np.random.RandomState(5)
+    p, ps, hkv, d, t = 6, 4, 2, 8, 11
+    pool = jnp.asarray(r.randn(p, ps, 2 * hkv, d), dtype)
+    k, v = (jnp.asarray(r.randn(t, hkv, d), jnp.float32) for _ in range(2))
+    slots = r.permutation(p * ps)[:t].astype(np.int32)
+    slots[[2, 7]] = [-1, -5]  # padding tokens: dropped, never wrapped to the pool's end
+    slots[9] = p * ps - 1  # the very last slot
+    ref = _write_kv_numpy(np.asarray(pool.astype(jnp.float32)),
+                          np.asarray(k.astype(dtype).astype(jnp.float32)),
+                          np.asarray(v.astype(dtype).astype(jnp.float32)), slots)
+    fn = jax.jit(write_kv, donate_argnums=0)
+    hlo = fn.lower(pool, k, v, jnp.asarray(slots)).compile().as_text()
+    assert hlo.count("scatter(") == 1 and "input_output_alias" in hlo  # one in-place scatter
+    out = fn(pool, k, v, jnp.asarray(slots))
+    assert out.dtype == dtype and out.shape == (p, ps, 2 * hkv, d)
+    np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), ref)
+    with pytest.raises(ValueError, match="write_kv: k and v must both be"):
+        write_kv(out, k[:, :1], v[:, :1], jnp.asarray(slots))
+
+
+def test_write_kv_then_paged_attention_is_dense_attention():
+    """Prefill a 2-sequence batch through write_kv, then one decode step each."""
+    r = np.random.RandomState(6)
+    hq, hkv, d, ps = 4, 2, 8, 4
+    pool = jnp.zeros((10, ps, 2 * hkv, d), jnp.float32)
+    lens, table = [6, 9], np.array([[7, 2, 0], [4, 9, 1]], np.int32)
+    ks, vs, qs = ([r.randn(n, h, d).astype(np.float32) for n in lens] for h in (hkv, hkv, hq))
+    slot = lambda s, i: table[s, i // ps] * ps + i % ps
+    slots = np.array([slot(s, i) for s in range(2) for i in range(lens[s])] + [-1], np.int32)
+    cat = lambda xs, h: jnp.asarray(np.concatenate(xs + [np.zeros((1, h, d), np.float32)]))
+    pool = write_kv(pool, cat(ks, hkv), cat(vs, hkv), jnp.asarray(slots))
+    common = (jnp.asarray(table), jnp.asarray([0, 6, 15], jnp.int32), jnp.asarray([2], jnp.int32))
+    out = paged_attention(cat(qs, hq), pool, jnp.asarray(lens, jnp.int32), common[0], common[1],
+                          common[2], sm_scale=0.4)
+    ref = _paged_numpy_reference(list(zip(qs, ks, vs)), hq, 0.4)
+    np.testing.assert_allclose(np.asarray(out[:15]), ref, atol=1e-5, rtol=0)
+
+
+GPU_CASES = [  # (dtype, heads, num_pages): the pool either larger than the table (its pages
+    # are gathered) or not (the whole pool is transposed); a GQA group of 6 (Qwen2-1.5B's)
+    (jnp.float32, (4, 2), 24), (jnp.float32, (6, 1), 64), (jnp.bfloat16, (6, 1), 64)]
+
+
+@pytest.mark.parametrize("dtype,heads,num_pages", GPU_CASES)
+def test_pallas_gpu_decode_in_interpret_mode_matches_reference(dtype, heads, num_pages):
+    args, dense, live = _paged_batch(**DECODE, heads=heads, dtype=dtype, num_pages=num_pages,
+                                     seed=7)
+    scale = 16 ** -0.5
+    out = attn.paged_attention_pallas_gpu(*args, sm_scale=scale, interpret=True)
+    assert out.shape == args[0].shape and out.dtype == dtype
+    out = np.asarray(out.astype(jnp.float32))
+    np.testing.assert_allclose(out[:live], _paged_numpy_reference(dense, heads[0], scale),
+                               atol=TOL[dtype], rtol=0)
+    np.testing.assert_array_equal(out[live:], 0)
+    ref = paged_attention(*args, sm_scale=scale, implementation="xla")
+    np.testing.assert_allclose(out, np.asarray(ref.astype(jnp.float32)), atol=TOL[dtype], rtol=0)
+
+
+def test_pallas_gpu_refuses_what_it_cannot_serve():
+    args, _, _ = _paged_batch(**MIXED)  # T = 26 rows, S = 7 slots
+    with pytest.raises(ValueError, match="'pallas_gpu' serves decode only"):
+        paged_attention(*args, sm_scale=1.0, implementation="pallas_gpu")
+    # T == S but not one query per sequence: only the device knows; the output is NaN
+    ragged = dict(q_lens=[3, 1, 1, 1], kv_lens=[9, 4, 12, 20], slots=6, num_tokens=6)
+    args, dense, live = _paged_batch(**ragged, seed=8)
+    out = attn.paged_attention_pallas_gpu(*args, sm_scale=0.25, interpret=True)
+    assert np.isnan(np.asarray(out)).all()
+    # what the default picks on a GPU for T == S: the reference for this batch ...
+    out = attn.gpu_kernel_if_decode(*args, sm_scale=0.25, interpret=True)
+    np.testing.assert_allclose(np.asarray(out[:live]), _paged_numpy_reference(dense, 4, 0.25),
+                               atol=1e-5, rtol=0)
+    # ... and the kernel for a decode batch (bitwise its output)
+    args, _, _ = _paged_batch(**DECODE, seed=9)
+    np.testing.assert_array_equal(
+        np.asarray(attn.gpu_kernel_if_decode(*args, sm_scale=0.25, interpret=True)),
+        np.asarray(attn.paged_attention_pallas_gpu(*args, sm_scale=0.25, interpret=True)))
+    args, _, _ = _paged_batch(**DECODE, d=24, seed=9)
+    with pytest.raises(ValueError, match="powers of two"):
+        paged_attention(*args, sm_scale=1.0, implementation="pallas_gpu")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="the compiled Pallas GPU kernel needs a GPU backend (this is "
+                           f"{jax.default_backend()}); interpret mode is tested above")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_gpu_compiled_matches_reference(dtype):
+    """The Triton kernel's dots on float32 inputs run in TF32 (pl.dot's default precision),
+    hence the looser float32 tolerance; the reference runs at full float32 precision."""
+    args, dense, live = _paged_batch(**DECODE, heads=(12, 2), d=128, page_size=16,
+                                     num_pages=40, dtype=dtype, seed=10)
+    scale = 128 ** -0.5
+    tol = {jnp.float32: 5e-3, jnp.bfloat16: 3e-2}[dtype]
+    out = paged_attention(*args, sm_scale=scale, implementation="pallas_gpu")
+    auto = paged_attention(*args, sm_scale=scale)
+    with jax.default_matmul_precision("highest"):
+        ref = paged_attention(*args, sm_scale=scale, implementation="xla")
+    for got in (out, auto):
+        np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)),
+                                   np.asarray(ref.astype(jnp.float32)), atol=tol, rtol=0)
+    np.testing.assert_allclose(np.asarray(out[:live].astype(jnp.float32)),
+                               _paged_numpy_reference(dense, 12, scale), atol=tol, rtol=0)
+
+
+def test_pallas_tpu_in_interpret_mode_or_skip_with_the_error():
+    """Runs jax's ragged_paged_attention in TPU interpret mode on the mixed batch; jax 0.10.2's
+    interpreter cannot run that kernel, so this skips with the error until it can (any other
+    error fails)."""
+    args, dense, live = _paged_batch(**MIXED, d=128, seed=11)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        attn.paged_attention_pallas_tpu(*_paged_batch(**MIXED)[0], sm_scale=0.25)
+    try:
+        out = attn.paged_attention_pallas_tpu(*args, sm_scale=0.25, interpret=True)
+    except Exception as err:  # noqa: BLE001 - only the known interpreter gap is skipped
+        if "ReshapeTransform" not in str(err):
+            raise
+        pytest.skip(f"Pallas TPU interpret mode cannot run ragged_paged_attention in jax "
+                    f"{jax.__version__}: {str(err).strip().splitlines()[-1]}")
+    np.testing.assert_allclose(np.asarray(out[:live]), _paged_numpy_reference(dense, 4, 0.25),
+                               atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(out[live:]), 0)
+
+
+def test_default_paged_implementation(caplog, monkeypatch):
+    monkeypatch.setattr(attn, "_logged", set())
+    with caplog.at_level(logging.WARNING, logger="scope_jax.models.attention"):
+        assert attn.default_paged_implementation("cpu", True) == "xla"
+        assert attn.default_paged_implementation("gpu", False) == "xla"  # prefill / mixed
+        assert not caplog.records
+        assert attn.default_paged_implementation("gpu", True) == "pallas_gpu"
+        assert attn.default_paged_implementation("tpu", False) == "pallas_tpu"
+        assert attn.default_paged_implementation("tpu", True) == "pallas_tpu"  # logged once
+        assert attn.default_paged_implementation("tpu", True, head_dim=64) == "xla"
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3 and "interpret mode on CPU" in messages[0]
+    assert "NOT run" in messages[1] and "multiple of 128, not 64" in messages[2]
+    args, _, _ = _paged_batch(**DECODE)
+    np.testing.assert_array_equal(  # CPU: auto is the reference
+        np.asarray(paged_attention(*args, sm_scale=0.5)),
+        np.asarray(paged_attention(*args, sm_scale=0.5, implementation="xla")))
+
+
+def test_bench_paged_runs_here_at_small_sizes(tmp_path):
+    """tools/bench_paged.py (the GPU check) at its small sizes on this backend: it runs, and
+    every implementation agrees with the float32 reference within bfloat16 rounding."""
+    import json
+
+    from tools import bench_paged
+
+    out = tmp_path / "paged.json"
+    result = bench_paged.main(["--sizes", "small", "--repeats", "2", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert len(result["cases"]) == len(bench_paged.SIZES["small"]["cases"])
+    for case in result["cases"]:
+        assert len(case["impls"]) >= 2
+        for name, r in case["impls"].items():
+            assert r["max_abs_err_vs_f32"] < 2e-2, (case["page_size"], name)
+            assert r["median_ms"] > 0
+
+
+@pytest.mark.parametrize("heads,d,page_size,num_seqs,pages_per_seq,num_pages", [
+    ((12, 2), 128, 16, 256, 768, 100_000),  # Qwen2-1.5B heads, 12k kv: the pool transposed
+    ((12, 2), 128, 64, 32, 192, 8_000),  # the table's pages gathered
+    ((4, 2), 16, 16, 32, 5, 200),  # the tiny test model's heads; 5 pages padded to 8
+])
+def test_pallas_gpu_lowers_for_cuda(heads, d, page_size, num_seqs, pages_per_seq, num_pages):
+    """The Triton lowering runs in Python, so its shape rules (every load a power of two) are
+    checked here without a GPU; compiling to PTX and running need one."""
+    shape = jax.ShapeDtypeStruct
+    i32 = jnp.int32
+    args = (shape((num_seqs, heads[0], d), jnp.bfloat16),
+            shape((num_pages, page_size, 2 * heads[1], d), jnp.bfloat16),
+            shape((num_seqs,), i32), shape((num_seqs, pages_per_seq), i32),
+            shape((num_seqs + 1,), i32), shape((1,), i32))
+    for fn in (attn.paged_attention_pallas_gpu, attn.gpu_kernel_if_decode):
+        lowered = jax.jit(functools.partial(fn, sm_scale=d ** -0.5)).trace(*args).lower(
+            lowering_platforms=("cuda",))
+        assert "triton" in lowered.as_text()
+    with pytest.raises(ValueError, match="power of 2"):  # the check can fail
+        jax.jit(functools.partial(attn.paged_attention_pallas_gpu, sm_scale=1.0,
+                                  pages_per_compute_block=3)).trace(*args).lower(
+            lowering_platforms=("cuda",))

@@ -2,6 +2,7 @@
 
     python -m tools.scale_check --config configs/paper_r1_1p5b.py --fake_devices 256 --layers 2,4
     python -m tools.scale_check --config configs/toy.py --fake_devices 8 --rows 128 --seq_len 96
+    python -m tools.scale_check --config configs/paper_r1_1p5b.py --fake_devices 256 --layers 2,4 --rollout only
 
 For each depth in --layers (the student's num_hidden_layers overridden; default: the config's
 own), it compiles `scope_jax.step.lower_step` (the very jit, shardings, mesh context and
@@ -25,6 +26,11 @@ runs it at that mix: rows = batch shards x the plan's micro-batches, seq_len = c
 (and so is the teacher's scoring pass, on the same packed rows). On fake CPU devices the memory and FLOPs are
 XLA:CPU's figures for the partitioned program, an estimate of a TPU's (TPU fusion and layout
 differ). --fake_devices must be given before jax starts (it sets XLA_FLAGS).
+
+With --rollout on (default) or only, it also compiles the continuous rollout engine's programs
+(rollout_run: scope_jax.rollout.lower_rollout) at each depth and prints the rollout memory per
+chip (weights in the rollout layout, page pool, temporaries) and the collectives per decode
+step. The v5e-64 layout: --fake_devices 64 --config.mesh.fsdp=16.
 """
 
 from __future__ import annotations
@@ -308,6 +314,67 @@ def run(cfg, *, layers: list[int], rows: int, seq_len: int, response_len: int, t
     return report
 
 
+def rollout_run(cfg, *, layers: list[int]) -> dict:
+    """Compiles the continuous engine's programs (scope_jax.rollout.lower_rollout: prefill,
+    decode block, weight sync in config.rollout's layout and pool) at each depth and reports,
+    per chip: the weights in the rollout layout, the page pool, arguments, temporaries, and
+    the collectives of one decode step (the decode block's loop body counted once); "memory"
+    is arguments + temporaries of the larger of prefill and decode block (their page pool is
+    donated: outputs alias it). With two or more depths, extrapolated to the real depth."""
+    import jax
+
+    from scope_jax import rollout
+    from scope_jax import sharding as shd
+    from scope_jax.models import hf_config
+
+    mesh = shd.make_mesh(cfg.mesh)
+    student = hf_config(cfg, "student")
+    depth = int(student["num_hidden_layers"])
+    t = rollout.rollout_tensor(cfg)
+    report = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "tensor": t,
+              "kv_tokens_per_chip": int(cfg.rollout.kv_tokens_per_chip), "depths": {}}
+    for n_layers in layers:
+        c = cfg.copy_and_resolve_references()
+        c.arch = c.get("arch") or {}
+        c.student = ""
+        c.arch.student = dict(student, num_hidden_layers=n_layers)
+        t0 = time.perf_counter()
+        lowered = rollout.lower_rollout(c, mesh=mesh)
+        compiled = {name: low.compile() for name, low in lowered.items()}
+        r = {name: compiled_report(comp) for name, comp in compiled.items()}
+        r["compile_s"] = time.perf_counter() - t0
+        infos = lowered["decode_block"].args_info[0]
+        shardings = compiled["decode_block"].input_shardings[0]
+
+        def per_chip(i):  # bytes of one chip's shards of decode-block argument i
+            return sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
+                       for x, sh in zip(jax.tree.leaves(infos[i]), jax.tree.leaves(shardings[i])))
+
+        r["weights_bytes"], r["pool_bytes"] = per_chip(0), per_chip(1)
+        r["memory_bytes"] = max(r[k]["argument_bytes"] + r[k]["temp_bytes"]
+                                for k in ("decode_block", "prefill"))
+        r["collective_bytes_per_decode_step"] = r["decode_block"]["collective_bytes"]
+        report["depths"][n_layers] = r
+        print(f"[rollout, {n_layers} layers] memory {r['memory_bytes'] / 2**30:.2f} GiB/chip "
+              f"(weights {r['weights_bytes'] / 2**30:.2f}, pool {r['pool_bytes'] / 2**30:.2f}, "
+              f"decode temp {r['decode_block']['temp_bytes'] / 2**30:.2f}, prefill temp "
+              f"{r['prefill']['temp_bytes'] / 2**30:.2f}), collectives per decode step "
+              f"{sum(r['collective_bytes_per_decode_step'].values()) / 2**20:.2f} MiB, "
+              f"compile {r['compile_s']:.0f} s", file=sys.stderr)
+    if len(layers) >= 2:
+        ex = {key: _extrapolate({n: report["depths"][n][key] for n in layers}, depth)
+              for key in ("memory_bytes", "weights_bytes", "pool_bytes")}
+        for prog in ("decode_block", "prefill"):
+            for key in ("argument_bytes", "temp_bytes"):
+                ex[f"{prog}_{key}"] = _extrapolate(
+                    {n: report["depths"][n][prog][key] for n in layers}, depth)
+        report["extrapolated_to_depth"] = {"layers": depth, **ex}
+        print(f"rollout memory per chip at {depth} layers: {ex['memory_bytes'] / 2**30:.2f} GiB "
+              f"(weights {ex['weights_bytes'] / 2**30:.2f}, pool {ex['pool_bytes'] / 2**30:.2f})",
+              file=sys.stderr)
+    return report
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variant] (configs/*.py)")
 _FAKE = flags.DEFINE_integer("fake_devices", 0, "XLA:CPU devices to fake (sets XLA_FLAGS before jax starts)")
 _LAYERS = flags.DEFINE_string("layers", "", "comma-separated student depths to compile (default: the real one)")
@@ -319,6 +386,9 @@ _NO_TEACHER = flags.DEFINE_bool("no_teacher", False, "skip the teacher-scoring p
 _MEDIAN = flags.DEFINE_float("median", 4000, "median response length of the padding mix")
 _CAP_SHARE = flags.DEFINE_float("cap_share", 0.05, "share of responses at max_new_tokens in the mix")
 _JSON = flags.DEFINE_string("json", "", "also write the report to this file")
+_ROLLOUT = flags.DEFINE_enum("rollout", "on", ["on", "off", "only"],
+                             "compile the continuous engine's programs too (rollout_run); "
+                             "'only': skip the train step")
 
 
 def main(argv) -> None:
@@ -352,11 +422,19 @@ def main(argv) -> None:
                                                  seed=seed), shd.batch_shards(mesh), int(cfg.packing))["padding_share"]
                  for seed in range(10)]
         mix["packed"]["padding_share_10_draws"] = {"mean": float(np.mean(draws)), "min": min(draws), "max": max(draws)}
+    depth = int(hf_config(cfg, "student")["num_hidden_layers"])
+    layers = [int(x) for x in _LAYERS.value.split(",") if x] or [depth]
+    rollout_report = None if _ROLLOUT.value == "off" else rollout_run(cfg, layers=layers)
+    if _ROLLOUT.value == "only":
+        text = json.dumps({"rollout": rollout_report}, indent=1, default=float)
+        print(text)
+        if _JSON.value:
+            with open(_JSON.value, "w") as f:
+                f.write(text)
+        return
     rows = _ROWS.value or (mix["packed"]["rows"] if cfg.packing else rollouts)
     seq_len = _SEQ.value or cfg.packing or bucket + m
     response_len = min(m, seq_len - 1)
-    depth = int(hf_config(cfg, "student")["num_hidden_layers"])
-    layers = [int(x) for x in _LAYERS.value.split(",") if x] or [depth]
     report = run(cfg, layers=layers, rows=rows, seq_len=seq_len, response_len=response_len,
                  teacher=not _NO_TEACHER.value,  # packed: the teacher's pass takes the step's packed rows
                  score_rows=0 if cfg.packing else rollouts, score_seq_len=0 if cfg.packing else bucket + m)
@@ -374,6 +452,8 @@ def main(argv) -> None:
         "decode_step_bytes_read_full_cache": cache["bytes"],
         "decode_step_bytes_read_at_median_length": rows_per_chip * (bucket + int(_MEDIAN.value))
         * cache["bytes_per_slot_per_row"]}
+    if rollout_report is not None:
+        report["rollout"] = rollout_report
     text = json.dumps(report, indent=1, default=float)
     print(text)
     if _JSON.value:

@@ -23,6 +23,30 @@ fp16 inputs (xla for packed rows, which cuDNN's padding masks cannot express), e
 attention over a KV cache (S != T) always uses xla. A pick other than
 xla is logged once per process with a warning saying what it was tested on.
 
+Paged attention (the continuous-batching engine's cache; issue 20):
+
+    kv_pages = write_kv(kv_pages, k, v, slots)                    # [P, page_size, 2 * Hkv, D]
+    out = paged_attention(queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                          sm_scale=scale)                         # [T, Hq, D]
+
+queries are ragged (sequence s owns rows cu_q_lens[s]:cu_q_lens[s + 1]: prefill chunks and
+decodes mixed in one call); the pool interleaves K and V heads (combined head 2h = K head h,
+2h + 1 = V head h), the layout of JAX's Pallas TPU ragged_paged_attention, so the TPU kernel
+reads the pool as it is. Implementations:
+  "xla":        paged_attention_xla, pure JAX: each query reads its own sequence's pages a
+                block at a time with an online softmax (no T x all-kv product, nothing of
+                size T x pages_per_seq); the reference and the CPU path. Tested against a
+                float64 numpy re-derivation and JAX's ref_ragged_paged_attention.
+  "pallas_tpu": jax.experimental.pallas.ops.tpu.ragged_paged_attention (head_dim a multiple of
+                128). NOT run by this project: jax 0.10.2's Pallas interpret modes cannot run
+                it on CPU (the test skips with the error), and lowering for TPU needs a TPU.
+  "pallas_gpu": jax.experimental.pallas.ops.gpu.paged_attention (Triton), decode only (T == S;
+                else ValueError): K / V are copied into its [Hkv, pages, page_size, D] layout
+                first (gpu_page_layout), q is pre-scaled. Tested in Pallas interpret mode on
+                CPU; compiled on a GPU by the GPU-only test and tools/bench_paged.py.
+implementation=None: pallas_tpu on TPU, pallas_gpu on GPU when T == S and the batch is decode
+on device (lax.cond, else xla), else xla (default_paged_implementation).
+
 tokamax (0.0.12, the newest the package index here serves) was read and not used: its TPU kernel is a vendored copy of the
 same splash kernel, its GPU path for cuDNN is the same jax.nn call, and it needs qwix,
 jaxtyping, einshape and typeguard==2.13.3; its Triton / Mosaic-GPU kernels could not be tested
@@ -315,3 +339,368 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid: jax.Arra
     out = jnp.where(kv_valid[:, :, None, None], out, 0)
     out = jnp.where(contiguous[:, None, None, None], out, jnp.nan)
     return out.reshape(b, t, n * d).astype(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged attention: ragged queries over a paged KV cache (the continuous-batching engine's layout)
+# ---------------------------------------------------------------------------------------------
+
+PAGED_IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_gpu")
+
+
+def _paged_dims(queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
+    """(T, Hq, D, P, page_size, Hkv, S, pages_per_seq) after checking the static layout."""
+    if queries.ndim != 3:
+        raise ValueError(f"paged_attention: queries must be [T, Hq, D], got {queries.shape}")
+    if kv_pages.ndim != 4 or kv_pages.shape[2] % 2:
+        raise ValueError(f"paged_attention: kv_pages must be [P, page_size, 2 * Hkv, D] (K and V "
+                         f"heads interleaved), got {kv_pages.shape}")
+    t, hq, d = queries.shape
+    p, page_size, h2, dk = kv_pages.shape
+    if dk != d:
+        raise ValueError(f"paged_attention: queries' head_dim {d} != kv_pages' {dk}")
+    if hq % (h2 // 2):
+        raise ValueError(f"paged_attention: {hq} query heads are not a multiple of {h2 // 2} kv "
+                         "heads")
+    if page_indices.ndim != 2:
+        raise ValueError(f"paged_attention: page_indices must be [S, pages_per_seq], got "
+                         f"{page_indices.shape}")
+    s, pages_per_seq = page_indices.shape
+    for name, x, shape in (("kv_lens", kv_lens, (s,)), ("cu_q_lens", cu_q_lens, (s + 1,)),
+                           ("num_seqs", num_seqs, (1,)), ("page_indices", page_indices, None)):
+        if shape is not None and x.shape != shape:
+            raise ValueError(f"paged_attention: {name} must have shape {shape} (S = "
+                             f"page_indices.shape[0] = {s}), got {x.shape}")
+        if x.dtype != jnp.int32:
+            raise ValueError(f"paged_attention: {name} must be int32, got {x.dtype}")
+    return t, hq, d, p, page_size, h2 // 2, s, pages_per_seq
+
+
+def paged_token_positions(kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array,
+                          num_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Which sequence each query token belongs to, and where it sits in it.
+
+    Args:
+      kv_lens: int32 [S]; cu_q_lens: int32 [S + 1]; num_seqs: int32 [1] (see paged_attention).
+      num_tokens: T, the static number of query rows.
+    Returns:
+      (seq, pos, live), each [T]: seq int32 in [0, S), the sequence owning token t; pos int32,
+      its absolute position kv_lens[seq] - q_len + (t - cu_q_lens[seq]); live bool, False for
+      padding tokens (t >= cu_q_lens[num_seqs]) and for tokens with pos < 0 (q_len > kv_len).
+    """
+    s = kv_lens.shape[0]
+    n = jnp.clip(num_seqs[0], 0, s)
+    idx = jnp.arange(s + 1, dtype=jnp.int32)
+    cu = jnp.where(idx <= n, cu_q_lens, cu_q_lens[n])  # entries past num_seqs are unspecified
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    # a [T, S] count rather than searchsorted, whose while loop costs more on CPU at these sizes
+    seq = jnp.minimum(jnp.sum(cu[None, 1:] <= t[:, None], axis=1, dtype=jnp.int32), s - 1)
+    q_len = cu[seq + 1] - cu[seq]
+    pos = kv_lens[seq] - q_len + (t - cu[seq])
+    return seq, pos, (t < cu[n]) & (pos >= 0)
+
+
+def paged_attention_xla(queries: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array,
+                        page_indices: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
+                        sm_scale: float, block_bytes: int | None = None) -> jax.Array:
+    """paged_attention in pure JAX: the reference, and the CPU path.
+
+    Each query token reads its own sequence's pages, a block of pages at a time, with an
+    online (flash-decoding) float32 softmax: per block it gathers [T, block pages, page_size,
+    2 * Hkv, D], scores it against its [Hkv, G, D] query, masks positions past its own, and
+    folds the block into a running max, sum and value accumulator (probabilities cast to the
+    cache dtype for the value product, as the Pallas kernels do). So there is no T x (all
+    sequences' kv) product and nothing of size T x pages_per_seq is materialised: in decode
+    (T = S) each step is the [S, Hq, D] x [S, block pages, page_size, Hkv, D] product, the
+    loop runs only up to the block of the furthest attended position (not to the end of the
+    caller's page_indices bucket), and the gathered block stays in cache (on CPU, several
+    times faster than one gather of the whole bucket; tools/bench_paged.py --sizes cpu times
+    it against the static sampler's dense-cache attend_decode).
+
+    block_bytes: the gathered block's target size (whole pages, at least 32 positions); default
+    256 KiB on CPU (L2-sized), 64 MiB elsewhere (fewer loop steps). The CPU figures were
+    chosen by timing decode at the tiny model's and Qwen2-1.5B's heads on the shared 2-core
+    dev machine (2026-12-04; noisy, load average ~10): both were slower with 2x larger or
+    smaller blocks. block_bytes=1 means one page (or 32 positions) a block. page_indices entries past a
+    sequence's live pages may hold anything (clipped into range, masked). Not differentiable
+    (a dynamic-length loop): inference only, as the kernels. Arguments and result as
+    paged_attention.
+    """
+    t, hq, d, p, page_size, hkv, _, pages_per_seq = _paged_dims(
+        queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    g = hq // hkv
+    if block_bytes is None:
+        block_bytes = 1 << 18 if jax.default_backend() == "cpu" else 1 << 26
+    page_bytes = t * page_size * 2 * hkv * d * kv_pages.dtype.itemsize
+    # at least 32 positions a block: fewer made the loop's per-step cost dominate on CPU
+    block = min(pages_per_seq, max(-(-32 // page_size), block_bytes // page_bytes))
+    num_blocks = -(-pages_per_seq // block)
+    width = block * page_size  # kv positions per block
+    seq, pos, live = paged_token_positions(kv_lens, cu_q_lens, num_seqs, t)
+    pages = jnp.pad(jnp.clip(page_indices, 0, p - 1),  # padding pages are masked by position
+                    ((0, 0), (0, num_blocks * block - pages_per_seq)))
+    pages = pages[seq].reshape(t, num_blocks, block)
+    split = kv_pages.reshape(p, page_size, hkv, 2, d)
+    q = queries.reshape(t, hkv, g, d)
+
+    def fold(j, carry):
+        top, total, acc = carry  # running max and sum [T, Hkv, G], values [T, Hkv, G, D]
+        # combined head 2h is K_h, 2h + 1 is V_h; two gathers, each fused with its slice and
+        # transpose to [T, Hkv, width, D] (head-major: 1.5x faster at the tiny model's heads on
+        # CPU than position-major, ~8% slower at Qwen2-1.5B's)
+        k, v = (split[pages[:, j], :, :, i].reshape(t, width, hkv, d).transpose(0, 2, 1, 3)
+                for i in (0, 1))
+        scores = jnp.einsum("tkgd,tkld->tkgl", q, k, preferred_element_type=jnp.float32)
+        at = j * width + jnp.arange(width, dtype=jnp.int32)
+        allowed = at[None, :] <= pos[:, None]  # [T, width]; pos < kv_len
+        scores = jnp.where(allowed[:, None, None], scores * sm_scale, -jnp.inf)
+        new_top = jnp.maximum(top, scores.max(-1))
+        shift = jnp.where(new_top == -jnp.inf, 0.0, new_top)  # nothing seen yet: no NaN
+        probs = jnp.exp(scores - shift[..., None])
+        rescale = jnp.exp(top - shift)
+        acc = acc * rescale[..., None] + jnp.einsum(
+            "tkgl,tkld->tkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return new_top, total * rescale + probs.sum(-1), acc
+
+    init = (jnp.full((t, hkv, g), -jnp.inf, jnp.float32), jnp.zeros((t, hkv, g), jnp.float32),
+            jnp.zeros((t, hkv, g, d), jnp.float32))
+    needed = jnp.max(jnp.where(live, pos, -1)) // width + 1  # blocks up to the furthest query
+    _, total, acc = jax.lax.fori_loop(0, jnp.minimum(needed, num_blocks), fold, init)
+    out = acc / jnp.where(total == 0, 1.0, total)[..., None]
+    out = jnp.where(live[:, None, None, None], out, 0)
+    return out.reshape(t, hq, d).astype(queries.dtype)
+
+
+def paged_attention(queries: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array,
+                    page_indices: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
+                    sm_scale: float, implementation: str | None = None) -> jax.Array:
+    """Causal GQA attention of ragged query tokens over a paged KV cache.
+
+    Sequence s owns query rows cu_q_lens[s]:cu_q_lens[s + 1] and kv positions
+    0..kv_lens[s] - 1, stored in pages page_indices[s, :] (position i in page
+    page_indices[s, i // page_size] at offset i % page_size). kv_lens counts the sequence's
+    current queries, whose K and V must already be written (write_kv). Query i of sequence s
+    sits at position kv_lens[s] - q_len_s + i and attends to kv positions <= it.
+
+    Args:
+      queries: [T, Hq, D], T the static number of query rows (padded past
+        cu_q_lens[num_seqs]).
+      kv_pages: [P, page_size, 2 * Hkv, D]; combined head 2h holds K head h and 2h + 1 holds V
+        head h (the layout of jax.experimental.pallas.ops.tpu.ragged_paged_attention). Query
+        head j uses kv head j // (Hq // Hkv), as transformers' repeat_kv.
+      kv_lens: int32 [S], S = page_indices.shape[0] the static number of sequence slots.
+        kv_lens[s] <= pages_per_seq * page_size is the caller's to keep (not checked: traced).
+      page_indices: int32 [S, pages_per_seq]; the caller slices it to the live-page bucket,
+        which bounds the work. Entries past a sequence's live pages are not read.
+      cu_q_lens: int32 [S + 1], cumulative query counts (cu_q_lens[0] = 0).
+      num_seqs: int32 [1]; sequences >= num_seqs are ignored (their entries may hold anything).
+      sm_scale: scale of q . k (head_dim ** -0.5).
+      implementation: None (default_paged_implementation), "xla", "pallas_tpu" or "pallas_gpu".
+    Returns:
+      [T, Hq, D] in queries' dtype (float32 softmax). Rows past cu_q_lens[num_seqs] (padding)
+      are 0, with every implementation. "xla" also gives 0 for a sequence's rows whose
+      position would be negative (q_len > kv_len: bad input). Explicit "pallas_gpu" on a batch
+      that is T == S but not one query per sequence gives NaN everywhere (see
+      paged_attention_pallas_gpu); the default never does.
+
+    Inference only (no gradient: the loop and the kernels). The kernels are single-device
+    calls: under a mesh the caller runs paged_attention per shard (jax.shard_map, pool and
+    sequences split alike). None of this has been run under a mesh by this project's tests.
+    """
+    t = queries.shape[0]
+    s = page_indices.shape[0] if page_indices.ndim == 2 else None
+    auto = implementation is None
+    if auto:
+        implementation = default_paged_implementation(jax.default_backend(), t == s,
+                                                      queries.shape[-1])
+    if implementation not in PAGED_IMPLEMENTATIONS:
+        raise ValueError(f"paged_attention: implementation {implementation!r} is not one of "
+                         f"{PAGED_IMPLEMENTATIONS}")
+    args = (queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    if implementation == "xla":
+        return paged_attention_xla(*args, sm_scale=sm_scale)
+    if implementation == "pallas_tpu":
+        return paged_attention_pallas_tpu(*args, sm_scale=sm_scale)
+    if not auto:
+        return paged_attention_pallas_gpu(*args, sm_scale=sm_scale)
+    return gpu_kernel_if_decode(*args, sm_scale=sm_scale)
+
+
+def gpu_kernel_if_decode(*args, sm_scale: float, interpret: bool = False) -> jax.Array:
+    """paged_attention(*args) for T == S on a GPU: the Pallas GPU kernel where the batch
+    really is decode (is_decode, checked on device by lax.cond), else the reference. XLA
+    reserves the reference branch's buffers ([S, pages_per_seq * page_size, 2 * Hkv, D]) even
+    when the kernel runs."""
+    return jax.lax.cond(is_decode(args[4], args[5]),
+                        functools.partial(paged_attention_pallas_gpu, sm_scale=sm_scale,
+                                          interpret=interpret),
+                        functools.partial(paged_attention_xla, sm_scale=sm_scale), *args)
+
+
+def default_paged_implementation(backend: str, decode_shaped: bool, head_dim: int = 128) -> str:
+    """The kernel paged_attention(implementation=None) uses.
+
+    Args:
+      backend: jax.default_backend().
+      decode_shaped: T == S (as many query rows as sequence slots), the only shape the GPU
+        kernel serves; paged_attention then runs it only if the live cu_q_lens is really one
+        query per sequence (is_decode, on device), else the reference.
+      head_dim: the TPU kernel needs a multiple of 128 (its lane width).
+    Returns:
+      "pallas_tpu" on TPU (head_dim a multiple of 128); "pallas_gpu" on GPU for decode-shaped
+      calls; else "xla". A pick other than the reference's default is logged once per process.
+    """
+    if backend == "tpu" and head_dim % 128:
+        choice, note = "xla", f"the TPU kernel needs head_dim a multiple of 128, not {head_dim}"
+    elif backend == "tpu":
+        choice, note = "pallas_tpu", ("NOT run by this project's tests: Pallas TPU interpret mode "
+                                      "in jax 0.10.2 cannot run it")
+    elif backend in ("gpu", "cuda") and decode_shaped:
+        choice, note = "pallas_gpu", "tested in Pallas interpret mode on CPU; see tools/bench_paged.py"
+    else:
+        return "xla"
+    if ("paged", choice, note) not in _logged:
+        _logged.add(("paged", choice, note))
+        _log.warning("paged_attention: backend %r -> %r kernel (%s); pass implementation='xla' "
+                     "for the reference", backend, choice, note)
+    return choice
+
+
+def is_decode(cu_q_lens: jax.Array, num_seqs: jax.Array) -> jax.Array:
+    """bool []: every live sequence has exactly one query (cu_q_lens[:num_seqs + 1] == arange)."""
+    idx = jnp.arange(cu_q_lens.shape[0], dtype=jnp.int32)
+    return jnp.all((cu_q_lens == idx) | (idx > num_seqs[0]))
+
+
+def paged_attention_pallas_tpu(queries: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array,
+                               page_indices: jax.Array, cu_q_lens: jax.Array,
+                               num_seqs: jax.Array, *, sm_scale: float,
+                               interpret: bool = False) -> jax.Array:
+    """paged_attention through jax.experimental.pallas.ops.tpu.ragged_paged_attention.
+
+    The kernel takes this layout as it is (mixed prefill and decode in one call, block sizes
+    from its own tuned table, which needs a TPU v4+ device); padding rows are zeroed after it,
+    as the reference does. head_dim must be a multiple of 128 (ValueError; the tiny test
+    models' 16 is not). Single device: under a mesh, the caller runs it per shard.
+
+    Not run by this project: in jax 0.10.2 neither Pallas interpret mode runs it on CPU (TPU
+    interpret mode: "'ReshapeTransform' object has no attribute 'indices'" on the kernel's
+    reshape of its VMEM buffer; the generic interpreter: "'TypedInt' object has no attribute
+    'shape'"), and lowering for TPU needs a TPU device (tuned block sizes, chip info).
+    interpret=True runs it under pltpu.force_tpu_interpret_mode() for when that is fixed
+    (tests/test_attention.py tries it and skips with the error).
+    """
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu import ragged_paged_attention as rpa
+
+    t, _, d = _paged_dims(queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)[:3]
+    if d % 128:
+        raise ValueError(f"paged_attention: 'pallas_tpu' needs head_dim a multiple of 128 (the "
+                         f"kernel's lane width), got {d}; use implementation='xla'")
+    args = (queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    if interpret:
+        with pltpu.force_tpu_interpret_mode():
+            out = rpa.ragged_paged_attention(*args, sm_scale=sm_scale,
+                                             num_kv_pages_per_block=1, num_queries_per_block=8)
+    else:
+        out = rpa.ragged_paged_attention(*args, sm_scale=sm_scale)
+    live = paged_token_positions(kv_lens, cu_q_lens, num_seqs, t)[2]
+    return jnp.where(live[:, None, None], out, 0).astype(queries.dtype)
+
+
+def gpu_page_layout(kv_pages: jax.Array, page_indices: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(k_pages, v_pages [Hkv, P', page_size, D], block_tables int32 [S, pages_per_seq]): the
+    GPU kernel's layout of what page_indices reaches.
+
+    The GPU kernel wants K and V apart with kv heads leading, so one copy is unavoidable: of
+    the S * pages_per_seq pages the table names (tables become arange) when that is fewer than
+    the pool's P pages, else of the whole pool (tables unchanged). Either way it reads and
+    writes 2 x min(S * pages_per_seq, P) pages more than a kernel reading this layout would.
+    """
+    p, page_size, h2, d = kv_pages.shape
+    s, pages_per_seq = page_indices.shape
+    pages = jnp.clip(page_indices, 0, p - 1)
+    if s * pages_per_seq < p:
+        kv_pages = kv_pages[pages.reshape(-1)]
+        pages = jnp.arange(s * pages_per_seq, dtype=jnp.int32).reshape(s, pages_per_seq)
+    kv = kv_pages.reshape(kv_pages.shape[0], page_size, h2 // 2, 2, d)
+    k, v = (kv[..., i, :].transpose(2, 0, 1, 3) for i in (0, 1))
+    return k, v, pages
+
+
+def paged_attention_pallas_gpu(queries: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array,
+                               page_indices: jax.Array, cu_q_lens: jax.Array,
+                               num_seqs: jax.Array, *, sm_scale: float, interpret: bool = False,
+                               pages_per_compute_block: int = 8, k_splits: int = 16) -> jax.Array:
+    """paged_attention in decode through jax.experimental.pallas.ops.gpu.paged_attention.
+
+    The kernel serves one query per sequence: T must equal S (else ValueError), and if the
+    live cu_q_lens is not arange (is_decode false, known only on device) every output is NaN,
+    loudly wrong rather than silently. Costs over a kernel native to this layout:
+      - the K / V copy of gpu_page_layout (2 x min(S * pages_per_seq, P) pages of traffic);
+      - queries pre-scaled by sm_scale in their dtype (the kernel has no scale argument): one
+        extra rounding of q in bfloat16;
+      - the GPU kernel pads each GQA group to block_h = 16 query heads (Qwen2-1.5B's group of
+        6 computes 16), and page_indices is padded with page 0 to a multiple of
+        k_splits x pages_per_compute_block pages (skipped or masked by length).
+    Block sizes: pages_per_compute_block pages per step (a power of two, capped by the table),
+    k_splits partitions of the table run in parallel and are merged after (flash-decoding).
+    Triton needs page_size and head_dim to be powers of two, head_dim >= 16 (ValueError).
+    Single device. interpret=True runs it in Pallas interpret mode (any backend; slow).
+    """
+    from jax.experimental.pallas.ops.gpu import paged_attention as gpu_pa
+
+    t, hq, d, _, page_size, _, s, pages_per_seq = _paged_dims(
+        queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    if t != s:
+        raise ValueError(f"paged_attention: implementation 'pallas_gpu' serves decode only, one "
+                         f"query row per sequence slot (T == S); got T={t} rows for S={s} slots. "
+                         "Use implementation='xla' for prefill or mixed batches")
+    pow2 = lambda n: n & (n - 1) == 0
+    if not (pow2(page_size) and pow2(d) and d >= 16):
+        raise ValueError(f"paged_attention: 'pallas_gpu' (Triton) needs page_size and head_dim "
+                         f"powers of two and head_dim >= 16; got {page_size} and {d}")
+    k_pages, v_pages, tables = gpu_page_layout(kv_pages, page_indices)
+    block = min(pages_per_compute_block, 1 << (pages_per_seq - 1).bit_length())
+    splits = min(k_splits, -(-pages_per_seq // block))
+    width = -(-pages_per_seq // (splits * block)) * splits * block
+    tables = jnp.pad(tables, ((0, 0), (0, width - pages_per_seq)))
+    live = jnp.arange(s) < num_seqs[0]
+    lengths = jnp.where(live, kv_lens, 0)  # dead slots: no work
+    q = (queries.astype(jnp.float32) * sm_scale).astype(queries.dtype)
+    out = gpu_pa.paged_attention(q, k_pages, v_pages, tables, lengths, block_h=16,
+                                 pages_per_compute_block=block, k_splits=splits,
+                                 interpret=interpret)
+    out = jnp.where(live[:, None, None], out, 0)
+    return jnp.where(is_decode(cu_q_lens, num_seqs), out, jnp.nan).astype(queries.dtype)
+
+
+def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array) -> jax.Array:
+    """Writes tokens' keys and values into the page pool: one scatter.
+
+    Args:
+      kv_pages: [P, page_size, 2 * Hkv, D] (paged_attention's layout: K head h at combined
+        head 2h, V head h at 2h + 1).
+      k, v: [T, Hkv, D], cast to kv_pages' dtype.
+      slots: int32 [T], flat slot page * page_size + offset of each token; slots < 0 (padding
+        tokens) and slots >= P * page_size are dropped. Two tokens with one slot: either wins.
+    Returns:
+      kv_pages with the tokens written. Pure; under jit with kv_pages donated the scatter
+      updates the pool in place.
+    """
+    p, page_size, h2, d = kv_pages.shape
+    if k.shape != v.shape or k.ndim != 3 or k.shape[1:] != (h2 // 2, d):
+        raise ValueError(f"write_kv: k and v must both be [T, {h2 // 2}, {d}] for kv_pages "
+                         f"{kv_pages.shape}; got {k.shape} and {v.shape}")
+    if slots.shape != k.shape[:1] or not jnp.issubdtype(slots.dtype, jnp.integer):
+        raise ValueError(f"write_kv: slots must be integer [{k.shape[0]}], got {slots.dtype} "
+                         f"{slots.shape}")
+    t = k.shape[0]
+    kv = jnp.stack([k, v], axis=2).reshape(t, h2, d).astype(kv_pages.dtype)  # K0 V0 K1 V1 ...
+    total = p * page_size
+    # negative indices would wrap around in .at[]: send them out of range, where mode="drop"
+    # discards them
+    slots = jnp.where(slots < 0, total, slots)
+    flat = kv_pages.reshape(total, h2, d).at[slots].set(kv, mode="drop")
+    return flat.reshape(p, page_size, h2, d)

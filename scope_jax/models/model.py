@@ -440,6 +440,62 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    def _qkv(self, x, cos, sin):
+        """Queries [B, T, N, D], keys and values [B, T, K, D], normed and rotated."""
+        b, t, _ = x.shape
+        act = ("batch", "length", "act_heads", "head_dim")
+        kv_act = ("batch", "length", "act_kv_heads", "head_dim")
+        q = constrain(self.q_proj(x).reshape(b, t, self.n, self.d), act, self.rules)
+        k = constrain(self.k_proj(x).reshape(b, t, self.kh, self.d), kv_act, self.rules)
+        v = constrain(self.v_proj(x).reshape(b, t, self.kh, self.d), kv_act, self.rules)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _pool_layout(self, x: jax.Array, axis: int) -> jax.Array:
+        """x with its KV-head axis `axis` (of K heads, or 2K combined K/V heads in a page pool)
+        split as act_kv_heads splits K heads, the other axes replicated (under a mesh)."""
+        from jax.sharding import PartitionSpec
+
+        from scope_jax.sharding import logical_to_spec
+
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return x
+        heads = logical_to_spec(("act_kv_heads",), self.rules, shape=(self.kh,), mesh=mesh)[0]
+        spec = [None] * x.ndim
+        spec[axis] = heads
+        return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+    def paged(self, x, cos, sin, kv_pages, batch: "PagedBatch"):
+        """Ragged attention over a paged KV cache (the continuous engine's prefill and decode).
+
+        x [1, T, H] (T tokens of several sequences, laid out as batch.cu_q_lens says);
+        cos/sin [1, T, D]; kv_pages [P, page_size, 2K, D] this layer's page pool. The new
+        keys/values go to batch.slots first, then each token attends causally to its own
+        sequence's pages. Returns (out [1, T, H], updated kv_pages).
+        """
+        from scope_jax.models.attention import paged_attention, write_kv
+
+        q, k, v = self._qkv(x, cos, sin)
+        # The pool and the new keys / values keep one layout (KV heads split like
+        # act_kv_heads when they divide, else replicated): left free, the partitioner may
+        # re-lay the whole pool out every step to meet the scatter.
+        k, v = (self._pool_layout(a[0], 1) for a in (k, v))
+        kv_pages = self._pool_layout(write_kv(self._pool_layout(kv_pages, 2), k, v, batch.slots), 2)
+        k, v = k[None], v[None]
+        if batch.segment_ids is not None:  # whole sequences: the packed self-attention path
+            out = attention(q, k.astype(kv_pages.dtype).astype(q.dtype),
+                            v.astype(kv_pages.dtype).astype(q.dtype),
+                            jnp.arange(x.shape[1], dtype=jnp.int32), batch.segment_ids[None],
+                            self.d ** -0.5, chunk=self.chunk, rules=self.rules)
+            return self.o_proj(out), kv_pages
+        out = paged_attention(q[0].astype(kv_pages.dtype), kv_pages, batch.kv_lens,
+                              batch.page_indices, batch.cu_q_lens, batch.num_seqs,
+                              sm_scale=self.d ** -0.5, implementation=batch.implementation)
+        out = out.astype(x.dtype).reshape(1, x.shape[1], self.n * self.d)
+        return self.o_proj(out), kv_pages
+
     def __call__(self, x, cos, sin, mask, kv=None):
         """x [B, T, H]; cos/sin [B, T, D]; mask = (q_slot int32 [T], kv_valid bool [B, S] or
         int32 segment ids [B, S], see attention.segments_allowed).
@@ -451,15 +507,8 @@ class Attention(nnx.Module):
           slots.
         Returns (out [B, T, H], updated (k_all, v_all) or None).
         """
-        b, t, _ = x.shape
-        act = ("batch", "length", "act_heads", "head_dim")
-        kv_act = ("batch", "length", "act_kv_heads", "head_dim")
-        q = constrain(self.q_proj(x).reshape(b, t, self.n, self.d), act, self.rules)
-        k = constrain(self.k_proj(x).reshape(b, t, self.kh, self.d), kv_act, self.rules)
-        v = constrain(self.v_proj(x).reshape(b, t, self.kh, self.d), kv_act, self.rules)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        t = x.shape[1]
+        q, k, v = self._qkv(x, cos, sin)
         new_kv = None
         if kv is not None and kv[2] is None:  # DecodeCache layer
             k_t, v_l, _, index = kv
@@ -525,6 +574,13 @@ class Block(nnx.Module):
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv
 
+    def paged(self, x, cos, sin, kv_pages, batch: "PagedBatch"):
+        """As __call__ over a paged cache (Attention.paged): -> ([1, T, H], kv_pages)."""
+        a, kv_pages = self.self_attn.paged(self.input_layernorm(x), cos, sin, kv_pages, batch)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv_pages
+
 
 @flax.struct.dataclass
 class Cache:
@@ -547,6 +603,34 @@ class DecodeCache:
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
+
+
+@flax.struct.dataclass
+class PagedBatch:
+    """Where the tokens of one ragged forward over a paged KV cache go and what they attend to
+    (the arguments of scope_jax.models.attention.paged_attention / write_kv); S sequences at
+    most, T tokens, sequence i's tokens at [cu_q_lens[i], cu_q_lens[i+1]).
+
+    slots:        int32 [T]     flat cache slot (page * page_size + offset) each token's K/V
+                                is written to; negative: padding, not written
+    kv_lens:      int32 [S]     tokens of each sequence in the cache once these are written
+    page_indices: int32 [S, n]  each sequence's pages in order (entries past its length unused)
+    cu_q_lens:    int32 [S + 1] cumulative query counts
+    num_seqs:     int32 [1]     sequences in use (the first num_seqs of S)
+    segment_ids:  int32 [T] or None. Given when every sequence is prefilled whole (from its
+                  first token; 0 on padding): attention then runs within each sequence over
+                  this call's own keys, the packed self-attention path (query-chunked, the
+                  backend's kernel), instead of reading the pages back
+    implementation: paged_attention's (None: its default for the backend); static
+    """
+
+    slots: jax.Array
+    kv_lens: jax.Array
+    page_indices: jax.Array
+    cu_q_lens: jax.Array
+    num_seqs: jax.Array
+    segment_ids: jax.Array | None = None
+    implementation: str | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def default_positions(attention_mask: jax.Array | None, batch: int, length: int) -> jax.Array:
@@ -616,16 +700,7 @@ class Transformer(nnx.Module):
 
     def _run(self, input_ids, positions, mask, kv_all=None, index=None):
         """Embed, run the layers, final norm. Returns ([B, T, H] compute dtype, kv_all)."""
-        ids = jnp.asarray(input_ids, jnp.int32)
-        # The table's FSDP-sharded embed axis is gathered before the lookup (as any FSDP weight
-        # before its use); looking up in the sharded table makes XLA gather the rows instead.
-        table = constrain(self.embed_tokens[...], ("vocab", None), self.rules)
-        x = jnp.take(table, ids, axis=0).astype(self.dtype)
-        x = constrain(x, ("batch", "length", "act_embed"), self.rules)
-        c = self.config
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, self.dtype, c.rope_scaling,
-                                c.max_position_embeddings)
-
+        x, cos, sin = self._embed(input_ids, positions)
         if kv_all is None:
             return self.norm(self._scan_layers(x, cos, sin, mask)), None
         # Cached forwards (prefill and decode steps) run the layers as a Python loop: each layer
@@ -644,6 +719,19 @@ class Transformer(nnx.Module):
         if per_layer:
             kv_all = DecodeCache(k=tuple(new_k), v=tuple(new_v))
         return self.norm(x), kv_all
+
+    def _embed(self, input_ids, positions):
+        """Token embeddings [B, T, H] (compute dtype) and the RoPE tables cos, sin [B, T, D]."""
+        ids = jnp.asarray(input_ids, jnp.int32)
+        # The table's FSDP-sharded embed axis is gathered before the lookup (as any FSDP weight
+        # before its use); looking up in the sharded table makes XLA gather the rows instead.
+        table = constrain(self.embed_tokens[...], ("vocab", None), self.rules)
+        x = jnp.take(table, ids, axis=0).astype(self.dtype)
+        x = constrain(x, ("batch", "length", "act_embed"), self.rules)
+        c = self.config
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, self.dtype, c.rope_scaling,
+                                c.max_position_embeddings)
+        return x, cos, sin
 
     def _scan_layers(self, x, cos, sin, mask):
         """The decoder layers as one lax.scan over their stacked parameters: x [B, T, H] -> same.
@@ -739,6 +827,35 @@ class Transformer(nnx.Module):
         shape = (c.num_kv_heads, batch_size, c.head_dim, max_len)
         return DecodeCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)),
                            v=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)))
+
+    def init_pages(self, num_pages: int, page_size: int, dtype=None) -> tuple[jax.Array, ...]:
+        """Zero paged KV cache: one page pool [num_pages, page_size, 2K, D] per layer, keys and
+        values of each KV head interleaved (the layout of paged_attention; dtype: compute)."""
+        c = self.config
+        dtype = self.dtype if dtype is None else dtype
+        shape = (num_pages, page_size, 2 * c.num_kv_heads, c.head_dim)
+        return tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
+
+    def forward_paged(self, input_ids, positions, kv_pages: tuple[jax.Array, ...],
+                      batch: PagedBatch) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """Ragged forward over a paged KV cache: prefill chunks and decode tokens of several
+        sequences in one call (see PagedBatch for the layout).
+
+        Args:
+          input_ids, positions: int32 [T] (positions: each token's RoPE position, its index in
+            its own sequence).
+          kv_pages: one [P, page_size, 2K, D] pool per layer (init_pages).
+        Returns:
+          (final-norm hidden states [T, H] in the compute dtype, the updated pools). Take the
+          logits of the rows you need with logits_from_hidden.
+        """
+        x, cos, sin = self._embed(jnp.asarray(input_ids, jnp.int32)[None],
+                                  jnp.asarray(positions, jnp.int32)[None])
+        new = []
+        for layer, pages in zip(self.layers, kv_pages):
+            x, pages = layer.paged(x, cos, sin, pages, batch)
+            new.append(pages)
+        return self.norm(x)[0], tuple(new)
 
     def forward_cached(self, input_ids, positions, cache: Cache | DecodeCache, cache_index,
                        kv_mask):
