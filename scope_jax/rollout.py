@@ -12,6 +12,9 @@ in one place, so no caller assembles sampler keyword arguments itself.
 Engines (config.rollout.engine):
   * "static": scope_jax.sampling.generate, the whole batch decoded together until its last row
     ends (the reference the other engines are tested against).
+  * "continuous": ContinuousEngine, continuous batching over a paged KV cache (slots refilled
+    as rows end, scheduled by scope_jax.engine.Scheduler; docs/rollout.md). `lower_rollout`
+    lowers its programs at pod scale without weights (tools/scale_check.py).
 """
 from __future__ import annotations
 
