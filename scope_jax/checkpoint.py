@@ -61,7 +61,10 @@ ALLOWED_CHANGES = ("workdir", "num_steps", "checkpoint_every", "max_to_keep", "a
                    # must still match, see `model_changes`
                    "teacher_url", "teacher_client",
                    # the order of work, not the math (collect.Collector); pipeline.chunks does change it
-                   "pipeline.overlap")
+                   "pipeline.overlap",
+                   # which engine generates, and its layout and pool: the rollouts depend on the
+                   # per-row keys only (scope_jax.rollout), not on how they are scheduled
+                   "rollout")
 # Keys added after runs existed, with the value that keeps what those runs computed: a run
 # identity written before a key existed reads as having it at this value.
 ADDED_KEYS = {"pipeline.chunks": 1}

@@ -31,7 +31,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from scope_jax import engine, sampling
-from scope_jax.models.model import PagedBatch
+from scope_jax import sharding as shd
+from scope_jax.models import ModelConfig, PagedBatch, abstract_model, hf_config
+from scope_jax.sharding import DEFAULT_RULES, make_mesh
 from scope_jax.sampling import SamplerOutput
 
 ENGINES = ("static", "continuous")
@@ -282,8 +284,6 @@ def rollout_rules(tensor: int) -> tuple:
     """The rollout weight layout as logical-axis rules: DEFAULT_RULES without the data and
     fsdp axes (nothing is split across a host's engines), and without 'tensor' too when each
     chip is its own engine (tensor == 1: the weights replicated)."""
-    from scope_jax.sharding import DEFAULT_RULES
-
     drop = {"data", "fsdp"} | ({"tensor"} if tensor == 1 else set())
 
     def keep(axes):
@@ -300,8 +300,6 @@ def engine_groups(mesh, tensor: int) -> list:
     consecutive ones per group (consecutive along the training mesh's tensor axis, so
     tensor == mesh.tensor keeps each head shard where training has it). Nothing crosses
     groups, hence hosts, while decoding."""
-    from scope_jax.sharding import make_mesh
-
     if mesh is None:
         devices = jax.local_devices()
     else:
@@ -317,8 +315,6 @@ def engine_groups(mesh, tensor: int) -> list:
 def _pages_sharding(group, num_kv_heads: int):
     """The page pools' sharding on an engine group: KV heads split over 'tensor' when they
     divide (combined heads 2h, 2h + 1 stay together), else replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     t = group.shape["tensor"]
     return NamedSharding(group, P(None, None, "tensor", None) if t > 1 and num_kv_heads % t == 0
                          else P())
@@ -355,8 +351,6 @@ class ContinuousEngine:
                  page_size: int = 16, block: int = 16, kv_tokens: int | None = None,
                  order: str = "fifo", prefill_tokens: int = 8192, tensor: int = 1,
                  groups: int | None = None, implementation: str | None = None):
-        from scope_jax import sharding as shd
-
         for name, v in (("slots", slots), ("page_size", page_size), ("block", block),
                         ("prefill_tokens", prefill_tokens), ("tensor", tensor)):
             if not isinstance(v, (int, np.integer)) or v < 1:
@@ -655,17 +649,13 @@ def lower_rollout(cfg, *, mesh=None) -> dict:
     weight sync is the jit that casts the student's params in the training sharding on `mesh`
     to the compute dtype in the rollout layout there (the step's one weight all-gather).
     """
-    from scope_jax import sharding as shd
-    from scope_jax import train
-    from scope_jax.models import ModelConfig
-
     mesh = shd.make_mesh(cfg.mesh) if mesh is None else mesh
     r = cfg.rollout
     t = rollout_tensor(cfg)
     if mesh.size % t:
         raise ValueError(f"config.rollout.mesh.tensor={t} must divide the mesh's {mesh.size} chips")
-    graphdef, params, train_shardings = train.abstract_model(cfg, "student", mesh)
-    arch = train._hf_config(cfg, "student")
+    graphdef, params, train_shardings = abstract_model(cfg, "student", mesh)
+    arch = hf_config(cfg, "student")
     mc = ModelConfig.from_hf(arch, source="config.arch.student")
     dtype = jnp.dtype(cfg.model.dtype)
     rules = rollout_rules(t)

@@ -123,11 +123,11 @@ def weight_bytes_per_chip(cfg, axes: dict[str, int], dtype) -> int:
     import jax
 
     from scope_jax import sharding as shd
-    from scope_jax import train
+    from scope_jax.models import abstract_model, hf_config
 
     mesh = jax.sharding.AbstractMesh(tuple(axes[a] for a in shd.MESH_AXES), shd.MESH_AXES)
-    _, params, _ = train.abstract_model(cfg, "student", mesh)
-    tied = bool(train._hf_config(cfg, "student").get("tie_word_embeddings", False))
+    _, params, _ = abstract_model(cfg, "student", mesh)
+    tied = bool(hf_config(cfg, "student").get("tie_word_embeddings", False))
     total = 0
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         if not tied and getattr(path[0], "key", None) == "embed_tokens":
@@ -138,10 +138,10 @@ def weight_bytes_per_chip(cfg, axes: dict[str, int], dtype) -> int:
 
 def kv_bytes_per_token(cfg, tensor: int, dtype) -> int:
     """KV-cache bytes one token of one row takes on one chip (tools.scale_check.kv_cache)."""
-    from scope_jax import train
+    from scope_jax.models import hf_config
     from tools.scale_check import kv_cache
 
-    arch = train._hf_config(cfg, "student")
+    arch = hf_config(cfg, "student")
     return kv_cache(arch, 1, 1, tensor, np.dtype(dtype).itemsize)["bytes_per_slot_per_row"]
 
 
@@ -257,8 +257,6 @@ def replay_report(cfg, *, draws: int, mix: Mix, hbm_gbps: float = V5E_HBM_GBPS,
     """(a): static vs continuous over `draws` traces at `mix` (module docstring); the headline
     keys are medians over the draws, with their min-max under '<key>_range'."""
     import jax.numpy as jnp
-
-    from scope_jax import train
 
     from scope_jax import rollout
 

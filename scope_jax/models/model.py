@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
-from scope_jax.models.attention import _attend_block, attend, attend_decode, attention  # noqa: F401
-from scope_jax.sharding import constrain
+from scope_jax.models.attention import (_attend_block, attend, attend_decode, attention,  # noqa: F401
+                                        paged_attention, write_kv)
+from scope_jax.sharding import constrain, logical_to_spec
 
 # Remat policies of the scanned decoder layers (the names follow MaxText's remat_policy).
 REMAT_POLICIES = {
@@ -455,10 +457,6 @@ class Attention(nnx.Module):
     def _pool_layout(self, x: jax.Array, axis: int) -> jax.Array:
         """x with its KV-head axis `axis` (of K heads, or 2K combined K/V heads in a page pool)
         split as act_kv_heads splits K heads, the other axes replicated (under a mesh)."""
-        from jax.sharding import PartitionSpec
-
-        from scope_jax.sharding import logical_to_spec
-
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             return x
@@ -475,8 +473,6 @@ class Attention(nnx.Module):
         keys/values go to batch.slots first, then each token attends causally to its own
         sequence's pages. Returns (out [1, T, H], updated kv_pages).
         """
-        from scope_jax.models.attention import paged_attention, write_kv
-
         q, k, v = self._qkv(x, cos, sin)
         # The pool and the new keys / values keep one layout (KV heads split like
         # act_kv_heads when they divide, else replicated): left free, the partitioner may
