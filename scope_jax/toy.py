@@ -100,6 +100,8 @@ def make_example(rng: random.Random, difficulty: Difficulty = Difficulty()) -> d
 
     Returns {"problem", "answer", "solution"} (all str); see the module docstring for the format.
     """
+    if isinstance(difficulty, LongDifficulty):  # the long toy (FAMILIES["long"]) has its own task
+        return make_long_example(rng, difficulty)
     d = difficulty
     num_ops = rng.randint(d.min_ops, d.max_ops)
     while True:  # rejection: restart when no operation keeps the value in range
@@ -544,6 +546,100 @@ FAMILIES: dict[str, ToySettings] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# The long toy (issue 22): a running-state program with resets, long worked solutions, errors
+# at any step and recovery by construction. Design record: docs/study_longtoy.md.
+#
+#     problem:  "Run a=47 b+5 c*2 d-9 e=12 f+9 ... p-3."
+#     solution: "a 47. b 47+5=52. c 52*2=104 ..."  (see make_long_example for the exact format)
+#
+# Each labelled instruction either applies an operation to the running value x (+d, -d, *d with
+# one-digit d) or resets x to a new value (=v, two digits at most). The answer is x after the
+# last instruction, so an arithmetic slip before a reset does not change the answer: a solution
+# can go wrong early and still end right, and a teacher continuing a wrong prefix recovers when
+# a reset lies after the cut. The labels (a, b, c, ...) let a tiny transformer find the next
+# instruction in the prompt by one induction-head lookup.
+
+LABELS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@dataclasses.dataclass(frozen=True)
+class LongDifficulty:
+    """Knobs of the long toy's problem generator (make_long_example).
+
+    min_steps, max_steps: instructions per problem (inclusive), labelled a, b, c, ...
+    reset_prob: chance that an instruction after the first is a reset "=v" (the first always is).
+    max_operand: operands of +, -, * are drawn from [1, max_operand] (products need >= 2).
+    max_value: every running value, reset value and the answer lies in [0, max_value].
+    """
+
+    min_steps: int = 16
+    max_steps: int = 24
+    reset_prob: float = 0.15
+    max_operand: int = 9
+    max_value: int = 99
+
+    def __post_init__(self):
+        if not 2 <= self.min_steps <= self.max_steps <= len(LABELS):
+            raise ValueError(f"LongDifficulty: need 2 <= min_steps <= max_steps <= {len(LABELS)}, "
+                             f"got {self.min_steps}, {self.max_steps}")
+        if not 0.0 <= self.reset_prob < 1.0:
+            raise ValueError(f"LongDifficulty: reset_prob must be in [0, 1), got {self.reset_prob}")
+        if not 2 <= self.max_operand <= self.max_value:
+            raise ValueError(f"LongDifficulty: need 2 <= max_operand <= max_value, got "
+                             f"{self.max_operand}, {self.max_value}")
+
+
+def make_long_example(rng: random.Random, difficulty: LongDifficulty = LongDifficulty()
+                      ) -> dict[str, str]:
+    """One long-toy problem drawn with `rng` (a random.Random; advanced in place).
+
+    problem "Run a=47 b+5 c*2 d-9 e=12."; solution, one clause per instruction:
+    "a 47. b 47+5=52. c 52*2=104. ..." for operations ("<label> <x><op><d>=<new>.") and
+    "e 12." for resets ("<label> <v>."), then " \\boxed{<x>}". Every value stays in
+    [0, max_value]: an operation that would leave it is redrawn (a product needs d >= 2).
+    Returns {"problem", "answer", "solution"} (str).
+    """
+    d = difficulty
+    num_steps = rng.randint(d.min_steps, d.max_steps)
+    value = rng.randint(1, d.max_value)
+    instr, clauses = [f"a={value}"], [f"a {value}."]
+    for label in LABELS[1:num_steps]:
+        if rng.random() < d.reset_prob:
+            value = rng.randint(1, d.max_value)
+            instr.append(f"{label}={value}")
+            clauses.append(f"{label} {value}.")
+            continue
+        while True:  # +1 and -1 are always possible somewhere in [0, max_value], so this ends
+            op, b = rng.choice(OPS), rng.randint(1, d.max_operand)
+            new = _apply(value, op, b)
+            if not (op == "*" and b == 1) and 0 <= new <= d.max_value:
+                break
+        instr.append(f"{label}{op}{b}")
+        clauses.append(f"{label} {value}{op}{b}={new}.")
+        value = new
+    return {"problem": "Run " + " ".join(instr) + ".", "answer": str(value),
+            "solution": " ".join(clauses) + f" \\boxed{{{value}}}"}
+
+
+def long_live_steps(problem: str) -> int:
+    """Instructions of a long-toy problem after its last reset (the steps the answer depends
+    on; 0 when the last instruction is a reset). problem: make_long_example's "problem"."""
+    instr = problem.removeprefix("Run ").rstrip(".").split()
+    last_reset = max(i for i, x in enumerate(instr) if "=" in x)
+    return len(instr) - 1 - last_reset
+
+
+# The model sizes stay the toy's (TEACHER_SIZE, STUDENT_SIZE): the task changes, not the
+# models. Batches of 16 sequences of ~300 tokens keep a build near 5 minutes on 2 cores.
+LONG_SETTINGS = ToySettings(
+    difficulty=LongDifficulty(), n_train=20000, n_test=200,
+    teacher=TrainSettings(TEACHER_SIZE, steps=900, batch_size=16, seed=1),
+    student=TrainSettings(STUDENT_SIZE, steps=500, batch_size=16, seed=2),
+    eval_temperatures=(0.6,), eval_samples=2, max_new_tokens=320)
+FAMILIES["long"] = LONG_SETTINGS
+
+
 def toy_settings(family: str = "toy", seed: int = 0) -> ToySettings:
     """FAMILIES[family] with every seed of the build (data and test split, tokenizer, both
     models' init, batch order and training mix) shifted by `seed`; seed 0 is FAMILIES[family]
@@ -604,11 +700,20 @@ def _reusable(paths: dict[str, str], settings: ToySettings) -> bool:
     return True
 
 
+def _max_positions(sft_length: int) -> int:
+    """max_position_embeddings of a toy model whose longest SFT sequence has sft_length tokens:
+    the smallest power of two >= sft_length + 64 (room for sampling past the longest solution),
+    and at least 256, the value every build before the long toy used (so they stay identical).
+    scope_jax.evaluation caps max_new_tokens by it."""
+    return max(256, 1 << (sft_length + 63).bit_length())
+
+
 def _train_model(name: str, ts: TrainSettings, tokenizer, data, path: str, tokenizer_dir: str,
                  log_every: int) -> tuple[Transformer, dict]:
     """SFT of one model from random init, saved with the tokenizer files; returns (model,
     {"parameters", "train_seconds", "final_loss"})."""
-    model = Transformer(model_config(ts.size, tokenizer), rngs=nnx.Rngs(ts.seed))
+    model = Transformer(model_config(ts.size, tokenizer, _max_positions(data[0].shape[1])),
+                        rngs=nnx.Rngs(ts.seed))
     n_params = int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
     if log_every:
         print(f"training the {name} ({n_params} parameters, {ts.steps} steps)", flush=True)
