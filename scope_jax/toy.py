@@ -458,12 +458,17 @@ class TrainSettings:
     seed: int = 0  # parameter init, batch order and the op_keep subsample
     op_keep: tuple[tuple[str, float], ...] = ()
     op_noise: tuple[tuple[str, float], ...] = ()
+    # Long toy only: this seeded fraction of the model's worked solutions is written in the
+    # second style (to_second_style), the rest in the first (FAMILIES["long_styles"]).
+    second_style: float = 0.0
 
     def __post_init__(self):
         for op, frac in self.op_keep + self.op_noise:
             if op not in OPS or not 0.0 <= frac <= 1.0:
                 raise ValueError(f"TrainSettings.op_keep/op_noise: ({op!r}, {frac}) needs an op of "
                                  f"{OPS!r} and a fraction in [0, 1]")
+        if not 0.0 <= self.second_style <= 1.0:
+            raise ValueError(f"TrainSettings.second_style must be in [0, 1], got {self.second_style}")
 
 
 _STEP = re.compile(r"(\d+)([-+*])(\d+)=(\d+)\.")
@@ -639,6 +644,38 @@ LONG_SETTINGS = ToySettings(
     eval_temperatures=(0.6,), eval_samples=2, max_new_tokens=320)
 FAMILIES["long"] = LONG_SETTINGS
 
+_LONG_OP_CLAUSE = re.compile(r"\b([a-z]) (\d+)([-+*])(\d+)=(\d+)\.")
+_LONG_RESET_CLAUSE = re.compile(r"\b([a-z]) (\d+)\.")
+
+
+def to_second_style(solution: str) -> str:
+    """A long-toy worked solution rewritten in the second style: the same clauses, values and
+    order with other punctuation, "b 47+5=52." -> "b:47+5>52;" and "e 12." -> "e:12;" (the
+    boxed answer unchanged), so both styles have the same length in tokens and the same
+    arithmetic. A model that never saw the second style finds three tokens of every clause
+    implausible (iteration 2 of docs/study_longtoy.md)."""
+    out = _LONG_OP_CLAUSE.sub(r"\1:\2\3\4>\5;", solution)
+    return _LONG_RESET_CLAUSE.sub(r"\1:\2;", out)
+
+
+def second_style_solutions(examples: Sequence[dict[str, str]], ts: TrainSettings
+                           ) -> list[dict[str, str]]:
+    """The examples with a seeded ts.second_style fraction of their long-toy solutions in the
+    second style (to_second_style); seeded by ts.seed. Returns a new list (the examples as they
+    are when ts.second_style is 0)."""
+    if not ts.second_style:
+        return list(examples)
+    draws = np.random.default_rng([ts.seed, 13]).random(len(examples))
+    return [{**e, "solution": to_second_style(e["solution"])} if u < ts.second_style else e
+            for e, u in zip(examples, draws)]
+
+
+# Iteration 2 (docs/study_longtoy.md): the same task and the same teacher (bitwise: same data,
+# tokenizer and seeds), but the student learned half of its worked solutions in a second style
+# the teacher never saw, as a student distilled from another model family writes its own way.
+FAMILIES["long_styles"] = dataclasses.replace(
+    LONG_SETTINGS, student=dataclasses.replace(LONG_SETTINGS.student, second_style=0.5))
+
 
 def toy_settings(family: str = "toy", seed: int = 0) -> ToySettings:
     """FAMILIES[family] with every seed of the build (data and test split, tokenizer, both
@@ -660,7 +697,7 @@ def _settings_dict(settings: ToySettings) -> dict:
     d = json.loads(json.dumps(dataclasses.asdict(settings)))
     # Empty training-mix knobs are left out, so builds made before they existed stay reusable.
     for name in ("teacher", "student"):
-        for knob in ("op_keep", "op_noise"):
+        for knob in ("op_keep", "op_noise", "second_style"):
             if not d[name][knob]:
                 del d[name][knob]
     return d
@@ -772,14 +809,17 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
     data = encode_sft(train, tokenizer)
     prompt_lengths = data[2].argmax(1)
     mixes = {name: training_mix(train, getattr(settings, name)) for name in ("teacher", "student")}
-    noisy = {name: noisy_solutions(train, getattr(settings, name)) for name in ("teacher", "student")}
+    noisy = {name: second_style_solutions(noisy_solutions(train, getattr(settings, name)),
+                                          getattr(settings, name))
+             for name in ("teacher", "student")}
     seconds = {"data_and_tokenizer": round(time.perf_counter() - start, 2)}
     log_every = 100 if verbose else 0
 
     models, info = {}, {}
     for name in ("teacher", "student"):
         rows = mixes[name]
-        own = data if not getattr(settings, name).op_noise else encode_sft(noisy[name], tokenizer)
+        ts = getattr(settings, name)
+        own = data if not (ts.op_noise or ts.second_style) else encode_sft(noisy[name], tokenizer)
         mix = own if len(rows) == len(train) else tuple(a[rows] for a in own)
         models[name], info[name] = _train_model(name, getattr(settings, name), tokenizer, mix,
                                                 paths[name], paths["tokenizer"], log_every)
