@@ -545,3 +545,34 @@ def test_premise_ess_and_spread_against_the_papers_worked_example():
     s = premise.weight_summary(np.log(ppl), w_tea, groups, ~correct)
     assert s["groups"] == 1 and s["ess_over_n"] == pytest.approx(ess[0] / 3)
     assert premise.weight_summary(np.log(ppl), w_tea, groups, np.zeros(7, bool))["ess"] is None
+
+
+def test_study_long_toy_option_configs_and_costs(tmp_path):
+    from tools import study
+
+    plan = study.Plan(toys=("toy", "long"), seeds=(0,), methods=("student", "opd", "scope"),
+                      steps=10, problems=200, k=16)
+    paths = toy.toy_paths(tmp_path / "b")
+    cfg = study.make_config(plan, str(tmp_path), "long", 0, "scope", paths)
+    assert cfg.toy_family == "long" and cfg.sampling.max_new_tokens == 320
+    assert cfg.data.max_prompt_len == 128 and cfg.num_samples == 8 and cfg.seed == 0
+    cfg = study.make_config(plan, str(tmp_path), "long_styles", 0, "opd", paths)
+    assert cfg.toy_family == "long_styles" and cfg.num_samples == 1
+    assert study.make_config(plan, str(tmp_path), "toy", 0, "scope", paths).sampling.max_new_tokens == 48
+    # The budget charges the long toy its own costs, the short toy the given ones.
+    costs = {"build": 100.0, "eval": 10.0, "overhead": 5.0, "step": {"opd": 0.5, "scope": 1.0}}
+    b = study.budget(plan, str(tmp_path / "none"), costs)
+    lc = study.LONG_COSTS
+    want_train = (10 * 0.5 + 5 + 10 * 1.0 + 5) + (10 * lc["step"]["opd"] + lc["overhead"]
+                                                   + 10 * lc["step"]["scope"] + lc["overhead"])
+    assert b["seconds"]["training"] == pytest.approx(want_train)
+    assert b["seconds"]["builds"] == pytest.approx(100.0 + lc["build"])
+    assert b["seconds"]["evaluation"] == pytest.approx(3 * 10.0 + 3 * lc["eval"])
+    assert "long uses its own costs" in study.format_budget(b)
+    # A study's own measurements of the long toy replace LONG_COSTS for it, and stay out of
+    # the short toys' costs.
+    run = tmp_path / "s" / "runs" / "long" / "s0" / "scope"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"time_s": t}) + "\n" for t in (50, 3, 5)))
+    assert study.measured_costs(str(tmp_path / "s"), "long")["step"]["scope"] == 4.0
+    assert study.measured_costs(str(tmp_path / "s"))["step"]["scope"] == study.COSTS["step"]["scope"]

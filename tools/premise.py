@@ -18,6 +18,17 @@ run on a toy build, before any method is compared on it.
    (64.9 -> 45.4% at 20%, 35.8 -> 28.6% at 80% from the lowest to the highest PPL quartile),
    and split by whether the problem holds a product (the blind spot of the "blindspot" toy).
 
+4. SCOPE's weights at the RL settings (issue 22): per prompt, the within-group spread (std) of
+   log PPL, the student's on the correct rollouts (at the rollout temperature, as the trainer's
+   pi_old) and the teacher's on the wrong ones, and the effective sample size
+   ESS = 1 / sum w^2 of scope_jax.losses.scope_weights (tau = `--tau`) on each path, over the
+   prompts with >= 2 rollouts on it, with 95% bootstrap intervals over prompts. ESS equal to
+   the path's rollout count means uniform weights (SCOPE = OPD on that path).
+
+    python -m tools.premise --toy-dir runs/toy_long --out runs/premise/toy_long --problems 128 --continuations 2
+
+(--max-new-tokens defaults to the build's own budget, manifest.json.)
+
 Writes {out}/premise.json (all numbers, settings, machine) and prints the tables.
 """
 
