@@ -389,6 +389,11 @@ def test_premise_tool_on_a_tiny_build(built, tmp_path):
     rows = res["recovery_by_quartile"]
     assert sum(r["n"] for r in rows) == res["wrong_rollouts"]
     assert "paper (Q1 -> Q4)" in premise.format_result(res)
+    # Step 4: the weights' summaries (a path with >= 2 rollouts in some group, or none).
+    for key in ("correct_path_student", "wrong_path_teacher"):
+        w = res["weights"][key]
+        assert w["groups"] == 0 or 1.0 <= w["ess"] <= w["n"] + 1e-6
+    assert res["weights"]["tau"] == 1.0 and "ESS / n" in premise.format_result(res)
 
 
 def test_premise_quartiles_cuts_and_recovery_table():
@@ -576,3 +581,28 @@ def test_study_long_toy_option_configs_and_costs(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps({"time_s": t}) + "\n" for t in (50, 3, 5)))
     assert study.measured_costs(str(tmp_path / "s"), "long")["step"]["scope"] == 4.0
     assert study.measured_costs(str(tmp_path / "s"))["step"]["scope"] == study.COSTS["step"]["scope"]
+
+
+def test_second_style_keeps_the_arithmetic_and_the_token_count():
+    examples = toy.make_examples(50, seed=9, difficulty=toy.LongDifficulty())
+    tokenizer = toy.train_tokenizer(toy.tokenizer_corpus(examples))
+    for e in examples:
+        b = toy.to_second_style(e["solution"])
+        # Undo the punctuation by hand: the same clauses, values and boxed answer.
+        back = re.sub(r"([a-z]):", r"\1 ", b).replace(">", "=").replace(";", ".")
+        assert back == e["solution"] and b.endswith(f"\\boxed{{{e['answer']}}}")
+        assert not re.search(r"[a-z] \d", b) and "=" not in b  # every clause restyled
+        n = lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])
+        assert abs(n(b) - n(e["solution"])) <= len(b) // 10
+    ts = toy.TrainSettings(toy.STUDENT_SIZE, steps=1, seed=4, second_style=0.5)
+    out = toy.second_style_solutions(examples, ts)
+    assert out == toy.second_style_solutions(examples, ts)  # seeded
+    styled = [o["solution"] != e["solution"] for o, e in zip(out, examples)]
+    assert 10 < sum(styled) < 40 and all(o["problem"] == e["problem"] for o, e in zip(out, examples))
+    assert toy.second_style_solutions(examples, dataclasses.replace(ts, second_style=0.0)) == examples
+    with pytest.raises(ValueError, match="second_style"):
+        toy.TrainSettings(toy.STUDENT_SIZE, steps=1, second_style=1.5)
+    # The teachers of "long" and "long_styles" have identical settings (the same model).
+    assert toy.FAMILIES["long"].teacher == toy.FAMILIES["long_styles"].teacher
+    d = toy._settings_dict(toy.FAMILIES["long_styles"])
+    assert d["student"]["second_style"] == 0.5 and "second_style" not in d["teacher"]
