@@ -773,8 +773,45 @@ def _accuracy_by_op(examples: Sequence[dict[str, str]], per_problem: Sequence[fl
     return out
 
 
+def _copy_teacher(source_dir: str, settings: ToySettings, paths: dict[str, str]
+                  ) -> tuple[Transformer, dict]:
+    """The teacher of the finished build in source_dir, copied to paths["teacher"], when that
+    build's settings equal `settings` in everything but the student and its tokenizer and
+    training data are byte-identical to the ones just written (so its teacher is the model this
+    build would train: SFT is deterministic on one machine). Returns (model, info) as
+    _train_model, info["copied_from"] naming the source. Raises ValueError otherwise."""
+    from scope_jax.models import load_hf
+
+    src = toy_paths(source_dir)
+    try:
+        with open(src["manifest"]) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"teacher_from={source_dir!r}: no finished build there ({e})") from None
+    ours, theirs = _settings_dict(settings), dict(manifest["settings"])
+    ours.pop("student"), theirs.pop("student", None)
+    if ours != theirs:
+        raise ValueError(f"teacher_from={source_dir!r}: that build's settings differ from these in "
+                         "more than the student; its teacher is not this build's")
+    for key in ("train", "tokenizer"):
+        a, b = paths[key], src[key]
+        names = sorted(os.listdir(a)) if os.path.isdir(a) else [None]
+        if os.path.isdir(a) and (not os.path.isdir(b) or sorted(os.listdir(b)) != names):
+            raise ValueError(f"teacher_from={source_dir!r}: {b} holds other files than {a}")
+        for n in names:
+            fa, fb = (a, b) if n is None else (os.path.join(a, n), os.path.join(b, n))
+            with open(fa, "rb") as f, open(fb, "rb") as g:
+                if f.read() != g.read():
+                    raise ValueError(f"teacher_from={source_dir!r}: {fb} differs from {fa}")
+    shutil.copytree(src["teacher"], paths["teacher"])
+    info = dict(manifest["models"]["teacher"])
+    info["copied_from"] = src["dir"]
+    return load_hf(paths["teacher"]), info
+
+
 def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
-              settings: ToySettings = ToySettings(), verbose: bool = True) -> dict[str, str]:
+              settings: ToySettings = ToySettings(), verbose: bool = True,
+              teacher_from: str | os.PathLike | None = None) -> dict[str, str]:
     """Builds (or reuses) the toy setup under out_dir and returns toy_paths(out_dir).
 
     Writes data/train.jsonl and data/test.jsonl (read them with
@@ -786,6 +823,9 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
     A complete build with the same settings is reused unless force=True; one made with other
     settings, or a broken one, raises ValueError asking for force=True. With force=True the
     files above are deleted first (nothing else in out_dir is touched).
+    teacher_from: a finished build whose settings differ only in the student (e.g.
+    FAMILIES["long_styles"] from FAMILIES["long"] at the same seed): its teacher is copied
+    instead of trained again (_copy_teacher checks that it is this build's teacher).
     """
     paths = toy_paths(out_dir)
     if not force and _reusable(paths, settings):
@@ -821,8 +861,11 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
         ts = getattr(settings, name)
         own = data if not (ts.op_noise or ts.second_style) else encode_sft(noisy[name], tokenizer)
         mix = own if len(rows) == len(train) else tuple(a[rows] for a in own)
-        models[name], info[name] = _train_model(name, getattr(settings, name), tokenizer, mix,
-                                                paths[name], paths["tokenizer"], log_every)
+        if name == "teacher" and teacher_from is not None:
+            models[name], info[name] = _copy_teacher(os.fspath(teacher_from), settings, paths)
+        else:
+            models[name], info[name] = _train_model(name, getattr(settings, name), tokenizer, mix,
+                                                    paths[name], paths["tokenizer"], log_every)
         info[name]["training_problems"] = len(rows)
 
     t = time.perf_counter()

@@ -606,3 +606,21 @@ def test_second_style_keeps_the_arithmetic_and_the_token_count():
     assert toy.FAMILIES["long"].teacher == toy.FAMILIES["long_styles"].teacher
     d = toy._settings_dict(toy.FAMILIES["long_styles"])
     assert d["student"]["second_style"] == 0.5 and "second_style" not in d["teacher"]
+
+
+def test_build_toy_copies_the_teacher_of_a_build_that_differs_only_in_the_student(built, tmp_path):
+    src = os.path.dirname(built["manifest"])
+    restyled = dataclasses.replace(_TINY, student=dataclasses.replace(_TINY.student, steps=3))
+    paths = toy.build_toy(tmp_path / "b", settings=restyled, verbose=False, teacher_from=src)
+    for name in os.listdir(built["teacher"]):
+        with open(os.path.join(built["teacher"], name), "rb") as f, \
+                open(os.path.join(paths["teacher"], name), "rb") as g:
+            assert f.read() == g.read(), name
+    with open(paths["manifest"]) as f:
+        manifest = json.load(f)
+    assert manifest["models"]["teacher"]["copied_from"] == src
+    assert manifest["settings"]["student"]["steps"] == 3
+    # A build whose teacher would differ is refused.
+    other = dataclasses.replace(restyled, teacher=dataclasses.replace(_TINY.teacher, steps=5))
+    with pytest.raises(ValueError, match="more than the student"):
+        toy.build_toy(tmp_path / "c", settings=other, verbose=False, teacher_from=src)
