@@ -639,7 +639,7 @@ def long_live_steps(problem: str) -> int:
 # models. Batches of 16 sequences of ~300 tokens keep a build near 5 minutes on 2 cores.
 LONG_SETTINGS = ToySettings(
     difficulty=LongDifficulty(), n_train=20000, n_test=200,
-    teacher=TrainSettings(TEACHER_SIZE, steps=900, batch_size=16, seed=1),
+    teacher=TrainSettings(TEACHER_SIZE, steps=400, batch_size=16, seed=1),
     student=TrainSettings(STUDENT_SIZE, steps=500, batch_size=16, seed=2),
     eval_temperatures=(0.6,), eval_samples=2, max_new_tokens=320)
 FAMILIES["long"] = LONG_SETTINGS
