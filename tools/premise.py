@@ -212,6 +212,7 @@ def measure(toy_dir: str, *, problems: int = 200, samples: int = 8, continuation
     golds = [examples[j].answer for j in kept for _ in range(samples)]
     correct = np.array([verify(t, g).reward > 0 for t, g in zip(texts, golds)])
     per_prompt = correct.reshape(len(kept), samples).sum(1)
+    rollout_seconds = time.perf_counter() - t0  # step 1 alone: what one RL step's sampling costs
 
     # 2. Teacher PPL of every rollout (the trainer's scoring), then keep the wrong ones.
     ids, mask = full_sequences(out)
@@ -291,6 +292,7 @@ def measure(toy_dir: str, *, problems: int = 200, samples: int = 8, continuation
                                          for f in range(len(FRACTIONS))] if len(wrong) else None},
         "weights": weights,
         "seconds": round(time.perf_counter() - t0, 1),
+        "rollout_seconds": round(rollout_seconds, 1),
         "machine": toy.machine_info(),
     }
 
