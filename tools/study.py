@@ -63,13 +63,15 @@ COSTS = {"build": 125.0, "eval": 2.0, "overhead": 20.0,
          "step": {"kd": 0.4, "grpo": 0.45, "opd": 0.05, "opd_n": 0.4, "scope": 0.45}}
 
 
-# The long toys' costs, estimated 2026-12-04 on the 2-core dev machine at a load average of
-# 9-10 (six engineers' jobs): build = the seed-0 builds' manifest seconds; step = one training
-# step of configs/toy_long.py (16 prompts x 8 rollouts of up to 320 tokens) measured with
-#   python -m tools.train --config configs/toy_long.py:<method> --config.num_steps=3
-# (docs/study_longtoy.md, "Costs"); eval: one model, 200 problems x 16 samples of 320 tokens.
-LONG_COSTS = {"build": 1800.0, "eval": 60.0, "overhead": 40.0,
-              "step": {"kd": 6.0, "grpo": 7.0, "opd": 1.0, "opd_n": 6.0, "scope": 7.0}}
+# The long toys' costs: ESTIMATES, not yet measured by a study (measured_costs replaces them
+# with the study's own figures once it has some). 2026-12-04, 2-core dev machine at a load
+# average of 8-15 (docs/study_longtoy.md, "Costs"): build = the seed-0 teacher SFT (400 steps,
+# 1367 s) plus student SFT (500 steps, 1112 s), run in parallel there, plus an evaluation pass;
+# step = the premise's sampling of 128 x 8 student rollouts (up to 320 tokens) took 161 s, so a
+# 16 x 8 RL step samples for ~20 s, plus scoring and the update (~5 s, a guess); opd samples
+# 16 rollouts; eval = 200 x 16 samples, ~3x the premise's 1024 rollouts.
+LONG_COSTS = {"build": 2500.0, "eval": 500.0, "overhead": 60.0,
+              "step": {"kd": 25.0, "grpo": 25.0, "opd": 5.0, "opd_n": 25.0, "scope": 25.0}}
 
 
 def toy_costs(costs: dict, toy_name: str, out: str | None = None) -> dict:
