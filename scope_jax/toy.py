@@ -636,7 +636,9 @@ def long_live_steps(problem: str) -> int:
 
 
 # The model sizes stay the toy's (TEACHER_SIZE, STUDENT_SIZE): the task changes, not the
-# models. Batches of 16 sequences of ~300 tokens keep a build near 5 minutes on 2 cores.
+# models. Batches of 16 sequences of ~250 tokens; the SFT budgets are too small for these models
+# to learn the task (seed 0: students 1.5-2% right) and a build still takes ~40 min on the
+# shared 2-core machine: see docs/study_longtoy.md before using this family.
 LONG_SETTINGS = ToySettings(
     difficulty=LongDifficulty(), n_train=20000, n_test=200,
     teacher=TrainSettings(TEACHER_SIZE, steps=400, batch_size=16, seed=1),
