@@ -94,6 +94,11 @@ def pass_at_k(n, c, k: int, estimator: str = "unbiased") -> np.ndarray:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if estimator == "paper":
+        # The released script refuses k > n (it asserts the problem has at least k samples before
+        # it draws k of them), so this estimator does too rather than extrapolate past n.
+        if np.any(n < k):
+            raise ValueError(f"pass_at_k(estimator='paper'): pass@{k} needs at least k samples "
+                             f"per problem, as the paper's eval script asserts; min n is {n.min()}")
         return 1.0 - (1.0 - c / n) ** k
     if estimator != "unbiased":
         raise ValueError(f"pass_at_k: estimator must be one of {PASS_AT_K_ESTIMATORS}, "

@@ -661,19 +661,24 @@ def group_advantages(rewards: Array, group_ids: Array, valid: Array | None = Non
                      normalize_std: bool = True, eps: float = 1e-6) -> Array:
     """GRPO advantages (r_i - mean_group) / (std_group + eps), float32 [B].
 
-    std is the unbiased (n - 1) standard deviation, as torch.std in verl; a prompt with a
-    single rollout gets advantage 0 (its mean is itself). normalize_std=False gives Dr. GRPO's
-    mean-centred rewards. Rows with valid=False get 0.
+    std is the unbiased (n - 1) standard deviation, as torch.std in verl. A prompt with a single
+    (valid) rollout gets its raw reward as the advantage, as verl's
+    compute_grpo_outcome_advantage does (it sets that group's mean to 0 and std to 1, so the
+    advantage is r / (1 + eps), or r with normalize_std=False): a group of one has no baseline to
+    subtract. normalize_std=False gives Dr. GRPO's mean-centred rewards. Rows with valid=False
+    get 0.
     """
     r = _f32(rewards)
     valid = jnp.ones(r.shape, bool) if valid is None else jnp.asarray(valid).astype(bool)
     same = _same_subset(group_ids, valid)
     n = same.sum(axis=1).astype(jnp.float32)
+    single = n <= 1.0  # verl's len(id2score[idx]) == 1 branch: mean 0, std 1
     mean = jnp.sum(jnp.where(same, r[None, :], 0.0), axis=1) / jnp.maximum(n, 1.0)
     var = jnp.sum(jnp.where(same, (r[None, :] - mean[:, None]) ** 2, 0.0), axis=1) / jnp.maximum(n - 1.0, 1.0)
+    mean = jnp.where(single, 0.0, mean)
     adv = r - mean
     if normalize_std:
-        adv = adv / (jnp.sqrt(var) + eps)
+        adv = adv / (jnp.where(single, 1.0, jnp.sqrt(var)) + eps)
     return jnp.where(valid, adv, 0.0)
 
 

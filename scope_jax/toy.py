@@ -100,6 +100,8 @@ def make_example(rng: random.Random, difficulty: Difficulty = Difficulty()) -> d
 
     Returns {"problem", "answer", "solution"} (all str); see the module docstring for the format.
     """
+    if isinstance(difficulty, LongDifficulty):  # the long toy (FAMILIES["long"]) has its own task
+        return make_long_example(rng, difficulty)
     d = difficulty
     num_ops = rng.randint(d.min_ops, d.max_ops)
     while True:  # rejection: restart when no operation keeps the value in range
@@ -450,12 +452,17 @@ class TrainSettings:
     seed: int = 0  # parameter init, batch order and the op_keep subsample
     op_keep: tuple[tuple[str, float], ...] = ()
     op_noise: tuple[tuple[str, float], ...] = ()
+    # Long toy only: this seeded fraction of the model's worked solutions is written in the
+    # second style (to_second_style), the rest in the first (FAMILIES["long_styles"]).
+    second_style: float = 0.0
 
     def __post_init__(self):
         for op, frac in self.op_keep + self.op_noise:
             if op not in OPS or not 0.0 <= frac <= 1.0:
                 raise ValueError(f"TrainSettings.op_keep/op_noise: ({op!r}, {frac}) needs an op of "
                                  f"{OPS!r} and a fraction in [0, 1]")
+        if not 0.0 <= self.second_style <= 1.0:
+            raise ValueError(f"TrainSettings.second_style must be in [0, 1], got {self.second_style}")
 
 
 _STEP = re.compile(r"(\d+)([-+*])(\d+)=(\d+)\.")
@@ -538,6 +545,134 @@ FAMILIES: dict[str, ToySettings] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# The long toy (issue 22): a running-state program with resets, long worked solutions, errors
+# at any step and recovery by construction. Design record: docs/study_longtoy.md.
+#
+#     problem:  "Run a=47 b+5 c*2 d-9 e=12 f+9 ... p-3."
+#     solution: "a 47. b 47+5=52. c 52*2=104 ..."  (see make_long_example for the exact format)
+#
+# Each labelled instruction either applies an operation to the running value x (+d, -d, *d with
+# one-digit d) or resets x to a new value (=v, two digits at most). The answer is x after the
+# last instruction, so an arithmetic slip before a reset does not change the answer: a solution
+# can go wrong early and still end right, and a teacher continuing a wrong prefix recovers when
+# a reset lies after the cut. The labels (a, b, c, ...) let a tiny transformer find the next
+# instruction in the prompt by one induction-head lookup.
+
+LABELS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@dataclasses.dataclass(frozen=True)
+class LongDifficulty:
+    """Knobs of the long toy's problem generator (make_long_example).
+
+    min_steps, max_steps: instructions per problem (inclusive), labelled a, b, c, ...
+    reset_prob: chance that an instruction after the first is a reset "=v" (the first always is).
+    max_operand: operands of +, -, * are drawn from [1, max_operand] (products need >= 2).
+    max_value: every running value, reset value and the answer lies in [0, max_value].
+    """
+
+    min_steps: int = 16
+    max_steps: int = 24
+    reset_prob: float = 0.15
+    max_operand: int = 9
+    max_value: int = 99
+
+    def __post_init__(self):
+        if not 2 <= self.min_steps <= self.max_steps <= len(LABELS):
+            raise ValueError(f"LongDifficulty: need 2 <= min_steps <= max_steps <= {len(LABELS)}, "
+                             f"got {self.min_steps}, {self.max_steps}")
+        if not 0.0 <= self.reset_prob < 1.0:
+            raise ValueError(f"LongDifficulty: reset_prob must be in [0, 1), got {self.reset_prob}")
+        if not 2 <= self.max_operand <= self.max_value:
+            raise ValueError(f"LongDifficulty: need 2 <= max_operand <= max_value, got "
+                             f"{self.max_operand}, {self.max_value}")
+
+
+def make_long_example(rng: random.Random, difficulty: LongDifficulty = LongDifficulty()
+                      ) -> dict[str, str]:
+    """One long-toy problem drawn with `rng` (a random.Random; advanced in place).
+
+    problem "Run a=47 b+5 c*2 d-9 e=12."; solution, one clause per instruction:
+    "a 47. b 47+5=52. c 52*2=104. ..." for operations ("<label> <x><op><d>=<new>.") and
+    "e 12." for resets ("<label> <v>."), then " \\boxed{<x>}". Every value stays in
+    [0, max_value]: an operation that would leave it is redrawn (a product needs d >= 2).
+    Returns {"problem", "answer", "solution"} (str).
+    """
+    d = difficulty
+    num_steps = rng.randint(d.min_steps, d.max_steps)
+    value = rng.randint(1, d.max_value)
+    instr, clauses = [f"a={value}"], [f"a {value}."]
+    for label in LABELS[1:num_steps]:
+        if rng.random() < d.reset_prob:
+            value = rng.randint(1, d.max_value)
+            instr.append(f"{label}={value}")
+            clauses.append(f"{label} {value}.")
+            continue
+        while True:  # +1 and -1 are always possible somewhere in [0, max_value], so this ends
+            op, b = rng.choice(OPS), rng.randint(1, d.max_operand)
+            new = _apply(value, op, b)
+            if not (op == "*" and b == 1) and 0 <= new <= d.max_value:
+                break
+        instr.append(f"{label}{op}{b}")
+        clauses.append(f"{label} {value}{op}{b}={new}.")
+        value = new
+    return {"problem": "Run " + " ".join(instr) + ".", "answer": str(value),
+            "solution": " ".join(clauses) + f" \\boxed{{{value}}}"}
+
+
+def long_live_steps(problem: str) -> int:
+    """Instructions of a long-toy problem after its last reset (the steps the answer depends
+    on; 0 when the last instruction is a reset). problem: make_long_example's "problem"."""
+    instr = problem.removeprefix("Run ").rstrip(".").split()
+    last_reset = max(i for i, x in enumerate(instr) if "=" in x)
+    return len(instr) - 1 - last_reset
+
+
+# The model sizes stay the toy's (TEACHER_SIZE, STUDENT_SIZE): the task changes, not the
+# models. Batches of 16 sequences of ~250 tokens; the SFT budgets are too small for these models
+# to learn the task (seed 0: students 1.5-2% right) and a build still takes ~40 min on the
+# shared 2-core machine: see docs/study_longtoy.md before using this family.
+LONG_SETTINGS = ToySettings(
+    difficulty=LongDifficulty(), n_train=20000, n_test=200,
+    teacher=TrainSettings(TEACHER_SIZE, steps=400, batch_size=16, seed=1),
+    student=TrainSettings(STUDENT_SIZE, steps=500, batch_size=16, seed=2),
+    eval_temperatures=(0.6,), eval_samples=2, max_new_tokens=320)
+FAMILIES["long"] = LONG_SETTINGS
+
+_LONG_OP_CLAUSE = re.compile(r"\b([a-z]) (\d+)([-+*])(\d+)=(\d+)\.")
+_LONG_RESET_CLAUSE = re.compile(r"\b([a-z]) (\d+)\.")
+
+
+def to_second_style(solution: str) -> str:
+    """A long-toy worked solution rewritten in the second style: the same clauses, values and
+    order with other punctuation, "b 47+5=52." -> "b:47+5>52;" and "e 12." -> "e:12;" (the
+    boxed answer unchanged), so both styles have the same length in tokens and the same
+    arithmetic. A model that never saw the second style finds three tokens of every clause
+    implausible (iteration 2 of docs/study_longtoy.md)."""
+    out = _LONG_OP_CLAUSE.sub(r"\1:\2\3\4>\5;", solution)
+    return _LONG_RESET_CLAUSE.sub(r"\1:\2;", out)
+
+
+def second_style_solutions(examples: Sequence[dict[str, str]], ts: TrainSettings
+                           ) -> list[dict[str, str]]:
+    """The examples with a seeded ts.second_style fraction of their long-toy solutions in the
+    second style (to_second_style); seeded by ts.seed. Returns a new list (the examples as they
+    are when ts.second_style is 0)."""
+    if not ts.second_style:
+        return list(examples)
+    draws = np.random.default_rng([ts.seed, 13]).random(len(examples))
+    return [{**e, "solution": to_second_style(e["solution"])} if u < ts.second_style else e
+            for e, u in zip(examples, draws)]
+
+
+# Iteration 2 (docs/study_longtoy.md): the same task and the same teacher (bitwise: same data,
+# tokenizer and seeds), but the student learned half of its worked solutions in a second style
+# the teacher never saw, as a student distilled from another model family writes its own way.
+FAMILIES["long_styles"] = dataclasses.replace(
+    LONG_SETTINGS, student=dataclasses.replace(LONG_SETTINGS.student, second_style=0.5))
+
+
 def toy_settings(family: str = "toy", seed: int = 0) -> ToySettings:
     """FAMILIES[family] with every seed of the build (data and test split, tokenizer, both
     models' init, batch order and training mix) shifted by `seed`; seed 0 is FAMILIES[family]
@@ -558,7 +693,7 @@ def _settings_dict(settings: ToySettings) -> dict:
     d = json.loads(json.dumps(dataclasses.asdict(settings)))
     # Empty training-mix knobs are left out, so builds made before they existed stay reusable.
     for name in ("teacher", "student"):
-        for knob in ("op_keep", "op_noise"):
+        for knob in ("op_keep", "op_noise", "second_style"):
             if not d[name][knob]:
                 del d[name][knob]
     return d
@@ -598,11 +733,20 @@ def _reusable(paths: dict[str, str], settings: ToySettings) -> bool:
     return True
 
 
+def _max_positions(sft_length: int) -> int:
+    """max_position_embeddings of a toy model whose longest SFT sequence has sft_length tokens:
+    the smallest power of two >= sft_length + 64 (room for sampling past the longest solution),
+    and at least 256, the value every build before the long toy used (so they stay identical).
+    scope_jax.evaluation caps max_new_tokens by it."""
+    return max(256, 1 << (sft_length + 63).bit_length())
+
+
 def _train_model(name: str, ts: TrainSettings, tokenizer, data, path: str, tokenizer_dir: str,
                  log_every: int) -> tuple[Transformer, dict]:
     """SFT of one model from random init, saved with the tokenizer files; returns (model,
     {"parameters", "train_seconds", "final_loss"})."""
-    model = Transformer(model_config(ts.size, tokenizer), rngs=nnx.Rngs(ts.seed))
+    model = Transformer(model_config(ts.size, tokenizer, _max_positions(data[0].shape[1])),
+                        rngs=nnx.Rngs(ts.seed))
     n_params = int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
     if log_every:
         print(f"training the {name} ({n_params} parameters, {ts.steps} steps)", flush=True)
@@ -625,8 +769,45 @@ def _accuracy_by_op(examples: Sequence[dict[str, str]], per_problem: Sequence[fl
     return out
 
 
+def _copy_teacher(source_dir: str, settings: ToySettings, paths: dict[str, str]
+                  ) -> tuple[Transformer, dict]:
+    """The teacher of the finished build in source_dir, copied to paths["teacher"], when that
+    build's settings equal `settings` in everything but the student and its tokenizer and
+    training data are byte-identical to the ones just written (so its teacher is the model this
+    build would train: SFT is deterministic on one machine). Returns (model, info) as
+    _train_model, info["copied_from"] naming the source. Raises ValueError otherwise."""
+    from scope_jax.models import load_hf
+
+    src = toy_paths(source_dir)
+    try:
+        with open(src["manifest"]) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"teacher_from={source_dir!r}: no finished build there ({e})") from None
+    ours, theirs = _settings_dict(settings), dict(manifest["settings"])
+    ours.pop("student"), theirs.pop("student", None)
+    if ours != theirs:
+        raise ValueError(f"teacher_from={source_dir!r}: that build's settings differ from these in "
+                         "more than the student; its teacher is not this build's")
+    for key in ("train", "tokenizer"):
+        a, b = paths[key], src[key]
+        names = sorted(os.listdir(a)) if os.path.isdir(a) else [None]
+        if os.path.isdir(a) and (not os.path.isdir(b) or sorted(os.listdir(b)) != names):
+            raise ValueError(f"teacher_from={source_dir!r}: {b} holds other files than {a}")
+        for n in names:
+            fa, fb = (a, b) if n is None else (os.path.join(a, n), os.path.join(b, n))
+            with open(fa, "rb") as f, open(fb, "rb") as g:
+                if f.read() != g.read():
+                    raise ValueError(f"teacher_from={source_dir!r}: {fb} differs from {fa}")
+    shutil.copytree(src["teacher"], paths["teacher"])
+    info = dict(manifest["models"]["teacher"])
+    info["copied_from"] = src["dir"]
+    return load_hf(paths["teacher"]), info
+
+
 def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
-              settings: ToySettings = ToySettings(), verbose: bool = True) -> dict[str, str]:
+              settings: ToySettings = ToySettings(), verbose: bool = True,
+              teacher_from: str | os.PathLike | None = None) -> dict[str, str]:
     """Builds (or reuses) the toy setup under out_dir and returns toy_paths(out_dir).
 
     Writes data/train.jsonl and data/test.jsonl (read them with
@@ -638,6 +819,9 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
     A complete build with the same settings is reused unless force=True; one made with other
     settings, or a broken one, raises ValueError asking for force=True. With force=True the
     files above are deleted first (nothing else in out_dir is touched).
+    teacher_from: a finished build whose settings differ only in the student (e.g.
+    FAMILIES["long_styles"] from FAMILIES["long"] at the same seed): its teacher is copied
+    instead of trained again (_copy_teacher checks that it is this build's teacher).
     """
     paths = toy_paths(out_dir)
     if not force and _reusable(paths, settings):
@@ -661,17 +845,23 @@ def build_toy(out_dir: str | os.PathLike = "runs/toy", force: bool = False,
     sft = encode_sft(train, tokenizer)
     prompt_lengths = sft[2].argmax(1)
     mixes = {name: training_mix(train, getattr(settings, name)) for name in ("teacher", "student")}
-    noisy = {name: noisy_solutions(train, getattr(settings, name)) for name in ("teacher", "student")}
+    noisy = {name: second_style_solutions(noisy_solutions(train, getattr(settings, name)),
+                                          getattr(settings, name))
+             for name in ("teacher", "student")}
     seconds = {"data_and_tokenizer": round(time.perf_counter() - start, 2)}
     log_every = 100 if verbose else 0
 
     models, info = {}, {}
     for name in ("teacher", "student"):
         rows = mixes[name]
-        own = sft if not getattr(settings, name).op_noise else encode_sft(noisy[name], tokenizer)
+        ts = getattr(settings, name)
+        own = sft if not (ts.op_noise or ts.second_style) else encode_sft(noisy[name], tokenizer)
         mix = own if len(rows) == len(train) else tuple(a[rows] for a in own)
-        models[name], info[name] = _train_model(name, getattr(settings, name), tokenizer, mix,
-                                                paths[name], paths["tokenizer"], log_every)
+        if name == "teacher" and teacher_from is not None:
+            models[name], info[name] = _copy_teacher(os.fspath(teacher_from), settings, paths)
+        else:
+            models[name], info[name] = _train_model(name, getattr(settings, name), tokenizer, mix,
+                                                    paths[name], paths["tokenizer"], log_every)
         info[name]["training_problems"] = len(rows)
 
     t = time.perf_counter()

@@ -89,7 +89,8 @@ def test_paper_pass_at_k_hand_computed():
     assert float(ev.pass_at_k(32, 2, 32, estimator="paper")) == pytest.approx(0.873, abs=5e-4)
     assert float(ev.pass_at_k(32, 2, 32)) == 1.0
     assert float(ev.pass_at_k(4, 0, 4, estimator="paper")) == 0.0
-    assert float(ev.pass_at_k(4, 4, 8, estimator="paper")) == 1.0  # k > n is allowed here
+    with pytest.raises(ValueError, match="at least k samples"):  # k > n: refused (issue 22)
+        ev.pass_at_k(4, 4, 8, estimator="paper")
     assert float(ev.pass_at_k(4, 1, 2, estimator="paper")) == pytest.approx(1 - 0.75 ** 2)
     with pytest.raises(ValueError, match="estimator"):
         ev.pass_at_k(4, 1, 2, estimator="biased")
@@ -539,3 +540,15 @@ def test_pooled_difference_and_summary_pool_seeds():
     assert sm["num_seeds"] == 3 and sm["num_problems"] == 150
     with pytest.raises(ValueError, match="seed 1"):
         ev.pooled_difference([pairs[0], ((np.full(3, 8), np.zeros(3, int)), pairs[1][1])], 8)
+
+
+def test_paper_pass_at_k_refuses_k_above_n_like_the_released_script():
+    # Issue 22: the released script refuses k > n; so does estimator="paper", for scalars and
+    # for arrays where any one problem has fewer than k samples, and it names the smallest n.
+    with pytest.raises(ValueError, match="min n is 3"):
+        ev.pass_at_k(np.array([8, 3, 8]), np.array([1, 1, 1]), 4, estimator="paper")
+    with pytest.raises(ValueError, match="at least k samples"):
+        ev.pass_curve(np.array([4, 4]), np.array([1, 2]), max_k=5, estimator="paper")
+    # k == n is the edge that stays allowed: 1 - (1 - c/n)^n by hand.
+    got = ev.pass_at_k(np.array([4, 4]), np.array([1, 3]), 4, estimator="paper")
+    np.testing.assert_allclose(got, [1 - 0.75 ** 4, 1 - 0.25 ** 4])

@@ -345,8 +345,9 @@ def test_grpo_loss_matches_reference():
     for g in set(d["gids"][valid]):
         rows = (d["gids"] == g) & valid
         r = rewards[rows].astype(np.float64)
-        std = r.std(ddof=1) if rows.sum() > 1 else 0.0
-        adv[rows] = (r - r.mean()) / (std + 1e-6)
+        # verl's compute_grpo_outcome_advantage: a group of one gets mean 0 and std 1.
+        mean, std = (r.mean(), r.std(ddof=1)) if rows.sum() > 1 else (0.0, 1.0)
+        adv[rows] = (r - mean) / (std + 1e-6)
     lp, old = d["lp"].astype(np.float64), d["old"].astype(np.float64)
     ratio = np.exp(lp - old)
     pg = -np.minimum(ratio * adv[:, None], np.clip(ratio, 0.8, 1.2) * adv[:, None])
@@ -515,3 +516,36 @@ def test_kl_clip_clamps_the_per_token_k3_as_the_released_code():
     assert abs(float(unclipped) - float(got)) > 1.0
     _, m = L.grpo_loss(lp, lp, tea, mask, correct.astype(np.float32), groups, kl_clip=10.0)
     np.testing.assert_allclose(float(m["kl"]), np.clip(k3, -10, 10).mean(), rtol=1e-5)
+
+
+def _verl_grpo_advantages(scores, index, norm_by_std=True, eps=1e-6):
+    """Independent re-derivation of verl's compute_grpo_outcome_advantage (its dict-of-lists
+    loop, in numpy float64): groups of one get mean 0 and std 1, larger ones torch.std (n-1)."""
+    groups = {}
+    for i, g in enumerate(index):
+        groups.setdefault(int(g), []).append(float(scores[i]))
+    out = np.zeros(len(scores))
+    for i, g in enumerate(index):
+        vals = np.array(groups[int(g)])
+        mean, std = (0.0, 1.0) if len(vals) == 1 else (vals.mean(), vals.std(ddof=1))
+        out[i] = (scores[i] - mean) / (std + eps) if norm_by_std else scores[i] - mean
+    return out
+
+
+@pytest.mark.parametrize("normalize_std", [True, False])
+def test_group_advantages_lone_rollout_gets_its_raw_reward_as_verl(normalize_std):
+    # Issue 22: a GRPO group of one rollout gets its raw reward as the advantage (verl), not 0.
+    rewards = np.array([1.0, 0.0, 1.0, 0.5, 1.0, 0.0, 0.25], np.float32)
+    gids = np.array([5, 9, 9, 2, 7, 7, 11], np.int32)  # groups 5, 2 and 11 have one rollout
+    got = np.asarray(L.group_advantages(rewards, gids, normalize_std=normalize_std))
+    want = _verl_grpo_advantages(rewards, gids, norm_by_std=normalize_std)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[[0, 3, 6]], [1.0, 0.5, 0.25], rtol=1e-5)  # raw rewards
+    # A group left with one valid row (its other row invalid) is a group of one too; the
+    # invalid row gets 0.
+    valid = np.array([True, True, False, True, True, True, True])
+    got = np.asarray(L.group_advantages(rewards, gids, valid, normalize_std=normalize_std))
+    assert got[2] == 0.0 and got[1] == pytest.approx(0.0, abs=1e-6)  # group 9: lone reward 0
+    valid[1], valid[2] = False, True
+    got = np.asarray(L.group_advantages(rewards, gids, valid, normalize_std=normalize_std))
+    assert got[2] == pytest.approx(1.0, rel=1e-5) and got[1] == 0.0

@@ -389,6 +389,11 @@ def test_premise_tool_on_a_tiny_build(built, tmp_path):
     rows = res["recovery_by_quartile"]
     assert sum(r["n"] for r in rows) == res["wrong_rollouts"]
     assert "paper (Q1 -> Q4)" in premise.format_result(res)
+    # Step 4: the weights' summaries (a path with >= 2 rollouts in some group, or none).
+    for key in ("correct_path_student", "wrong_path_teacher"):
+        w = res["weights"][key]
+        assert w["groups"] == 0 or 1.0 <= w["ess"] <= w["n"] + 1e-6
+    assert res["weights"]["tau"] == 1.0 and "ESS / n" in premise.format_result(res)
 
 
 def test_premise_quartiles_cuts_and_recovery_table():
@@ -434,3 +439,188 @@ def test_noisy_solutions_move_only_the_listed_op_and_keep_the_chain():
     assert abs(moved / total - 0.6) < 0.04
     assert toy.noisy_solutions(examples, ts) == noisy  # seeded
     assert toy.noisy_solutions(examples, toy.TrainSettings(toy.STUDENT_SIZE, steps=1)) == examples
+
+
+# ------------------------------------------------------------------------------ the long toy
+
+_CLAUSE = re.compile(r"([a-z]) (?:(\d+)([-+*])(\d+)=(\d+)|(\d+))\.")
+
+
+def _run_program(problem):
+    """Independent interpreter of a long-toy problem: [(label, op, operand)], the value after
+    each instruction, and the index of the last reset."""
+    m = re.fullmatch(r"Run ((?:[a-z](?:=\d+|[-+*]\d+) ?)+)\.", problem)
+    assert m, problem
+    instr = [(x[0], x[1], int(x[2:])) for x in m.group(1).split(" ")]
+    values, x = [], None
+    for _, op, v in instr:
+        x = v if op == "=" else x + v if op == "+" else x - v if op == "-" else x * v
+        values.append(x)
+    last_reset = max(i for i, (_, op, _) in enumerate(instr) if op == "=")
+    return instr, values, last_reset
+
+
+def test_long_worked_solutions_are_correct():
+    d = toy.LongDifficulty()
+    examples = toy.make_examples(300, seed=5, difficulty=d)
+    assert examples == toy.make_examples(300, seed=5, difficulty=d)  # deterministic
+    resets_in_last_fifth = 0
+    for e in examples:
+        instr, values, last_reset = _run_program(e["problem"])
+        assert d.min_steps <= len(instr) <= d.max_steps
+        assert [lab for lab, _, _ in instr] == list(toy.LABELS[:len(instr)])
+        assert instr[0][1] == "=" and int(e["answer"]) == values[-1]
+        assert all(0 <= v <= d.max_value for v in values)
+        *clauses, boxed = e["solution"].split(" \\boxed")
+        assert boxed == f"{{{e['answer']}}}"
+        parts = _CLAUSE.findall(clauses[0])
+        assert " ".join(p for p in re.split(r"(?<=\.) ", clauses[0])) == clauses[0]
+        assert len(parts) == len(instr), e
+        prev = None
+        for (lab, a, op, b, c, reset), (lab_p, op_p, v), value in zip(parts, instr, values):
+            assert lab == lab_p
+            if op_p == "=":
+                assert reset and int(reset) == v == value
+            else:
+                assert (int(a), op, int(b), int(c)) == (prev, op_p, v, value), e
+                assert not (op == "*" and v == 1) and 1 <= v <= d.max_operand
+            prev = value
+        assert toy.long_live_steps(e["problem"]) == len(instr) - 1 - last_reset
+        resets_in_last_fifth += any(op == "=" for _, op, _ in instr[int(0.8 * len(instr)):])
+    # Recovery from 80% of a response needs a reset after the cut in a fair share of problems
+    # (0.15 per instruction: 1 - 0.85^4..5, ~50%).
+    assert 0.3 < resets_in_last_fifth / len(examples) < 0.7
+
+
+def test_long_difficulty_validation_and_family():
+    with pytest.raises(ValueError, match="min_steps"):
+        toy.LongDifficulty(min_steps=20, max_steps=10)
+    with pytest.raises(ValueError, match="min_steps"):
+        toy.LongDifficulty(max_steps=27)
+    with pytest.raises(ValueError, match="reset_prob"):
+        toy.LongDifficulty(reset_prob=1.0)
+    s1 = toy.toy_settings("long", 1)
+    assert isinstance(s1.difficulty, toy.LongDifficulty) and s1.seed == 1
+    assert (s1.teacher.seed, s1.student.seed) == (1001, 1002)
+    # The model positions cover the longest SFT sequence plus sampling room; builds of the
+    # short toys keep the 256 they always had.
+    assert toy._max_positions(80) == 256 and toy._max_positions(350) == 512
+
+
+def test_long_toy_solution_lengths_in_tokens():
+    # The issue's range: worked solutions of 150-400 tokens, with a tokenizer trained on the
+    # long toy's own corpus as build_toy trains it.
+    train, test = toy.split_examples(2000, 200, seed=0, difficulty=toy.LongDifficulty())
+    tokenizer = toy.train_tokenizer(toy.tokenizer_corpus(train))
+    lengths = [len(tokenizer(e["solution"], add_special_tokens=False)["input_ids"]) for e in test]
+    # Measured 2026-12-04: 127-236 tokens, mean ~180 (16-24 clauses of 8-10 tokens).
+    assert 120 <= min(lengths) and np.mean(lengths) >= 150 and max(lengths) <= 400, (
+        min(lengths), np.mean(lengths), max(lengths))
+
+
+def test_premise_ess_and_spread_against_the_papers_worked_example():
+    from scope_jax.losses import scope_weights
+    from tools import premise
+
+    # Paper (tau = 1): three wrong rollouts with teacher PPL 1.361, 1.755, 2.383 get
+    # w^tea = (0.426, 0.330, 0.243). Build log-probs with those mean log-probs (ragged lengths),
+    # plus a lone wrong rollout in a second group (no ESS for a path of one) and correct rows.
+    ppl = np.array([1.361, 1.755, 2.383, 1.5, 1.2, 1.5, 2.0])
+    lengths = np.array([3, 5, 4, 2, 3, 4, 5])
+    t = 6
+    mask = np.arange(t)[None, :] < lengths[:, None]
+    lp = np.where(mask, -np.log(ppl)[:, None], 0.0).astype(np.float32)
+    groups = np.array([0, 0, 0, 1, 1, 1, 1])
+    correct = np.array([False, False, False, False, True, True, True])
+    w_stu, w_tea = (np.asarray(w) for w in scope_weights(lp, lp, mask, correct, groups))
+    np.testing.assert_allclose(w_tea[:3], [0.426, 0.330, 0.243], atol=1.5e-3)
+    np.testing.assert_allclose(w_stu[4:], [0.255, 0.319, 0.426], atol=1.5e-3)  # paper's too
+    ess, n = premise.group_ess(w_tea, groups, ~correct)
+    assert n.tolist() == [3]  # group 1 has one wrong rollout: no ESS
+    assert ess[0] == pytest.approx(1 / (0.426 ** 2 + 0.330 ** 2 + 0.243 ** 2), rel=1e-2)
+    ess_c, n_c = premise.group_ess(w_stu, groups, correct)
+    assert n_c.tolist() == [3] and ess_c[0] == pytest.approx(
+        1 / (0.255 ** 2 + 0.319 ** 2 + 0.426 ** 2), rel=1e-2)
+    # Uniform weights have ESS n; all weight on one rollout has ESS 1 (unnormalised input).
+    g = np.zeros(4, int)
+    assert premise.group_ess(np.full(4, 0.7), g, np.ones(4, bool))[0][0] == pytest.approx(4.0)
+    assert premise.group_ess(np.array([0.0, 2.0, 0.0, 0.0]), g, np.ones(4, bool))[0][0] == 1.0
+    spread = premise.group_spread(np.log(ppl), groups, ~correct)
+    assert spread.tolist() == pytest.approx([np.log(ppl[:3]).std()])
+    s = premise.weight_summary(np.log(ppl), w_tea, groups, ~correct)
+    assert s["groups"] == 1 and s["ess_over_n"] == pytest.approx(ess[0] / 3)
+    assert premise.weight_summary(np.log(ppl), w_tea, groups, np.zeros(7, bool))["ess"] is None
+
+
+def test_study_long_toy_option_configs_and_costs(tmp_path):
+    from tools import study
+
+    plan = study.Plan(toys=("toy", "long"), seeds=(0,), methods=("student", "opd", "scope"),
+                      steps=10, problems=200, k=16)
+    paths = toy.toy_paths(tmp_path / "b")
+    cfg = study.make_config(plan, str(tmp_path), "long", 0, "scope", paths)
+    assert cfg.toy_family == "long" and cfg.sampling.max_new_tokens == 320
+    assert cfg.data.max_prompt_len == 128 and cfg.num_samples == 8 and cfg.seed == 0
+    cfg = study.make_config(plan, str(tmp_path), "long_styles", 0, "opd", paths)
+    assert cfg.toy_family == "long_styles" and cfg.num_samples == 1
+    assert study.make_config(plan, str(tmp_path), "toy", 0, "scope", paths).sampling.max_new_tokens == 48
+    # The budget charges the long toy its own costs, the short toy the given ones.
+    costs = {"build": 100.0, "eval": 10.0, "overhead": 5.0, "step": {"opd": 0.5, "scope": 1.0}}
+    b = study.budget(plan, str(tmp_path / "none"), costs)
+    lc = study.LONG_COSTS
+    want_train = (10 * 0.5 + 5 + 10 * 1.0 + 5) + (10 * lc["step"]["opd"] + lc["overhead"]
+                                                   + 10 * lc["step"]["scope"] + lc["overhead"])
+    assert b["seconds"]["training"] == pytest.approx(want_train)
+    assert b["seconds"]["builds"] == pytest.approx(100.0 + lc["build"])
+    assert b["seconds"]["evaluation"] == pytest.approx(3 * 10.0 + 3 * lc["eval"])
+    assert "long uses its own costs" in study.format_budget(b)
+    # A study's own measurements of the long toy replace LONG_COSTS for it, and stay out of
+    # the short toys' costs.
+    run = tmp_path / "s" / "runs" / "long" / "s0" / "scope"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"time_s": t}) + "\n" for t in (50, 3, 5)))
+    assert study.measured_costs(str(tmp_path / "s"), "long")["step"]["scope"] == 4.0
+    assert study.measured_costs(str(tmp_path / "s"))["step"]["scope"] == study.COSTS["step"]["scope"]
+
+
+def test_second_style_keeps_the_arithmetic_and_the_token_count():
+    examples = toy.make_examples(50, seed=9, difficulty=toy.LongDifficulty())
+    tokenizer = toy.train_tokenizer(toy.tokenizer_corpus(examples))
+    for e in examples:
+        b = toy.to_second_style(e["solution"])
+        # Undo the punctuation by hand: the same clauses, values and boxed answer.
+        back = re.sub(r"([a-z]):", r"\1 ", b).replace(">", "=").replace(";", ".")
+        assert back == e["solution"] and b.endswith(f"\\boxed{{{e['answer']}}}")
+        assert not re.search(r"[a-z] \d", b) and "=" not in b  # every clause restyled
+        n = lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])
+        assert abs(n(b) - n(e["solution"])) <= len(b) // 10
+    ts = toy.TrainSettings(toy.STUDENT_SIZE, steps=1, seed=4, second_style=0.5)
+    out = toy.second_style_solutions(examples, ts)
+    assert out == toy.second_style_solutions(examples, ts)  # seeded
+    styled = [o["solution"] != e["solution"] for o, e in zip(out, examples)]
+    assert 10 < sum(styled) < 40 and all(o["problem"] == e["problem"] for o, e in zip(out, examples))
+    assert toy.second_style_solutions(examples, dataclasses.replace(ts, second_style=0.0)) == examples
+    with pytest.raises(ValueError, match="second_style"):
+        toy.TrainSettings(toy.STUDENT_SIZE, steps=1, second_style=1.5)
+    # The teachers of "long" and "long_styles" have identical settings (the same model).
+    assert toy.FAMILIES["long"].teacher == toy.FAMILIES["long_styles"].teacher
+    d = toy._settings_dict(toy.FAMILIES["long_styles"])
+    assert d["student"]["second_style"] == 0.5 and "second_style" not in d["teacher"]
+
+
+def test_build_toy_copies_the_teacher_of_a_build_that_differs_only_in_the_student(built, tmp_path):
+    src = os.path.dirname(built["manifest"])
+    restyled = dataclasses.replace(_TINY, student=dataclasses.replace(_TINY.student, steps=3))
+    paths = toy.build_toy(tmp_path / "b", settings=restyled, verbose=False, teacher_from=src)
+    for name in os.listdir(built["teacher"]):
+        with open(os.path.join(built["teacher"], name), "rb") as f, \
+                open(os.path.join(paths["teacher"], name), "rb") as g:
+            assert f.read() == g.read(), name
+    with open(paths["manifest"]) as f:
+        manifest = json.load(f)
+    assert manifest["models"]["teacher"]["copied_from"] == src
+    assert manifest["settings"]["student"]["steps"] == 3
+    # A build whose teacher would differ is refused.
+    other = dataclasses.replace(restyled, teacher=dataclasses.replace(_TINY.teacher, steps=5))
+    with pytest.raises(ValueError, match="more than the student"):
+        toy.build_toy(tmp_path / "c", settings=other, verbose=False, teacher_from=src)

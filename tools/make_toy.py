@@ -32,6 +32,10 @@ def main(argv=None) -> dict[str, str]:
                         help="SFT steps of the teacher (default: ToySettings)")
     parser.add_argument("--student-steps", type=int, default=None,
                         help="SFT steps of the student (default: ToySettings)")
+    parser.add_argument("--teacher-from", default=None,
+                        help="a finished build whose settings differ only in the student (e.g. "
+                        "--family long for --family long_styles, same --seed): copy its teacher "
+                        "instead of training it again")
     args = parser.parse_args(argv)
     settings = toy.toy_settings(args.family, args.seed)
     for name, steps in (("teacher", args.teacher_steps), ("student", args.student_steps)):
@@ -40,7 +44,8 @@ def main(argv=None) -> dict[str, str]:
                 parser.error(f"--{name}-steps must be >= 1, got {steps}")
             settings = dataclasses.replace(
                 settings, **{name: dataclasses.replace(getattr(settings, name), steps=steps)})
-    paths = toy.build_toy(args.out, force=args.force, settings=settings)
+    paths = toy.build_toy(args.out, force=args.force, settings=settings,
+                          teacher_from=args.teacher_from)
     with open(paths["manifest"]) as f:
         manifest = json.load(f)
     print(json.dumps({"accuracy": manifest["accuracy"], "seconds": manifest["seconds"],

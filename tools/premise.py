@@ -18,6 +18,17 @@ run on a toy build, before any method is compared on it.
    (64.9 -> 45.4% at 20%, 35.8 -> 28.6% at 80% from the lowest to the highest PPL quartile),
    and split by whether the problem holds a product (the blind spot of the "blindspot" toy).
 
+4. SCOPE's weights at the RL settings (issue 22): per prompt, the within-group spread (std) of
+   log PPL, the student's on the correct rollouts (at the rollout temperature, as the trainer's
+   pi_old) and the teacher's on the wrong ones, and the effective sample size
+   ESS = 1 / sum w^2 of scope_jax.losses.scope_weights (tau = `--tau`) on each path, over the
+   prompts with >= 2 rollouts on it, with 95% bootstrap intervals over prompts. ESS equal to
+   the path's rollout count means uniform weights (SCOPE = OPD on that path).
+
+    python -m tools.premise --toy-dir runs/toy_long --out runs/premise/toy_long --problems 128 --continuations 2
+
+(--max-new-tokens defaults to the build's own budget, manifest.json.)
+
 Writes {out}/premise.json (all numbers, settings, machine) and prints the tables.
 """
 
@@ -82,6 +93,60 @@ def recovery_table(ppl: np.ndarray, recovered: np.ndarray, *, groups: np.ndarray
     return rows
 
 
+def group_spread(values: np.ndarray, groups: np.ndarray, select: np.ndarray) -> np.ndarray:
+    """Within-group spread: for each group with >= 2 selected rows, the population standard
+    deviation (ddof 0) of `values` over its selected rows.
+
+    values: float [R] (e.g. log PPL per rollout); groups: int [R] prompt of each row; select:
+    bool [R] (e.g. the correct rollouts). Returns float [G'] in order of first appearance of
+    the groups that qualify."""
+    out = []
+    for g in dict.fromkeys(groups.tolist()):
+        v = values[(groups == g) & select]
+        if len(v) >= 2:
+            out.append(float(v.std()))
+    return np.asarray(out, np.float64)
+
+
+def group_ess(weights: np.ndarray, groups: np.ndarray, select: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Effective sample size of one path's weights in each group with >= 2 selected rows:
+    ESS = (sum w)^2 / sum w^2 over the group's selected rows (1 / sum w^2 once they sum to 1;
+    n for uniform weights, 1 for all weight on one rollout).
+
+    weights: float [R] (scope_jax.losses.scope_weights' w_stu or w_tea); groups: int [R];
+    select: bool [R] (the path's rows). Returns (ess float [G'], n int [G']), groups in order
+    of first appearance."""
+    ess, n = [], []
+    for g in dict.fromkeys(groups.tolist()):
+        w = weights[(groups == g) & select].astype(np.float64)
+        if len(w) >= 2:
+            ess.append(float(w.sum() ** 2 / np.sum(w ** 2)))
+            n.append(len(w))
+    return np.asarray(ess, np.float64), np.asarray(n, np.int64)
+
+
+def weight_summary(log_ppl: np.ndarray, weights: np.ndarray, groups: np.ndarray,
+                   select: np.ndarray, *, seed: int = 0) -> dict:
+    """One path's premise numbers over the groups with >= 2 rollouts on the path: the mean
+    within-group std of log PPL, the mean ESS, the mean rollout count and the mean ESS / n,
+    each with a 95% bootstrap interval over groups (scope_jax.evaluation.bootstrap_ci).
+    Returns a JSON-ready dict (None entries when no group qualifies)."""
+    from scope_jax.evaluation import bootstrap_ci
+
+    spread = group_spread(log_ppl, groups, select)
+    ess, n = group_ess(weights, groups, select)
+    if not len(ess):
+        return {"groups": 0, "log_ppl_std": None, "log_ppl_std_ci": None, "ess": None,
+                "ess_ci": None, "n": None, "ess_over_n": None, "ess_over_n_ci": None}
+    ratio = ess / n
+    return {"groups": int(len(ess)),
+            "log_ppl_std": float(spread.mean()), "log_ppl_std_ci": list(bootstrap_ci(spread, seed=seed)),
+            "ess": float(ess.mean()), "ess_ci": list(bootstrap_ci(ess, seed=seed + 1)),
+            "n": float(n.mean()),
+            "ess_over_n": float(ratio.mean()), "ess_over_n_ci": list(bootstrap_ci(ratio, seed=seed + 2))}
+
+
 def _generate_chunked(engine, prompts, *, chunk: int, key, num_samples: int):
     """engine.generate over fixed-size chunks of prompts (the last one topped up with copies,
     so every call has one shape); returns the response id lists, in order."""
@@ -101,17 +166,23 @@ def _generate_chunked(engine, prompts, *, chunk: int, key, num_samples: int):
 
 
 def measure(toy_dir: str, *, problems: int = 200, samples: int = 8, continuations: int = 4,
-            temperature: float = 0.6, max_new_tokens: int = 48, split: str = "train",
-            seed: int = 0, chunk: int = 256) -> dict:
+            temperature: float = 0.6, max_new_tokens: int | None = 48, split: str = "train",
+            seed: int = 0, chunk: int = 256, tau: float = 1.0) -> dict:
     """Runs steps 1-3 of the module docstring on the build in toy_dir. Returns the JSON-ready
     result: settings, student accuracy, mixed / all-right / all-wrong prompt fractions, the
     recovery table (recovery_table) for all wrong rollouts and by product / no product, and the
-    Spearman correlation of PPL_T with 20%-cut recovery."""
+    Spearman correlation of PPL_T with 20%-cut recovery; and step 4 (weights): per path
+    (weight_summary), the within-group spread of log PPL (student on correct rollouts, teacher
+    on wrong ones) and the ESS of SCOPE's weights (scope_jax.losses.scope_weights at `tau`,
+    student log-probs at the rollout temperature as the trainer's pi_old, teacher's at 1).
+    max_new_tokens None: the build's own (manifest.json)."""
     import jax
     from flax import nnx
     from transformers import AutoTokenizer
 
     from scope_jax import data, rollout, toy
+    from scope_jax.evaluation import bootstrap_ci
+    from scope_jax.losses import scope_weights
     from scope_jax.models import load_hf
     from scope_jax.sampling import full_sequences, response_lists
     from scope_jax.scoring import response_logprobs
@@ -122,6 +193,9 @@ def measure(toy_dir: str, *, problems: int = 200, samples: int = 8, continuation
         raise SystemExit(f"--toy-dir {toy_dir}: no manifest.json (build it with tools/make_toy.py)")
     tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
     student, teacher = load_hf(paths["student"]), load_hf(paths["teacher"])
+    if max_new_tokens is None:
+        with open(paths["manifest"]) as f:
+            max_new_tokens = int(json.load(f)["max_new_tokens"])
     examples = data.load_examples(paths[split], toy.TOY_SPEC)[:problems]
     prompts, kept = data.encode_prompts(examples, tok, max_prompt_len=10_000,
                                         instruction=toy.TOY_INSTRUCTION)
@@ -138,6 +212,7 @@ def measure(toy_dir: str, *, problems: int = 200, samples: int = 8, continuation
     out, responses = done.out, response_lists(done.out)
     correct = np.array([r.reward > 0 for r in done.results()])
     per_prompt = correct.reshape(len(kept), samples).sum(1)
+    rollout_seconds = time.perf_counter() - t0  # step 1 alone: what one RL step's sampling costs
 
     # 2. Teacher PPL of every rollout (the trainer's scoring), then keep the wrong ones.
     ids, mask = full_sequences(out)
@@ -147,6 +222,21 @@ def measure(toy_dir: str, *, problems: int = 200, samples: int = 8, continuation
     lp = np.asarray(score(t_state, ids, mask))
     rmask = np.asarray(out.response_mask)
     ppl_all = np.exp(-(lp * rmask).sum(1) / np.maximum(rmask.sum(1), 1))
+    # The student's log-probs at the rollout temperature: the trainer's pi_old for w_stu.
+    s_graph, s_state = nnx.split(student)
+    s_score = jax.jit(lambda st, i, a: response_logprobs(nnx.merge(s_graph, st), i, a, m,
+                                                         temperature=temperature))
+    s_lp = np.asarray(s_score(s_state, ids, mask))
+    groups = np.repeat(np.arange(len(kept)), samples)
+    w_stu, w_tea = (np.asarray(w) for w in scope_weights(
+        s_lp, lp, rmask, correct, groups, tau))
+    log_ppl_s = -(s_lp * rmask).sum(1) / np.maximum(rmask.sum(1), 1)
+    weights = {"tau": tau,
+               "correct_path_student": weight_summary(log_ppl_s, w_stu, groups, correct, seed=seed),
+               "wrong_path_teacher": weight_summary(np.log(ppl_all), w_tea, groups, ~correct,
+                                                    seed=seed),
+               "response_tokens": {"mean": float(rmask.sum(1).mean()),
+                                   "min": int(rmask.sum(1).min()), "max": int(rmask.sum(1).max())}}
     wrong = np.flatnonzero(~correct)
     ppl = ppl_all[wrong]
     has_product = np.array(["*" in examples[kept[i // samples]].problem for i in wrong])
@@ -198,7 +288,12 @@ def measure(toy_dir: str, *, problems: int = 200, samples: int = 8, continuation
         "recovery_with_product": recovered[has_product].mean(0).tolist() if has_product.any() else None,
         "recovery_without_product": recovered[~has_product].mean(0).tolist() if (~has_product).any() else None,
         "spearman_ppl_vs_recovery_at_20": spearman(ppl, recovered[:, 0]),
+        "recovery_all": {"recovery": recovered.mean(0).tolist() if len(wrong) else None,
+                         "recovery_ci": [list(bootstrap_ci(recovered[:, f], seed=seed + f))
+                                         for f in range(len(FRACTIONS))] if len(wrong) else None},
+        "weights": weights,
         "seconds": round(time.perf_counter() - t0, 1),
+        "rollout_seconds": round(rollout_seconds, 1),
         "machine": toy.machine_info(),
     }
 
@@ -230,9 +325,34 @@ def format_result(res: dict) -> str:
              for f in FRACTIONS]
     lines.append("| paper (Q1 -> Q4) | 2,000 x 4 | " + " / ".join(map(str, PAPER_QUARTILE_PPL))
                  + " | " + " | ".join(paper) + " |")
+    if res.get("recovery_all", {}).get("recovery") is not None:
+        ra = res["recovery_all"]
+        lines.append("| all wrong rollouts | " + str(res["wrong_rollouts"]) + " | - | " + " | ".join(
+            f"{pct(v)} [{pct(lo)}, {pct(hi)}]" for v, (lo, hi) in zip(ra["recovery"], ra["recovery_ci"]))
+            + " |")
+    if "weights" in res:
+        lines.append(format_weights(res["weights"]))
     lines.append(f"\nSpearman(PPL_T, recovery from 20%) = {res['spearman_ppl_vs_recovery_at_20']}; "
                  f"recovery with a product {[pct(x) for x in res['recovery_with_product'] or []]}, "
                  f"without {[pct(x) for x in res['recovery_without_product'] or []]}")
+    return "\n".join(lines)
+
+
+def format_weights(w: dict) -> str:
+    """Markdown table of the weight summaries (weight_summary) of both paths."""
+    f = lambda x, ci, d=3: "-" if x is None else f"{x:.{d}f} [{ci[0]:.{d}f}, {ci[1]:.{d}f}]"
+    rt = w["response_tokens"]
+    lines = [f"\nSCOPE's weights at tau = {w['tau']} (groups with >= 2 rollouts on the path; 95% "
+             f"bootstrap over groups; response tokens mean {rt['mean']:.0f}, min {rt['min']}, "
+             f"max {rt['max']})", "",
+             "| path | groups | within-group std of log PPL | ESS | rollouts n | ESS / n |",
+             "|---|---|---|---|---|---|"]
+    for key, label in (("correct_path_student", "correct (student PPL)"),
+                       ("wrong_path_teacher", "wrong (teacher PPL)")):
+        r = w[key]
+        n = "-" if r["n"] is None else f"{r['n']:.2f}"
+        lines.append(f"| {label} | {r['groups']} | {f(r['log_ppl_std'], r['log_ppl_std_ci'])} | "
+                     f"{f(r['ess'], r['ess_ci'], 2)} | {n} | {f(r['ess_over_n'], r['ess_over_n_ci'])} |")
     return "\n".join(lines)
 
 
@@ -244,7 +364,9 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=8, help="student rollouts per problem (RL: 8)")
     p.add_argument("--continuations", type=int, default=4, help="teacher samples per cut")
     p.add_argument("--temperature", type=float, default=0.6, help="rollout temperature (RL: 0.6)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="response budget (default: the build's max_new_tokens, manifest.json)")
+    p.add_argument("--tau", type=float, default=1.0, help="SCOPE's weight temperature (RL: 1.0)")
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -253,7 +375,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     res = measure(args.toy_dir, problems=args.problems, samples=args.samples,
                   continuations=args.continuations, temperature=args.temperature,
-                  max_new_tokens=args.max_new_tokens, split=args.split, seed=args.seed)
+                  max_new_tokens=args.max_new_tokens, split=args.split, seed=args.seed,
+                  tau=args.tau)
     from scope_jax.evaluation import write_json
 
     path = write_json(os.path.join(args.out, "premise.json"), res)

@@ -39,7 +39,10 @@ import logging
 import os
 import time
 
-TOYS = ("toy", "blindspot", "unsure")
+TOYS = ("toy", "blindspot", "unsure", "long", "long_styles")
+# The long toys (issue 22; docs/study_longtoy.md): their own configs (configs/toy_long.py),
+# response budget and costs; not in the default --toys.
+LONG_TOYS = ("long", "long_styles")
 METHODS = ("student", "teacher", "kd", "grpo", "opd", "opd_n", "scope")
 ABLATIONS = ("no_weighting", "no_student_weighting", "no_teacher_weighting", "reversed_student",
              "reversed_teacher", "tau_0.5", "tau_2")
@@ -58,6 +61,26 @@ BASELINES = ("student", "opd_n", "opd")
 # about 2-3x these (the study was budgeted at ~3 h then; it took ~1.5 h here).
 COSTS = {"build": 125.0, "eval": 2.0, "overhead": 20.0,
          "step": {"kd": 0.4, "grpo": 0.45, "opd": 0.05, "opd_n": 0.4, "scope": 0.45}}
+
+
+# The long toys' costs: ESTIMATES, not yet measured by a study (measured_costs replaces them
+# with the study's own figures once it has some). 2026-12-04, 2-core dev machine at a load
+# average of 8-15 (docs/study_longtoy.md, "Costs"): build = the seed-0 teacher SFT (400 steps,
+# 1367 s) plus student SFT (500 steps, 1112 s), run in parallel there, plus an evaluation pass;
+# step = the premise's sampling of 128 x 8 student rollouts (up to 320 tokens) took 161 s, so a
+# 16 x 8 RL step samples for ~20 s, plus scoring and the update (~5 s, a guess); opd samples
+# 16 rollouts; eval = 200 x 16 samples, ~3x the premise's 1024 rollouts.
+LONG_COSTS = {"build": 2500.0, "eval": 500.0, "overhead": 60.0,
+              "step": {"kd": 25.0, "grpo": 25.0, "opd": 5.0, "opd_n": 25.0, "scope": 25.0}}
+
+
+def toy_costs(costs: dict, toy_name: str, out: str | None = None) -> dict:
+    """The costs of one toy's runs: `costs` (COSTS or the study's measurements of the short
+    toys) for the short toys; for a long toy LONG_COSTS, replaced by the study's own
+    measurements of that toy when it has some (measured_costs restricted to it)."""
+    if toy_name not in LONG_TOYS:
+        return costs
+    return measured_costs(out, toy_name) if out else LONG_COSTS
 
 
 def method_cost(costs: dict, method: str) -> float:
@@ -124,8 +147,13 @@ def make_config(plan: Plan, out: str, toy_name: str, seed: int, method: str, pat
     from configs import toy as toy_config
     from configs import toy_blindspot
 
-    cfg = (toy_config.get_config(method) if toy_name == "toy"
-           else toy_blindspot.family_config(toy_name, method))
+    if toy_name in LONG_TOYS:
+        from configs import toy_long
+
+        cfg = toy_long.long_config(toy_name, method)
+    else:
+        cfg = (toy_config.get_config(method) if toy_name == "toy"
+               else toy_blindspot.family_config(toy_name, method))
     cfg.toy_dir = ""  # built by the study with the seed's settings
     cfg.student, cfg.teacher = paths["student"], paths["teacher"]
     cfg.tokenizer = paths["tokenizer"]
@@ -133,7 +161,7 @@ def make_config(plan: Plan, out: str, toy_name: str, seed: int, method: str, pat
     cfg.seed = seed
     cfg.num_steps = plan.steps
     cfg.checkpoint_every = max(1, plan.steps // 4)
-    cfg.sampling.max_new_tokens = plan.max_new_tokens
+    cfg.sampling.max_new_tokens = response_budget(plan, toy_name)
     if plan.prompts_per_step:
         cfg.prompts_per_step = plan.prompts_per_step
     if plan.num_samples and method != "opd":  # opd is the 1-rollout baseline by definition
@@ -142,16 +170,39 @@ def make_config(plan: Plan, out: str, toy_name: str, seed: int, method: str, pat
     return cfg
 
 
-def measured_costs(out: str) -> dict:
-    """COSTS, with each entry replaced by the median of this study's own measurements when it
-    has some (build seconds from the toy manifests, step seconds from metrics.jsonl, eval
-    seconds from the completion records)."""
+def response_budget(plan: Plan, toy_name: str) -> int:
+    """max_new_tokens of a run's rollouts and evaluation: the plan's, except for a long toy at
+    full scale, whose solutions need its build's budget (ToySettings.max_new_tokens, 320)."""
+    from scope_jax import toy
+
+    if toy_name in LONG_TOYS and plan.scale == "full":
+        return toy.toy_settings(toy_name).max_new_tokens
+    return plan.max_new_tokens
+
+
+def _in_scope(path: str, out: str, toy_name: str | None, level: str) -> bool:
+    """Whether a measurement file under OUT/<level>/<toy>... counts for toy_name (None: every
+    toy but the long ones, which have their own costs)."""
+    name = os.path.relpath(path, os.path.join(out, level)).split(os.sep)[0]
+    if level == "toys":
+        name = name.rsplit("_s", 1)[0]
+    return name == toy_name if toy_name else name not in LONG_TOYS
+
+
+def measured_costs(out: str, toy_name: str | None = None) -> dict:
+    """COSTS (LONG_COSTS for a long toy_name), with each entry replaced by the median of this
+    study's own measurements when it has some (build seconds from the toy manifests, step
+    seconds from metrics.jsonl, eval seconds from the completion records). toy_name None: the
+    measurements of every toy but the long ones; a name: that toy's only."""
     import numpy as np
 
-    costs = {"build": COSTS["build"], "eval": COSTS["eval"], "overhead": COSTS["overhead"],
-             "step": dict(COSTS["step"])}
+    base = LONG_COSTS if toy_name in LONG_TOYS else COSTS
+    costs = {"build": base["build"], "eval": base["eval"], "overhead": base["overhead"],
+             "step": dict(base["step"])}
     builds = []
     for m in glob.glob(os.path.join(out, "toys", "*", "manifest.json")):
+        if not _in_scope(m, out, toy_name, "toys"):
+            continue
         with open(m) as f:
             man = json.load(f)
         if man["settings"]["n_train"] >= 10000:  # full-size builds only
@@ -160,6 +211,8 @@ def measured_costs(out: str) -> dict:
         costs["build"] = float(np.median(builds))
     steps: dict[str, list[float]] = {}
     for path in glob.glob(os.path.join(out, "runs", "*", "*", "*", "metrics.jsonl")):
+        if not _in_scope(path, out, toy_name, "runs"):
+            continue
         method = os.path.basename(os.path.dirname(path))
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
@@ -169,6 +222,8 @@ def measured_costs(out: str) -> dict:
             costs["step"][method] = float(np.median(ts))
     evals = []
     for path in glob.glob(os.path.join(out, "eval", "*", "*", "*.json")):
+        if not _in_scope(path, out, toy_name, "eval"):
+            continue
         with open(path) as f:
             rec = json.load(f)
         # per 200 problems x 16 samples (the unit of COSTS["eval"])
@@ -184,9 +239,15 @@ def budget(plan: Plan, out: str, costs: dict) -> dict:
     todo = [r for r in runs(plan) if not os.path.isfile(record_path(out, *r))]
     builds = {(t, s) for t, s, _ in todo
               if not os.path.isfile(os.path.join(toy_dir(out, t, s), "manifest.json"))}
+    per_toy = {t: toy_costs(costs, t, out if os.path.isdir(out) else None) for t in plan.toys}
+    scale = 1.0 if plan.scale == "full" else 0.05
     train_s = 0.0
     for t, s, m in todo:
         if m in UNTRAINED or os.path.isfile(os.path.join(run_dir(out, t, s, m), "export", "config.json")):
+            continue
+        if t in LONG_TOYS:  # their own costs (a step there is ~10x a short toy's)
+            c = per_toy[t]
+            train_s += max(0, plan.steps - _steps_done(out, t, s, m)) * method_cost(c, m) + c["overhead"]
             continue
         done_steps = 0
         metrics = os.path.join(run_dir(out, t, s, m), "metrics.jsonl")
@@ -194,12 +255,22 @@ def budget(plan: Plan, out: str, costs: dict) -> dict:
             with open(metrics) as f:
                 done_steps = sum(1 for line in f if line.strip())
         train_s += max(0, plan.steps - done_steps) * method_cost(costs, m) + costs["overhead"]
-    scale = 1.0 if plan.scale == "full" else 0.05
-    seconds = {"builds": len(builds) * costs["build"] * scale, "training": train_s,
-               "evaluation": len(todo) * costs["eval"] * plan.problems * plan.k / (200 * 16)}
+    seconds = {"builds": sum(per_toy[t]["build"] for t, _ in builds) * scale, "training": train_s,
+               "evaluation": sum(per_toy[t]["eval"] for t, _, _ in todo)
+               * plan.problems * plan.k / (200 * 16)}
     seconds["total"] = sum(seconds.values())
     return {"runs_total": len(runs(plan)), "runs_to_do": len(todo), "toy_builds_to_do": len(builds),
-            "seconds": seconds, "costs": costs}
+            "seconds": seconds, "costs": costs,
+            "costs_by_toy": {t: c for t, c in per_toy.items() if t in LONG_TOYS}}
+
+
+def _steps_done(out: str, toy_name: str, seed: int, method: str) -> int:
+    """Training steps already in a run's metrics.jsonl (0 if none)."""
+    metrics = os.path.join(run_dir(out, toy_name, seed, method), "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        return 0
+    with open(metrics) as f:
+        return sum(1 for line in f if line.strip())
 
 
 def format_budget(b: dict) -> str:
@@ -210,7 +281,11 @@ def format_budget(b: dict) -> str:
             f"{c['build']:.0f} s, run start-up {c['overhead']:.0f} s, step " + ", ".join(f"{m} {v:.2f} s" for m, v in c["step"].items())
             + f", evaluation {c['eval']:.0f} s per model at 200 x 16): builds {s['builds'] / 60:.0f} min, "
             f"training {s['training'] / 60:.0f} min, evaluation {s['evaluation'] / 60:.0f} min; "
-            f"total {s['total'] / 3600:.2f} h on this machine")
+            f"total {s['total'] / 3600:.2f} h on this machine"
+            + "".join(f"\n  {t} uses its own costs: build {c['build']:.0f} s, run start-up "
+                      f"{c['overhead']:.0f} s, step " + ", ".join(f"{m} {v:.2f} s" for m, v in c["step"].items())
+                      + f", evaluation {c['eval']:.0f} s per model at 200 x 16"
+                      for t, c in b.get("costs_by_toy", {}).items()))
 
 
 def run_one(plan: Plan, out: str, toy_name: str, seed: int, method: str, verifier) -> dict:
@@ -240,7 +315,7 @@ def run_one(plan: Plan, out: str, toy_name: str, seed: int, method: str, verifie
     examples = data.load_examples(paths["test"], toy.TOY_SPEC)[:plan.problems]
     res = evaluation.evaluate(
         load_hf(checkpoint), AutoTokenizer.from_pretrained(checkpoint), examples, evaluation.EvalSettings(
-            k=plan.k, max_new_tokens=plan.max_new_tokens, seed=seed, instruction=toy.TOY_INSTRUCTION,
+            k=plan.k, max_new_tokens=response_budget(plan, toy_name), seed=seed, instruction=toy.TOY_INSTRUCTION,
             keep_response_chars=0), verifier=verifier)
     n, c = res.counts()
     record = {"toy": toy_name, "seed": seed, "method": method, "checkpoint": checkpoint,
@@ -376,7 +451,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/study")
     p.add_argument("--toys", default=None,
                    help=f"toy families, of {TOYS} (default toy,unsure; blindspot: the first "
-                   "design, whose premise did not hold; see the README)")
+                   "design, whose premise did not hold; see the README; long, long_styles: the "
+                   "long-response toys of issue 22, docs/study_longtoy.md, ~10x the cost per "
+                   "run: check --budget-only first)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=None, help="default: all of " + ",".join(METHODS + ABLATIONS))
     p.add_argument("--steps", type=int, default=100,
