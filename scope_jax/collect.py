@@ -67,9 +67,8 @@ class Collector:
         if int(self.cfg.pipeline.chunks) > 1 and jax.process_count() > 1:
             raise ValueError(f"config.pipeline.chunks={self.cfg.pipeline.chunks}: chunked collection runs in "
                              "one process only (chunks are assembled from local rows); use 1 on several hosts")
-        # config.rollout.engine where the config has one, else the static sampler.
-        kind = self.cfg.rollout.engine if "rollout" in self.cfg else "static"
-        self.engine = rollout.make_engine(kind, self.policy, self.settings, mesh=self.mesh)
+        # config.rollout: the engine (static | continuous) and the continuous one's layout and pool.
+        self.engine = rollout.engine_from_config(self.cfg, self.policy, self.settings, mesh=self.mesh)
 
     def collect(self, step: int, params):
         """(Rollouts batch, its packing.Packed rows or None, info dict) of `step`'s prompts under

@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerFast
 from scope_jax import data
 from scope_jax.data import FieldSpec, build_prompt
 from scope_jax.losses import kd_loss, token_logprobs
-from scope_jax.models import ModelConfig, Transformer, save_hf
+from scope_jax.models import ModelConfig, Transformer, load_hf, save_hf
 from scope_jax import rollout
 from scope_jax.verifiers import InlineVerifier
 
@@ -776,8 +776,6 @@ def _copy_teacher(source_dir: str, settings: ToySettings, paths: dict[str, str]
     training data are byte-identical to the ones just written (so its teacher is the model this
     build would train: SFT is deterministic on one machine). Returns (model, info) as
     _train_model, info["copied_from"] naming the source. Raises ValueError otherwise."""
-    from scope_jax.models import load_hf
-
     src = toy_paths(source_dir)
     try:
         with open(src["manifest"]) as f:
