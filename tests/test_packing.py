@@ -322,6 +322,24 @@ def test_cli_packed_run_logs_the_packed_layout_and_the_same_update(toy_setup, tm
         assert packed[key] == pytest.approx(plain[key], rel=1e-5), key
 
 
+def test_cli_continuous_engine_trains_as_the_static_one(toy_setup, tmp_path):
+    """tools.train with config.rollout.engine=continuous (sampled at the toy's T 0.6, packed):
+    the rollouts depend on the per-row keys only, so two steps log what the static engine's
+    run logs (the training math is shared; only the sampler differs)."""
+    rows = {}
+    for engine in ("static", "continuous"):
+        subprocess.run(_cli(toy_setup, tmp_path / engine, 72, "--config.num_steps=2",
+                            f"--config.rollout.engine={engine}", "--config.rollout.slots=4",
+                            "--config.rollout.kv_tokens_per_chip=512"),
+                       cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=300)
+        with open(tmp_path / engine / "metrics.jsonl") as f:
+            rows[engine] = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows["continuous"]] == [0, 1]
+    for plain, cont in zip(rows["static"], rows["continuous"]):
+        for key in ("loss", "grad_norm", "reward", "response_length", "finished_eos"):
+            assert cont[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), key
+
+
 def test_two_processes_pack_their_own_rows_and_match_one_process(toy_setup, tmp_path):
     """2 local processes (1 CPU device each, gloo): each packs its half of the rollouts on its
     own shard; the update equals one unpacked process's on the same global batch."""
