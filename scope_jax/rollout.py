@@ -553,8 +553,7 @@ class ContinuousEngine:
         sampler's; sampling.local_rows gives a process its own rows back)."""
         if jax.process_count() == 1:
             return jax.tree.map(jnp.asarray, out)
-        rows = NamedSharding(self.mesh, P(sampling._batch_axes(self.mesh)))
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rows, x), out)
+        return shd.to_global(out, self.mesh)
 
 
 @dataclasses.dataclass

