@@ -148,12 +148,12 @@ def base() -> ml_collections.ConfigDict:
     # replicated on it. mesh.tensor's chips must sit on one host.
     c.rollout.mesh = ml_collections.ConfigDict({"tensor": -1})
     # Continuous engine only. Page pool per engine, in tokens (at 28 layers, 2 KV heads of 128
-    # in bfloat16: 28 KiB a token, so 114,688 tokens = 3.1 GiB); at least one whole rollout
+    # in bfloat16: 28 KiB a token, so 98,304 tokens = 2.6 GiB); at least one whole rollout
     # (data.max_prompt_len + sampling.max_new_tokens). Admission waits when it is full, and a
     # pool below the rows' peak live context preempts (recomputes) rows: at the paper's length
-    # mix 65,536 tokens made the step 1.6x its longest row, 114,688 none
+    # mix 65,536 tokens made the step 1.6x its longest row, 98,304 at most 1.08x over 20 draws
     # (docs/benchmarks_rollout.md).
-    c.rollout.kv_tokens_per_chip = 114688
+    c.rollout.kv_tokens_per_chip = 98304
     c.rollout.slots = 32  # rows decoded together per engine
     c.rollout.page_size = 16  # tokens per KV page
     c.rollout.block = 16  # decode steps per jitted block (the host admits and retires between)
