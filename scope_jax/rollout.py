@@ -65,14 +65,11 @@ def settings_from_config(cfg, *, model_config=None, tokenizer=None, temperature:
     pad id the tokenizer's (0 without one: padding is masked everywhere). `temperature`
     overrides config.sampling.temperature (the algorithm's rollout temperature)."""
     s = cfg.sampling
-    stops = sampling.stop_ids(model_config, tokenizer, s.eos_ids or (), checkpoint=checkpoint)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return Settings(
-        max_new_tokens=int(s.max_new_tokens),
+    return settings_for(  # the one stop and pad rule
+        model_config, tokenizer, max_new_tokens=int(s.max_new_tokens),
         temperature=float(s.temperature if temperature is None else temperature),
         top_k=int(s.top_k) or None, top_p=None if float(s.top_p) >= 1.0 else float(s.top_p),
-        repetition_penalty=float(s.repetition_penalty), stop_ids=tuple(stops),
-        pad_id=0 if pad is None else int(pad))
+        repetition_penalty=float(s.repetition_penalty), eos_ids=s.eos_ids or (), checkpoint=checkpoint)
 
 
 class RolloutEngine(Protocol):
