@@ -63,9 +63,11 @@ def base() -> ml_collections.ConfigDict:
     # max_new_tokens, so any rollout fits.
     c.packing = 0
 
-    # Rollout collection as a pipeline (collect.Collector): the step's prompts in `chunks` chunks
-    # (must divide prompts_per_step); each chunk is verified, and scored by a remote teacher,
-    # while the next one generates. Chunk c samples with a key derived from (step, c), so the
+    # Rollout collection as a pipeline (collect.Collector). With the continuous engine each row
+    # is verified, and scored by a remote teacher, as soon as it ends, while the others
+    # generate (chunks must stay 1). With the static engine: the step's prompts in `chunks`
+    # chunks (must divide prompts_per_step; one process only), each verified and scored while
+    # the next one generates. Chunk c samples with a key derived from (step, c), so the
     # rollouts depend on `chunks` (1: one key per step, as before) but not on `overlap`.
     c.pipeline = ml_collections.ConfigDict()
     c.pipeline.chunks = 1
@@ -135,12 +137,15 @@ def base() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
 
-    # Rollout generation (scope_jax.rollout). engine: "static" (scope_jax.sampling: the batch
-    # decodes until its longest row ends) or "continuous" (scope_jax.engine: slots refilled as
-    # rows end, a paged KV cache that holds live context only). Static stays the default until
-    # tools/bench_rollout.py measures the continuous engine faster on the toy and at scale.
+    # Rollout generation (scope_jax.rollout). engine: "continuous" (scope_jax.engine: slots
+    # refilled as rows end, a paged KV cache that holds live context only; finished rows stream
+    # to the verifier and a teacher server) or "static" (scope_jax.sampling: the batch decodes
+    # until its longest row ends). Continuous is the default because tools/bench_rollout.py
+    # measures it faster on the toy (--toy: 1.2x on CPU) and at scale (--replay: 3.3x less
+    # modelled decode time per RL step, and the static batch's KV cache does not fit a 16 GiB
+    # chip at setup 1); docs/benchmarks_rollout.md.
     c.rollout = ml_collections.ConfigDict()
-    c.rollout.engine = "static"
+    c.rollout.engine = "continuous"
     # The rollout weight layout: each host's chips generate on their own (nothing crosses
     # hosts while decoding). tensor = chips of one host that split one engine's heads: -1 =
     # mesh.tensor (the heads stay split as training splits them, the weights are gathered
@@ -157,7 +162,9 @@ def base() -> ml_collections.ConfigDict:
     c.rollout.slots = 32  # rows decoded together per engine
     c.rollout.page_size = 16  # tokens per KV page
     c.rollout.block = 16  # decode steps per jitted block (the host admits and retires between)
-    c.rollout.order = "fifo"  # admission order: fifo | longest (largest budget first)
+    # Admission order: longest (largest budget first, the makespan heuristic; ties, as in
+    # training where every row has the same budget, in order) | fifo.
+    c.rollout.order = "longest"
     # Context tokens per prefill call (admitted rows are prefilled together up to this; a
     # longer context goes alone): bounds the prefill's activations.
     c.rollout.prefill_tokens = 8192

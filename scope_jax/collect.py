@@ -92,31 +92,39 @@ class Collector:
         stream_teacher = alg.teacher_scores and self.teacher_scorer.remote
         step_key = jax.random.fold_in(self.key, step)
 
-        def rollouts(c):
+        def rollouts(c, on_finished):
             # Each process decodes and verifies its own rollouts (verification spreads over hosts).
             part = items[c * per_chunk:(c + 1) * per_chunk]
             return rollout.generate_and_verify(
                 self.engine, [p for p, _ in part], [a for _, a in part], self.verifier, self.tokenizer,
                 num_samples=cfg.num_samples, key=chunk_key(step_key, c, chunks),
-                submit=lambda fn, *args: submit(pools[0], "verify", fn, *args))
+                submit=lambda fn, *args: submit(pools[0], "verify", fn, *args),
+                on_finished=on_finished)
 
         def teacher_logprobs(ids, mask, m, **packed):
             return self.teacher_scorer.score(ids, mask, m, **packed).logprobs
+
+        def score_rows(offset):
+            """The engine's on_finished for a remote teacher: this process's rows that ended
+            (in this chunk, whose first row is `offset`) go to the server while generation
+            goes on (every block with the continuous engine; at the chunk's end with static)."""
+            def finished(rows, part):
+                ids, mask = (np.asarray(x) for x in full_sequences(part))
+                scoring.append(([offset + r for r in rows], submit(
+                    pools[1], "score_teacher", self.teacher_scorer.score_local, ids, mask,
+                    part.tokens.shape[1])))
+            return finished
 
         pools = [concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=p) for p in ("verify", "teacher")]
         submit = ((lambda pool, *a: pool.submit(timed, *a)) if overlap
                   else (lambda pool, *a: _Later(timed, *a)))  # in series: run when awaited
         outs, verifying, scoring = [], [], []
         try:
-            for c in range(chunks):
-                done = timed("generate", rollouts, c)
-                out = done.out
-                outs.append(out)
+            for c in range(chunks):  # (several chunks: one process, config.validate)
+                done = timed("generate", rollouts, c,
+                             score_rows(c * per_chunk * int(cfg.num_samples)) if stream_teacher else None)
+                outs.append(done.out)
                 verifying.append(done.pending)
-                if stream_teacher:  # scored at the chunk's own response length (place_chunks)
-                    cut, _ = _trim_responses(out, s.max_new_tokens)
-                    scoring.append(submit(pools[1], "score_teacher", teacher_logprobs, *full_sequences(cut),
-                                          cut.tokens.shape[1]))
             out, shape_info = _trim_responses(assemble_chunks(outs, per_chunk, self.settings.pad_id),
                                               s.max_new_tokens)
             ids, mask = full_sequences(out)
@@ -135,7 +143,9 @@ class Collector:
                 ref_lp = timed("score_ref", self.score, self.graphdef, self.reference, ids, mask, m, temp, packed)
             t0 = time.perf_counter()
             if stream_teacher:
-                teacher_lp = place_chunks([f.result() for f in scoring], m)
+                rows = len(shd.local_rows(out.lengths))
+                teacher_lp = jnp.asarray(shd.to_global(
+                    place_rows([(r, f.result()[0]) for r, f in scoring], rows, m), self.mesh))
             elif alg.teacher_scores:
                 teacher_lp = timed("score_teacher", lambda: teacher_logprobs(ids, mask, m, **on_rows))
             if alg.teacher_scores:
@@ -200,14 +210,15 @@ def assemble_chunks(outs: list, prompts_per_chunk: int, pad_id: int):
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
-def place_chunks(parts: list, num_response: int) -> jax.Array:
-    """Per-chunk response-aligned scores -> the assembled batch's: parts[c] f32 [B_c, m_c] (a
-    chunk's teacher log-probs at its own trimmed response length m_c <= num_response) ->
-    f32 [sum B_c, num_response], rows in chunk order, zero past each chunk's m_c (no response
-    token of that chunk reaches there). One part of the full width comes back as it is."""
-    if len(parts) == 1 and parts[0].shape[1] == num_response:
-        return parts[0]
-    return jnp.concatenate([jnp.pad(x, ((0, 0), (0, num_response - x.shape[1]))) for x in parts])
+def place_rows(parts: list, rows: int, num_response: int) -> np.ndarray:
+    """Scores streamed in parts -> this process's batch: parts = [(row indices, f32 [k, w])]
+    (a part's response-aligned scores, w >= num_response, or fewer columns when zero past
+    them) -> f32 [rows, num_response], each part's rows at their indices, zero elsewhere."""
+    out = np.zeros((rows, num_response), np.float32)
+    for idx, x in parts:
+        w = min(num_response, x.shape[1])
+        out[np.asarray(idx, int), :w] = np.asarray(x)[:, :w]
+    return out
 
 
 def _trim_responses(out, max_new_tokens: int):

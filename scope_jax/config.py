@@ -214,6 +214,10 @@ def problems(cfg) -> list[str]:
     if cfg["prompts_per_step"] % cfg["pipeline"]["chunks"]:
         out.append(f"config.pipeline.chunks={cfg['pipeline']['chunks']}: must divide prompts_per_step="
                    f"{cfg['prompts_per_step']} (every chunk holds the same number of prompts)")
+    if cfg["pipeline"]["chunks"] != 1 and cfg["rollout"]["engine"] == "continuous":
+        out.append(f"config.pipeline.chunks={cfg['pipeline']['chunks']}: the continuous engine streams "
+                   "each row to the verifier and a teacher server as it ends (chunks are the static "
+                   "engine's overlap); leave it at 1")
     out += _rollout_problems(cfg)
     if cfg["packing"]:
         longest = prompt_bucket(cfg["data"]["max_prompt_len"]) + cfg["sampling"]["max_new_tokens"]

@@ -32,11 +32,17 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from scope_jax import engine, sampling
 from scope_jax import sharding as shd
-from scope_jax.models import ModelConfig, PagedBatch, abstract_model, hf_config
+from scope_jax.models import ModelConfig, PageContext, PagedBatch, abstract_model, hf_config
+from scope_jax.models.attention import write_kv
 from scope_jax.sharding import DEFAULT_RULES, make_mesh
 from scope_jax.sampling import SamplerOutput
 
 ENGINES = ("static", "continuous")
+# How the continuous engine's decode blocks read the pages: None (auto: "gather" on CPU, else
+# paged_attention's kernel for the backend), "gather" (_gather_decode_program: the live pages
+# read once per block), or a paged attention implementation for every step
+# (scope_jax.models.attention.PAGED_IMPLEMENTATIONS).
+DECODE_IMPLEMENTATIONS = (None, "gather", "xla", "pallas_tpu", "pallas_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +82,15 @@ class RolloutEngine(Protocol):
     """What every engine offers. generate's rows: prompt j's samples at j*num_samples ..
     (j+1)*num_samples-1; `max_new_tokens` (optional, one int per output row) caps each row
     below settings.max_new_tokens; `key` is needed when settings.temperature > 0, and row i's
-    tokens depend on (key, i) only."""
+    tokens depend on (key, i) only. `on_finished(rows, part)`, optional, receives this
+    process's rows as they end (their indices among its rows and their SamplerOutput rows,
+    numpy): the continuous engine after each block, the static engine once at the end."""
 
     settings: Settings
 
     def generate(self, prompts: Sequence[Sequence[int]], *, num_samples: int = 1,
-                 key: jax.Array | None = None,
-                 max_new_tokens: Sequence[int] | None = None) -> SamplerOutput: ...
+                 key: jax.Array | None = None, max_new_tokens: Sequence[int] | None = None,
+                 on_finished=None) -> SamplerOutput: ...
 
     def sync_weights(self, params) -> None: ...
 
@@ -128,7 +136,8 @@ class StaticEngine:
     def sync_weights(self, params) -> None:
         self.params = params
 
-    def generate(self, prompts, *, num_samples=1, key=None, max_new_tokens=None) -> SamplerOutput:
+    def generate(self, prompts, *, num_samples=1, key=None, max_new_tokens=None,
+                 on_finished=None) -> SamplerOutput:
         s = self.settings
         budgets = row_budgets(max_new_tokens, len(prompts) * num_samples, s.max_new_tokens)
         out = sampling.generate(
@@ -137,7 +146,11 @@ class StaticEngine:
             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, eos_ids=list(s.stop_ids),
             pad_id=s.pad_id, key=key, repetition_penalty=s.repetition_penalty,
             mesh=self.mesh if self.mesh is not None and self.mesh.size > 1 else None)
-        return out if budgets is None else cap_rows(out, budgets, s.pad_id)
+        out = out if budgets is None else cap_rows(out, budgets, s.pad_id)
+        if on_finished is not None:  # every row ends together: one part, this process's rows
+            local = jax.tree.map(shd.local_rows, out)
+            on_finished(list(range(local.tokens.shape[0])), local)
+        return out
 
 
 # ----------------------------------------------------------------------------- continuous
@@ -146,6 +159,13 @@ class StaticEngine:
 def _pow2(n: int, least: int = 1) -> int:
     """The smallest power of two >= max(n, least): compiled shapes stay few (log2 many)."""
     return max(least, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _bucket(n: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, ... (2^k and 3 * 2^(k-1)) >= n: a decode block's
+    page-table width. Two compiled widths per octave, and at most 1.5x the pages needed."""
+    p = _pow2(n)
+    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
 
 
 def _cast(params, dtype):
@@ -176,41 +196,37 @@ def _logits_at(model, hidden: jax.Array, rows: jax.Array) -> jax.Array:
     return model.logits_from_hidden(hidden[rows][None])[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "settings", "key_impl", "impl"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings", "key_impl"),
                    donate_argnames=("pages", "seen"))
-def _prefill_program(params, pages, seen, ids, positions, slots, segment_ids, kv_lens,
-                     page_indices, cu_q_lens, num_seqs, key_data, index, into, *, graphdef,
-                     settings, key_impl, impl):
-    """Prefills the admitted rows' whole contexts and samples one token for each.
+def _prefill_program(params, pages, seen, ids, slots, lengths, key_data, index, into, *,
+                     graphdef, settings, key_impl):
+    """Prefills admitted rows' whole contexts, one per row, and samples one token for each.
 
-    ids, positions, slots, segment_ids int32 [T]: the contexts (prompt + tokens so far) of up
-    to S rows laid end to end (padding after them: slot -1, segment 0); every context starts
-    at its first token, so attention runs within each one over its own keys (PagedBatch);
-    kv_lens int32 [S] their lengths; page_indices int32 [S, 1] (unread: the pages are only
-    written); cu_q_lens int32 [S + 1]; num_seqs int32 [1]; key_data [S, ...]
-    each row's key; index int32 [S] the token number each samples; into int32 [S] the slot
-    each row takes (S for padding: dropped) in `seen` bool [S, V] (None: no penalty).
-    Returns (pages, seen, token int32 [S], logprob [S], policy logprob [S]).
+    ids, slots int32 [R, L]: row r's context (prompt + tokens so far) in its first lengths[r]
+    columns (padding after it: slot -1; a padding row has length 0); each row attends within
+    itself over its own keys (PagedBatch's whole-sequence layout), R x L^2 scores, never
+    (R L)^2; key_data [R, ...] each row's key; index int32 [R] the token number each samples;
+    into int32 [R] the slot each row takes in `seen` bool [S, V] (S for padding: dropped;
+    seen None: no penalty).
+    Returns (pages, seen, token int32 [R], logprob [R], policy logprob [R]).
     """
     model = nnx.merge(graphdef, params)
-    batch = PagedBatch(slots=slots, kv_lens=kv_lens, page_indices=page_indices,
-                       cu_q_lens=cu_q_lens, num_seqs=num_seqs, segment_ids=segment_ids,
-                       implementation=impl)
-    hidden, pages = model.forward_paged(ids, positions, pages, batch)
-    logits = _logits_at(model, hidden, jnp.maximum(cu_q_lens[1:] - 1, 0))
+    r, length = ids.shape
+    cols = jnp.arange(length, dtype=jnp.int32)
+    real = cols[None, :] < lengths[:, None]
+    batch = PagedBatch(slots=slots, segment_ids=real.astype(jnp.int32))
+    hidden, pages = model.forward_paged(ids, jnp.broadcast_to(cols, ids.shape), pages, batch)
+    last = jnp.maximum(lengths - 1, 0)
+    logits = model.logits_from_hidden(hidden[jnp.arange(r), last][None])[0]
     vocab = logits.shape[-1]
     uniforms = (None if settings.temperature == 0.0 else
                 sampling.token_uniforms(jax.random.wrap_key_data(key_data, impl=key_impl), index))
     row_seen = None
     if seen is not None:  # the context's tokens (prompt and response so far), as the static sampler
-        t = ids.shape[0]
-        seq = jnp.searchsorted(cu_q_lens[1:], jnp.arange(t), side="right")
-        real = jnp.arange(t) < cu_q_lens[num_seqs[0]]
-        row_seen = jnp.zeros((kv_lens.shape[0], vocab + 1), bool).at[
-            jnp.where(real, seq, 0), jnp.where(real, ids, vocab)].set(True)[:, :vocab]
+        row_seen = sampling._seen_tokens(ids, real, vocab)
     tok, lp, plp = sampling._pick(logits, uniforms, row_seen, settings)
     if seen is not None:
-        row_seen = row_seen.at[jnp.arange(tok.shape[0]), tok].set(True)
+        row_seen = row_seen.at[jnp.arange(r), tok].set(True)
         seen = seen.at[into].set(row_seen, mode="drop")
     return pages, seen, tok, lp, plp
 
@@ -277,6 +293,128 @@ def _decode_program(params, pages, seen, page_table, prev, generated, budget, kv
     return pages, seen, generated, live, eos_hit, toks, lps, plps
 
 
+def _page_context(pages, ctx_pages, ctx_row, ctx_len) -> PageContext:
+    """The live rows' context, gathered once: pages per layer [P, ps, 2K, D] -> PageContext
+    k, v [K, C, D, n * ps] of C chunks of n pool pages each, ctx_pages int32 [C, n]."""
+    ks, vs = [], []
+    for p in pages:
+        g = p[ctx_pages]  # [C, n, ps, 2K, D]
+        c, n, ps, h2, d = g.shape
+        g = g.reshape(c, n * ps, h2 // 2, 2, d).transpose(3, 2, 0, 4, 1)  # [2, K, C, D, n*ps]
+        ks.append(g[0])
+        vs.append(g[1])
+    return PageContext(k=tuple(ks), v=tuple(vs), row=ctx_row, length=ctx_len)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings", "key_impl", "block"),
+                   donate_argnames=("pages", "seen"))
+def _gather_decode_program(params, pages, seen, ctx_pages, ctx_row, ctx_len, write_slots, prev,
+                           generated, budget, kv_len, live, key_data, eos_ids, *, graphdef,
+                           settings, key_impl, block):
+    """_decode_program's block with the pages read once (implementation "gather").
+
+    ctx_pages int32 [C, n], ctx_row, ctx_len int32 [C]: the live slots' context (every token
+    before kv_len) in chunks of n pages, the slot each chunk belongs to (>= S: padding) and
+    its valid tokens; write_slots
+    int32 [S, block]: the flat pool slot of slot s's j-th new token (kv_len[s] + j). The other
+    arguments and the results are _decode_program's.
+
+    The context chunks are gathered once per block (a PageContext); each step runs the static
+    sampler's decode step (Transformer.forward_cached) over a DecodeCache whose `block` slots
+    take the block's new tokens, every slot writing step j's at one common column j (one
+    dynamic_update_slice, as sampling._decode), and attends over its own context chunks too
+    (attention.attend_pages: the work follows the live context, not slots x the longest row).
+    The new keys and values are scattered into the pages once, at the block's end. On CPU this
+    is several times cheaper per step than reading the pages at every step (XLA's gather); it
+    holds a copy of the live context for the block, so the engine uses it where memory is the
+    host's.
+    """
+    s = prev.shape[0]
+    keys = jax.random.wrap_key_data(key_data, impl=key_impl)
+    pad = jnp.int32(settings.pad_id)
+    zeros = jnp.zeros((s, block), jnp.float32)
+    rows = jnp.arange(s)
+    kv0, gen0 = kv_len, generated
+    model = nnx.merge(graphdef, params)
+    cache = model.init_decode_cache(s, block, dtype=pages[0].dtype)
+    cache = cache.replace(context=_page_context(pages, ctx_pages, ctx_row, ctx_len))
+    slots_valid = jnp.ones((s, block), bool)  # causality (column <= j) is the model's
+
+    def body(carry):
+        c, weights = carry
+        model = nnx.merge(graphdef, weights)  # at the loop's trace level (as sampling._decode)
+        j, cache, seen, prev, generated, live, eos_hit, toks, lps, plps = c
+        logits, cache = model.forward_cached(prev[:, None], (kv0 + j)[:, None], cache, j,
+                                             slots_valid)
+        uniforms = (None if settings.temperature == 0.0 else
+                    sampling.token_uniforms(keys, generated))
+        tok, lp, plp = sampling._pick(logits[:, 0], uniforms, seen, settings)
+        tok = jnp.where(live, tok, pad)
+        if seen is not None:
+            seen = seen.at[rows, tok].set(seen[rows, tok] | live)
+        generated = generated + live
+        hit = live & _eos(tok, eos_ids)
+        toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, j))
+        lps = jax.lax.dynamic_update_slice(lps, jnp.where(live, lp, 0.0)[:, None], (0, j))
+        plps = jax.lax.dynamic_update_slice(plps, jnp.where(live, plp, 0.0)[:, None], (0, j))
+        prev = jnp.where(live, tok, prev)
+        live = live & ~hit & (generated < budget)
+        return (j + 1, cache, seen, prev, generated, live, eos_hit | hit, toks, lps, plps), weights
+
+    init = (jnp.int32(0), cache, seen, prev, generated, live, jnp.zeros((s,), bool),
+            jnp.full((s, block), pad), zeros, zeros)
+    out = jax.lax.while_loop(lambda c: (c[0][0] < block) & jnp.any(c[0][5]), body,
+                             (init, params))[0]
+    _, cache, seen, _, generated, live, eos_hit, toks, lps, plps = out
+    # slot s wrote one token per step it was live: its first (generated - gen0) columns
+    written = jnp.arange(block)[None, :] < (generated - gen0)[:, None]
+    flat = jnp.where(written, write_slots, -1).reshape(-1)
+
+    def tokens(x):  # [K, S, D, block] -> [S * block, K, D]
+        return x.transpose(1, 3, 0, 2).reshape(s * block, x.shape[0], x.shape[2])
+
+    pages = tuple(write_kv(p, tokens(k), tokens(v), flat)
+                  for p, k, v in zip(pages, cache.k, cache.v))
+    return pages, seen, generated, live, eos_hit, toks, lps, plps
+
+
+# Context chunk of the "gather" decode (tokens): XLA:CPU's batched [Q, D] @ [D, L] products
+# run at about a dense decode step's speed per key from L = 64 up, and at half of it at 16.
+GATHER_CHUNK = 64
+
+
+def _gather_args(sched, live: np.ndarray, kv: np.ndarray, block: int, ps: int) -> tuple:
+    """_gather_decode_program's page arguments (numpy) for the live slots: ctx_pages int32
+    [C, n] (chunks of n = GATHER_CHUNK // ps pages, at least 1; C a _bucket of the chunks
+    the live rows' contexts need), ctx_row, ctx_len int32 [C]; write_slots int32 [S, block]
+    (-1 past a slot's pages)."""
+    s = live.shape[0]
+    n = max(1, GATHER_CHUNK // ps)
+    chunk = n * ps
+    pages, row, length = [], [], []
+    write = np.full((s, block), -1, np.int32)
+    for sl in np.flatnonzero(live):
+        own = np.asarray(sched.pages(sl), np.int32)
+        c = -(-int(kv[sl]) // chunk)
+        need = np.zeros((c * n,), np.int32)
+        used = min(len(own), c * n)
+        need[:used] = own[:used]
+        pages.append(need.reshape(c, n))
+        row.append(np.full((c,), sl, np.int32))
+        length.append(np.minimum(chunk, kv[sl] - chunk * np.arange(c)).astype(np.int32))
+        pos = kv[sl] + np.arange(block)
+        ok = pos < len(own) * ps
+        write[sl, ok] = own[pos[ok] // ps] * ps + pos[ok] % ps
+    c = _bucket(max(1, sum(len(p) for p in pages)))
+    ctx_pages = np.zeros((c, n), np.int32)
+    ctx_row = np.full((c,), s, np.int32)
+    ctx_len = np.zeros((c,), np.int32)
+    if pages:
+        k = sum(len(p) for p in pages)
+        ctx_pages[:k], ctx_row[:k], ctx_len[:k] = (np.concatenate(x) for x in (pages, row, length))
+    return ctx_pages, ctx_row, ctx_len, write
+
+
 def rollout_rules(tensor: int) -> tuple:
     """The rollout weight layout as logical-axis rules: DEFAULT_RULES without the data and
     fsdp axes (nothing is split across a host's engines), and without 'tensor' too when each
@@ -329,14 +467,18 @@ class ContinuousEngine:
 
     In a group, `slots` rows decode together in jitted blocks of `block` steps; between blocks
     the host retires finished rows (their pages go back to the pool), evicts rows when the
-    pool runs short (recomputed later, same tokens), admits pending rows into free slots and
-    prefills them (whole contexts, at most `prefill_tokens` per call, padded to a power-of-two
-    token count). The pool holds `kv_tokens` tokens (default: every slot at the longest prompt
-    plus the whole budget); a prompt occupies its real tokens' pages only, and decode attends
-    over each slot's live pages only (page tables sliced to a power-of-two bucket of the
-    longest live row's pages). Each row draws its randomness from its own key by token number
-    (sampling.token_uniforms), so its tokens do not depend on its group, slot, neighbours or
-    the admission order.
+    pool runs short (recomputed later, same tokens), admits pending rows into free slots in
+    `order` ("longest": largest per-row budget first; "fifo") and prefills them (one context
+    per row, calls of at most `prefill_tokens` padded tokens: prefill_calls). The pool holds
+    `kv_tokens` tokens (default: every slot at the longest prompt plus the whole budget); a
+    prompt occupies its real tokens' pages only. How a decode block reads the pages is
+    `implementation` (DECODE_IMPLEMENTATIONS): the paged attention kernel at every step over
+    each live slot's pages (page tables cut to a _bucket of the longest live row's; the
+    default off CPU), or "gather" (the default on CPU): the live context gathered once per
+    block in chunks, so a step's attention work follows the live tokens. Each row draws its
+    randomness from its own key by token number (sampling.token_uniforms), so its tokens do
+    not depend on its group, slot, neighbours, the admission order or the implementation
+    (up to float rounding).
 
     generate returns sampling.SamplerOutput as the static engine does (tokens [N,
     settings.max_new_tokens]); `on_finished(rows, part)` (optional) is called after each
@@ -346,7 +488,7 @@ class ContinuousEngine:
 
     def __init__(self, model, settings: Settings, mesh=None, *, slots: int = 32,
                  page_size: int = 16, block: int = 16, kv_tokens: int | None = None,
-                 order: str = "fifo", prefill_tokens: int = 8192, tensor: int = 1,
+                 order: str = "longest", prefill_tokens: int = 8192, tensor: int = 1,
                  groups: int | None = None, implementation: str | None = None):
         for name, v in (("slots", slots), ("page_size", page_size), ("block", block),
                         ("prefill_tokens", prefill_tokens), ("tensor", tensor)):
@@ -358,6 +500,11 @@ class ContinuousEngine:
                              f"({page_size}), got {kv_tokens!r}")
         self.settings, self.mesh = settings, mesh
         self.slots, self.page_size, self.block = int(slots), int(page_size), int(block)
+        if implementation not in DECODE_IMPLEMENTATIONS:
+            raise ValueError(f"ContinuousEngine: implementation {implementation!r}: expected "
+                             f"one of {DECODE_IMPLEMENTATIONS}")
+        if implementation is None and jax.default_backend() == "cpu":
+            implementation = "gather"  # XLA:CPU's page gather per step costs more than a block's
         self.kv_tokens, self.order, self.implementation = kv_tokens, order, implementation
         self.prefill_tokens, self.tensor = int(prefill_tokens), int(tensor)
         self.groups = engine_groups(mesh, self.tensor)
@@ -424,9 +571,9 @@ class ContinuousEngine:
         keys = sampling.row_keys(key, n)
         run = _Run(rows=rows, budgets=budgets, key_data=np.asarray(jax.random.key_data(keys)),
                    key_impl=jax.random.key_impl(keys), num_samples=num_samples,
-                   toks=[[] for _ in range(n)], lps=[[] for _ in range(n)],
-                   plps=[[] for _ in range(n)], eos_hit=np.zeros((n,), bool),
-                   on_finished=on_finished)
+                   tokens=np.full((n, m), s.pad_id, np.int32), lps=np.zeros((n, m), np.float32),
+                   plps=np.zeros((n, m), np.float32), count=np.zeros((n,), np.int32),
+                   eos_hit=np.zeros((n,), bool), on_finished=on_finished)
         # The process's rows, contiguous chunks over its groups; the groups' blocks interleave.
         chunks = np.array_split(np.arange(n), len(self.groups))
         loops = [self._group_loop(g, ids.tolist(), run) for g, ids in enumerate(chunks) if len(ids)]
@@ -458,52 +605,62 @@ class ContinuousEngine:
             sched.add(r, len(run.rows[r]), int(run.budgets[r]))
         replicated = NamedSharding(group, P())
 
-        def put(x):
-            return jax.device_put(np.asarray(x), replicated)
+        def put(*xs):  # one transfer call for a program's host arrays
+            return jax.device_put(tuple(np.asarray(x) for x in xs), replicated)
 
         pages = self._pool(g, num_pages)
         seen = (None if s.repetition_penalty == 1.0 else
                 jax.device_put(np.zeros((slots, int(self.config.vocab_size)), bool), replicated))
-        eos_ids = put(np.asarray(list(s.stop_ids), np.int32))
+        eos_ids, = put(np.asarray(list(s.stop_ids), np.int32))
         stops = set(s.stop_ids)
-        static = dict(graphdef=self.graphdef, settings=_program_settings(s),
-                      key_impl=run.key_impl, impl=self.implementation)
+        gather = self.implementation == "gather"
+        static = dict(graphdef=self.graphdef, settings=_program_settings(s), key_impl=run.key_impl)
         table = np.zeros((slots, per_slot), np.int32)
         slot_row = np.full((slots,), -1)
         live = np.zeros((slots,), bool)
-        toks = run.toks
+        count = run.count
         stats = {"blocks": 0, "decode_steps": 0, "prefills": 0, "prefill_tokens": 0}
         while not sched.done():
             for p in sched.reserve():
                 live[p.slot], slot_row[p.slot] = False, -1  # its tokens so far stay in `run`
             while admitted := sched.admit(self.prefill_tokens):
-                args = _prefill_args(admitted, run, slots, ps, s.pad_id)
-                with jax.set_mesh(group):
-                    pages, seen, tok, lp, plp = _prefill_program(
-                        self.params[g], pages, seen, *map(put, args), **static)
-                tok, lp, plp = jax.device_get((tok, lp, plp))
-                stats["prefills"] += 1
-                stats["prefill_tokens"] += sum(a.context for a in admitted)
-                for i, a in enumerate(admitted):
-                    run.append(a.row, [tok[i]], [lp[i]], [plp[i]])
-                    slot_row[a.slot] = a.row
-                    run.eos_hit[a.row] = int(tok[i]) in stops
-                    live[a.slot] = not run.eos_hit[a.row] and len(toks[a.row]) < run.budgets[a.row]
-            for slot in sched.live:
-                pg = sched.pages(slot)
-                table[slot, :len(pg)], table[slot, len(pg):] = pg, 0
+                for call in prefill_calls([a.context for a in admitted], self.prefill_tokens):
+                    part = [admitted[i] for i in call]
+                    args = _prefill_args(part, run, ps, s.pad_id)
+                    with jax.set_mesh(group):
+                        pages, seen, tok, lp, plp = _prefill_program(
+                            self.params[g], pages, seen, *put(*args), **static)
+                    tok, lp, plp = jax.device_get((tok, lp, plp))
+                    stats["prefills"] += 1
+                    stats["prefill_tokens"] += sum(a.context for a in part)
+                    for i, a in enumerate(part):
+                        run.append(a.row, tok[i:i + 1], lp[i:i + 1], plp[i:i + 1])
+                        slot_row[a.slot] = a.row
+                        run.eos_hit[a.row] = int(tok[i]) in stops
+                        live[a.slot] = (not run.eos_hit[a.row]
+                                        and count[a.row] < run.budgets[a.row])
             if live.any():
-                width = _pow2(max(len(sched.pages(sl)) for sl in np.flatnonzero(live)))
                 r = np.maximum(slot_row, 0)
-                gen0 = np.array([len(toks[x]) for x in r], np.int32) * (slot_row >= 0)
-                prev = np.array([toks[x][-1] if toks[x] else 0 for x in r], np.int32)
-                kv = np.array([len(run.rows[x]) + len(toks[x]) - 1 for x in r], np.int32)
-                bud = run.budgets[r].astype(np.int32)
+                gen0 = count[r] * (slot_row >= 0)
+                prev = run.tokens[r, np.maximum(gen0 - 1, 0)]
+                kv = run.prompt_lens[r] + count[r] - 1
+                rest = (prev, gen0, run.budgets[r].astype(np.int32), kv, live, run.key_data[r])
+                if gather:
+                    where = _gather_args(sched, live, kv, self.block, ps)
+                else:
+                    for slot in sched.live:
+                        pg = sched.pages(slot)
+                        table[slot, :len(pg)], table[slot, len(pg):] = pg, 0
+                    width = _bucket(max(len(sched.pages(sl)) for sl in np.flatnonzero(live)))
+                    where = (table[:, :width],)
+                args = (self.params[g], pages, seen, *put(*where, *rest), eos_ids)
                 with jax.set_mesh(group):
-                    pages, seen, *res = _decode_program(
-                        self.params[g], pages, seen, put(table[:, :width]), put(prev),
-                        put(gen0), put(bud), put(kv), put(live), put(run.key_data[r]), eos_ids,
-                        block=self.block, **static)
+                    if gather:
+                        pages, seen, *res = _gather_decode_program(*args, block=self.block,
+                                                                   **static)
+                    else:
+                        pages, seen, *res = _decode_program(*args, block=self.block,
+                                                            impl=self.implementation, **static)
                 yield  # the other groups dispatch their blocks before this one is read
                 gen1, live1, hit1, btok, blp, bplp = jax.device_get(res)
                 stats["blocks"] += 1
@@ -513,7 +670,7 @@ class ContinuousEngine:
                     run.append(slot_row[sl], btok[sl, :k], blp[sl, :k], bplp[sl, :k])
                     run.eos_hit[slot_row[sl]] = bool(hit1[sl])
                 live &= live1
-            finished = sched.advance({row: (len(toks[row]), not live[slot])
+            finished = sched.advance({row: (int(count[row]), not live[slot])
                                       for slot, row in sched.live.items()})
             slot_row[np.isin(slot_row, finished)] = -1
             if run.on_finished is not None and finished:
@@ -527,14 +684,7 @@ class ContinuousEngine:
         s = self.settings
         which = list(which)
         m, k = s.max_new_tokens, len(which)
-        tokens = np.full((k, m), s.pad_id, np.int32)
-        lp = np.zeros((k, m), np.float32)
-        plp = np.zeros((k, m), np.float32)
-        lengths = np.zeros((k,), np.int32)
-        for i, r in enumerate(which):
-            g = len(run.toks[r])
-            tokens[i, :g], lp[i, :g], plp[i, :g], lengths[i] = (
-                run.toks[r], run.lps[r], run.plps[r], g)
+        tokens, lp, plp, lengths = (x[which] for x in (run.tokens, run.lps, run.plps, run.count))
         ids, plen = sampling.left_pad([run.rows[r] for r in which], run.bucket, s.pad_id)
         return SamplerOutput(
             tokens=tokens, response_mask=np.arange(m)[None, :] < lengths[:, None],
@@ -562,9 +712,10 @@ class _Run:
     key_data: np.ndarray
     key_impl: object
     num_samples: int
-    toks: list
-    lps: list
-    plps: list
+    tokens: np.ndarray  # int32 [N, M] each row's tokens so far (pad after them)
+    lps: np.ndarray     # float32 [N, M] their log-probs (0 after them)
+    plps: np.ndarray    # float32 [N, M] their policy log-probs
+    count: np.ndarray   # int32 [N] tokens so far
     eos_hit: np.ndarray
     on_finished: object = None
     bucket: int = 0  # prompt_ids' width (agreed by every process)
@@ -578,11 +729,17 @@ class _Run:
             longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
             self.first = jax.process_index() * len(self.rows)
         self.bucket = sampling.prompt_bucket(longest)
+        self.prompt_lens = np.asarray([len(p) for p in self.rows], np.int32)
 
     def append(self, row, tok, lp, plp):
-        self.toks[row] += [int(t) for t in tok]
-        self.lps[row] += [float(x) for x in lp]
-        self.plps[row] += [float(x) for x in plp]
+        """Row `row`'s next len(tok) tokens and their log-probs."""
+        c, k = self.count[row], len(tok)
+        self.tokens[row, c:c + k], self.lps[row, c:c + k], self.plps[row, c:c + k] = tok, lp, plp
+        self.count[row] = c + k
+
+    def context(self, row) -> list[int]:
+        """Row `row`'s prompt and tokens so far."""
+        return self.rows[row] + self.tokens[row, :self.count[row]].tolist()
 
 
 def _local_copy(x: jax.Array, sharding) -> jax.Array:
@@ -603,31 +760,39 @@ def _program_settings(s: Settings) -> "sampling._Settings":
         pad_id=int(s.pad_id), repetition_penalty=float(s.repetition_penalty))
 
 
-def _prefill_args(admitted, run: _Run, slots: int, ps: int, pad_id: int) -> tuple:
-    """_prefill_program's array arguments (numpy) for the admitted rows' whole contexts (prompt
-    + tokens so far) laid end to end, padded to a power-of-two token count."""
-    contexts = [run.rows[a.row] + run.toks[a.row] for a in admitted]
-    t = _pow2(sum(len(c) for c in contexts), 16)
-    ids = np.full((t,), pad_id, np.int32)
-    pos = np.zeros((t,), np.int32)
-    flat = np.full((t,), -1, np.int32)
-    seg = np.zeros((t,), np.int32)
-    kv_lens = np.zeros((slots,), np.int32)
-    cu = np.zeros((slots + 1,), np.int32)
-    index = np.zeros((slots,), np.int32)
-    into = np.full((slots,), slots, np.int32)
-    kd = np.zeros((slots,) + run.key_data.shape[1:], run.key_data.dtype)
-    start = 0
+def prefill_calls(contexts: Sequence[int], prefill_tokens: int) -> list[list[int]]:
+    """The prefill calls of one admission: indices into `contexts` (token counts), longest
+    first, grouped so that each call's padded shape (rows rounded up to a power of two x its
+    longest context rounded up to a power of two, at least 16) stays within prefill_tokens;
+    a context longer than that goes alone. Shapes stay few and bounded: a long recomputed
+    context never pads the short ones to its length."""
+    order = sorted(range(len(contexts)), key=lambda i: -contexts[i])
+    calls: list[list[int]] = []
+    for i in order:
+        if calls and _pow2(len(calls[-1]) + 1) * _pow2(contexts[calls[-1][0]], 16) <= prefill_tokens:
+            calls[-1].append(i)
+        else:
+            calls.append([i])
+    return calls
+
+
+def _prefill_args(admitted, run: _Run, ps: int, pad_id: int) -> tuple:
+    """_prefill_program's array arguments (numpy) for the admitted rows' whole contexts
+    (prompt + tokens so far), one per row: [R, L] with R and L powers of two (L >= 16)."""
+    contexts = [run.context(a.row) for a in admitted]
+    r, length = _pow2(len(admitted)), _pow2(max(len(c) for c in contexts), 16)
+    ids = np.full((r, length), pad_id, np.int32)
+    flat = np.full((r, length), -1, np.int32)
+    lengths = np.zeros((r,), np.int32)
+    index = np.zeros((r,), np.int32)
+    into = np.full((r,), np.iinfo(np.int32).max, np.int32)  # out of range: dropped
+    kd = np.zeros((r,) + run.key_data.shape[1:], run.key_data.dtype)
     for i, (a, c) in enumerate(zip(admitted, contexts)):
         j = np.arange(len(c))
-        ids[start:start + len(c)], pos[start:start + len(c)] = c, j
-        flat[start:start + len(c)] = np.asarray(a.pages)[j // ps] * ps + j % ps
-        seg[start:start + len(c)] = i + 1
-        kv_lens[i], index[i], into[i], kd[i] = len(c), a.generated, a.slot, run.key_data[a.row]
-        start += len(c)
-        cu[i + 1:] = start
-    return (ids, pos, flat, seg, kv_lens, np.zeros((slots, 1), np.int32), cu,
-            np.asarray([len(admitted)], np.int32), kd, index, into)
+        ids[i, :len(c)] = c
+        flat[i, :len(c)] = np.asarray(a.pages)[j // ps] * ps + j % ps
+        lengths[i], index[i], into[i], kd[i] = len(c), a.generated, a.slot, run.key_data[a.row]
+    return ids, flat, lengths, kd, index, into
 
 
 def lower_rollout(cfg, *, mesh=None) -> dict:
@@ -641,8 +806,9 @@ def lower_rollout(cfg, *, mesh=None) -> dict:
     the weights in that layout and a page pool of config.rollout.kv_tokens_per_chip tokens;
     slots = min(config.rollout.slots, the rollouts per group rounded up to a power of two);
     the decode block at its widest page table (one row of data.max_prompt_len +
-    sampling.max_new_tokens tokens), the prefill at config.rollout.prefill_tokens tokens. The
-    weight sync is the jit that casts the student's params in the training sharding on `mesh`
+    sampling.max_new_tokens tokens) in the paged program the pod runs (not the CPU's "gather"
+    one), the prefill at its widest first-admission call (prompts at data.max_prompt_len, as
+    many rows as prefill_calls puts in config.rollout.prefill_tokens). The weight sync is the jit that casts the student's params in the training sharding on `mesh`
     to the compute dtype in the rollout layout there (the step's one weight all-gather).
     """
     mesh = shd.make_mesh(cfg.mesh) if mesh is None else mesh
@@ -685,19 +851,22 @@ def lower_rollout(cfg, *, mesh=None) -> dict:
         return sd(shape, dt, sharding=rep)
 
     seen = None if settings.repetition_penalty == 1.0 else arr((slots, mc.vocab_size), jnp.bool_)
-    static = dict(graphdef=graphdef, settings=_program_settings(settings), key_impl=key_impl,
-                  impl=None)
+    static = dict(graphdef=graphdef, settings=_program_settings(settings), key_impl=key_impl)
     keys = arr((slots,) + key_shape, jnp.uint32)
     vec = arr((slots,))
-    tokens = _pow2(int(r.prefill_tokens), 16)
+    # the widest first-admission prefill: prompts at the longest, as many rows as prefill_calls
+    # lets one call take
+    prompt = _pow2(int(cfg.data.max_prompt_len), 16)
+    prefill_rows = max(1, min(slots, 1 << max(0, (int(r.prefill_tokens) // prompt).bit_length() - 1)))
     with jax.set_mesh(group):
         lowered["decode_block"] = _decode_program.lower(
             rparams, pages, seen, arr((slots, width)), vec, vec, vec, vec, arr((slots,), jnp.bool_),
-            keys, arr((len(settings.stop_ids),)), block=int(r.block), **static)
-        flat = arr((tokens,))
+            keys, arr((len(settings.stop_ids),)), block=int(r.block), impl=None, **static)
+        rows = arr((prefill_rows, prompt))
+        rvec = arr((prefill_rows,))
         lowered["prefill"] = _prefill_program.lower(
-            rparams, pages, seen, flat, flat, flat, flat, vec, arr((slots, 1)),
-            arr((slots + 1,)), arr((1,)), keys, vec, vec, **static)
+            rparams, pages, seen, rows, rows, rvec, arr((prefill_rows,) + key_shape, jnp.uint32),
+            rvec, rvec, **static)
     return lowered
 
 
@@ -776,7 +945,7 @@ class Verified:
 
 def generate_and_verify(engine: RolloutEngine, prompts: Sequence[Sequence[int]], golds: Sequence,
                         verifier, tokenizer, *, num_samples: int = 1, key: jax.Array | None = None,
-                        submit=_run_now) -> Verified:
+                        submit=_run_now, on_finished=None) -> Verified:
     """Samples `num_samples` responses to each prompt with `engine` (its Settings: budget,
     temperature, stop ids, pad id), decodes them and verifies each against its prompt's gold.
 
@@ -787,18 +956,55 @@ def generate_and_verify(engine: RolloutEngine, prompts: Sequence[Sequence[int]],
       verifier: an object with verify_batch(texts, golds) -> list[VerifyResult]
         (scope_jax.verifiers.Verifier, InlineVerifier).
       submit: submit(fn, *args) -> an object whose result() is fn(*args): where verification
-        runs (default: now, on this thread; a thread pool's submit overlaps it with the next
-        generation).
-    In a multi-process run each process passes its own prompts and golds, and decodes and
-    verifies its own rows.
+        runs (default: now, on this thread; a thread pool's submit overlaps it with the rest
+        of generation).
+      on_finished: also called with the engine's finished parts (rows, SamplerOutput part),
+        after their verification is submitted (the Collector's teacher scoring).
+    Rows are verified as the engine hands them out (engine.generate's on_finished: the
+    continuous engine after every block, with the rows that ended in it, while the others go
+    on; the static engine once, at the end). In a multi-process run each process passes its
+    own prompts and golds, and decodes and verifies its own rows.
     """
     if len(golds) > len(prompts):
         raise ValueError(f"generate_and_verify: {len(golds)} golds for {len(prompts)} prompts")
-    out = engine.generate(prompts, num_samples=num_samples, key=key)
-    rows = sampling.response_lists(out)[:len(golds) * num_samples]
-    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    real = len(golds) * num_samples
     row_golds = [g for g in golds for _ in range(num_samples)]
-    return Verified(out=out, texts=texts, pending=submit(verifier.verify_batch, texts, row_golds))
+    texts: list = [None] * real
+    parts = []
+
+    def finished(rows, part):
+        mine = [(i, r) for i, r in enumerate(rows) if r < real]
+        if mine:
+            responses = sampling.response_lists(part)
+            decoded = tokenizer.batch_decode([responses[i] for i, _ in mine],
+                                             skip_special_tokens=True)
+            for (_, r), t in zip(mine, decoded):
+                texts[r] = t
+            ids = [r for _, r in mine]
+            parts.append((ids, submit(verifier.verify_batch, decoded, [row_golds[r] for r in ids])))
+        if on_finished is not None:
+            on_finished(rows, part)
+
+    out = engine.generate(prompts, num_samples=num_samples, key=key, on_finished=finished)
+    return Verified(out=out, texts=texts, pending=_InRowOrder(parts, real))
+
+
+class _InRowOrder:
+    """Verification submitted in parts (row indices, a Future of their results) behind one
+    result(): every row's VerifyResult in row order."""
+
+    def __init__(self, parts: list, rows: int):
+        self._parts, self._rows = parts, rows
+
+    def result(self) -> list:
+        out = [None] * self._rows
+        for rows, pending in self._parts:
+            for r, res in zip(rows, pending.result()):
+                out[r] = res
+        return out
+
+    def done(self) -> bool:
+        return all(p.done() for _, p in self._parts)
 
 
 def settings_for(model_config, tokenizer, *, max_new_tokens: int, temperature: float = 0.0,

@@ -259,7 +259,7 @@ def batch_shards(mesh) -> int:
 
 def local_rows(x: jax.Array) -> np.ndarray:
     """This process's rows of a row-sharded array, as numpy (all rows in a one-process run)."""
-    if jax.process_count() == 1 or x.is_fully_addressable:
+    if jax.process_count() == 1 or not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(x)
     pieces = {}
     for shard in x.addressable_shards:  # devices along other mesh axes hold copies: dedupe

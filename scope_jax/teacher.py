@@ -360,7 +360,17 @@ class RemoteTeacher:
                 for r, c, s, st in zip(rows, choices, seqs, starts)]
 
     def score(self, input_ids, attention_mask, num_response: int, *, top_k: int = 0) -> TeacherScores:
-        ids, mask = shd.local_rows(input_ids), shd.local_rows(attention_mask).astype(bool)
+        local = self.score_local(shd.local_rows(input_ids), shd.local_rows(attention_mask),
+                                 num_response, top_k=top_k)
+        return TeacherScores(*(self._global(x) for x in local))
+
+    def score_local(self, ids: np.ndarray, mask: np.ndarray, num_response: int, *,
+                    top_k: int = 0) -> tuple[np.ndarray, ...]:
+        """`score` of this process's rows, as numpy, without assembling the global batch: ids,
+        mask [b, t] (the response in the last num_response columns) -> (log-probs float32 [b,
+        num_response],) or, with top_k, (+ ids int32 and log-probs float32 [b, num_response,
+        top_k]). The Collector streams finished rows through it while generation goes on."""
+        ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
         b, t = ids.shape
         m = int(num_response)
         p = t - m
@@ -384,10 +394,7 @@ class RemoteTeacher:
         for i, (l, ti, tv) in zip(rows, results):
             n = len(l)  # the response is contiguous from column p
             lp[i, :n], tid[i, :n], tlp[i, :n] = l, ti, tv
-        put = self._global
-        if not top_k:
-            return TeacherScores(put(lp))
-        return TeacherScores(put(lp), put(tid), put(tlp))
+        return (lp,) if not top_k else (lp, tid, tlp)
 
     def _global(self, x: np.ndarray) -> jax.Array:
         return jnp.asarray(shd.to_global(x, self.mesh))  # this host's rows -> the global batch

@@ -570,3 +570,60 @@ def test_pallas_gpu_lowers_for_cuda(heads, d, page_size, num_seqs, pages_per_seq
         jax.jit(functools.partial(attn.paged_attention_pallas_gpu, sm_scale=1.0,
                                   pages_per_compute_block=3)).trace(*args).lower(
             lowering_platforms=("cuda",))
+
+
+# ---------------------------------------------------------------------------------------------
+# attend_decode with a context of chunks (the continuous engine's "gather" decode on CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_attend_decode_with_a_chunked_context_is_attention_over_both(chunk):
+    """Rows attend over their own context chunks (ragged: several chunks, a partial last one,
+    none) and their slots; a float64 numpy softmax over each row's keys in any order is the
+    reference. Padding chunks and the masked slots' garbage must not leak in."""
+    from scope_jax.models.attention import attend_decode
+
+    r = np.random.RandomState(0)
+    b, n, kh, d, s = 4, 4, 2, 8, 6
+    ctx_lens = [0, 3, chunk * 2 + 1, chunk]  # row 0: no context
+    q_slot = 2  # slots 0..2 valid
+    slots_valid = np.ones((b, s), bool)
+    slots_valid[1, 1] = False  # one masked slot
+    q = r.randn(b, 1, n, d).astype(np.float32)
+    k_t = r.randn(kh, b, d, s).astype(np.float32)
+    v_t = r.randn(kh, b, d, s).astype(np.float32)
+    ctx = [(r.randn(ln, kh, d).astype(np.float32), r.randn(ln, kh, d).astype(np.float32))
+           for ln in ctx_lens]
+    ck, cv, row, length = [], [], [], []
+    for i in (3, 1, 2):  # rows out of order
+        k, v = ctx[i]
+        for start in range(0, len(k), chunk):
+            pad = lambda x: np.concatenate(  # garbage after the valid tokens
+                [x[start:start + chunk], r.randn(chunk - len(x[start:start + chunk]), kh, d)
+                 .astype(np.float32) * 50])
+            ck.append(pad(k))
+            cv.append(pad(v))
+            row.append(i)
+            length.append(len(k[start:start + chunk]))
+    for _ in range(3):  # padding chunks: garbage, no row
+        ck.append(r.randn(chunk, kh, d).astype(np.float32) * 50)
+        cv.append(r.randn(chunk, kh, d).astype(np.float32) * 50)
+        row.append(b + 7)
+        length.append(chunk)
+    layout = lambda xs: jnp.asarray(np.stack(xs).transpose(2, 0, 3, 1))  # [K, C, D, L]
+    context = (layout(ck), layout(cv), jnp.asarray(row, jnp.int32), jnp.asarray(length, jnp.int32))
+    out = jax.jit(attend_decode, static_argnums=5)(
+        jnp.asarray(q), jnp.asarray(k_t), jnp.asarray(v_t), jnp.asarray([q_slot], jnp.int32),
+        jnp.asarray(slots_valid), 0.3, context)
+    g = n // kh
+    for i in range(b):
+        valid = slots_valid[i] & (np.arange(s) <= q_slot)
+        keys = np.concatenate([ctx[i][0], k_t[:, i].transpose(2, 0, 1)[valid]]).astype(np.float64)
+        vals = np.concatenate([ctx[i][1], v_t[:, i].transpose(2, 0, 1)[valid]]).astype(np.float64)
+        for h in range(n):
+            sc = keys[:, h // g] @ q[i, 0, h].astype(np.float64) * 0.3
+            p = np.exp(sc - sc.max())
+            want = (p / p.sum()) @ vals[:, h // g]
+            np.testing.assert_allclose(np.asarray(out)[i, 0, h * d:(h + 1) * d], want,
+                                       rtol=1e-5, atol=1e-5)

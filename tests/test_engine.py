@@ -220,6 +220,42 @@ def test_tokens_do_not_depend_on_slots_or_admission_order(qwen3):
         np.testing.assert_array_equal(o["tokens"], outs[0]["tokens"])
 
 
+def test_gather_and_paged_decode_give_the_same_rows(qwen3):
+    """The CPU default ("gather": context chunks read once per block) against the paged
+    reference read at every step: same tokens, log-probs within 1e-5, through refills, a
+    preemption, EOS and the repetition penalty."""
+    assert rollout.make_engine("continuous", qwen3, rollout.Settings(4)).implementation == "gather"
+    prompts = random_prompts(3)
+    key = jax.random.key(11)
+    for settings in (rollout.Settings(max_new_tokens=24, temperature=0.9, stop_ids=(2,)),
+                     rollout.Settings(max_new_tokens=24, repetition_penalty=1.3)):
+        outs = {}
+        for impl in ("gather", "xla"):
+            eng = rollout.make_engine("continuous", qwen3, settings, slots=4, page_size=4,
+                                      block=5, kv_tokens=56, implementation=impl)
+            outs[impl] = _np(eng.generate(prompts, num_samples=2, key=key))
+            assert eng.last_stats["preemptions"] > 0
+        np.testing.assert_array_equal(outs["gather"]["tokens"], outs["xla"]["tokens"])
+        np.testing.assert_array_equal(outs["gather"]["lengths"], outs["xla"]["lengths"])
+        for k in ("logprobs", "policy_logprobs"):
+            np.testing.assert_allclose(outs["gather"][k], outs["xla"][k], atol=1e-5, err_msg=k)
+    with pytest.raises(ValueError, match="implementation 'dense'"):
+        rollout.make_engine("continuous", qwen3, settings, implementation="dense")
+
+
+def test_prefill_calls_bound_the_padded_shape():
+    """Longest first; rows x longest context (powers of two, 16 at least) within the budget,
+    a context over it alone; every row in exactly one call."""
+    contexts = [30, 500, 7, 9000, 64, 65, 3, 3, 3]
+    calls = rollout.prefill_calls(contexts, 512)
+    assert sorted(i for c in calls for i in c) == list(range(len(contexts)))
+    assert calls[0] == [3] and calls[1] == [1]  # 9000 alone, then 500 (512 x 1)
+    for c in calls[2:]:
+        assert rollout._pow2(len(c)) * rollout._pow2(max(contexts[i] for i in c), 16) <= 512
+        assert [contexts[i] for i in c] == sorted((contexts[i] for i in c), reverse=True)
+    assert rollout.prefill_calls([5] * 40, 512) == [list(range(32)), list(range(32, 40))]
+
+
 def test_finished_rows_stream_out_once_and_equal_the_result(qwen3):
     prompts = random_prompts(5)
     settings = rollout.Settings(max_new_tokens=16, temperature=0.8, stop_ids=(2,))

@@ -345,7 +345,9 @@ def test_chunks_assemble_into_the_batch_they_would_make_together(setup):
     ids, mask = sampling.full_sequences(out)
     m = out.tokens.shape[1]
     direct = np.asarray(teacher.score(ids, mask, m).logprobs)
-    placed = np.asarray(collect.place_chunks(parts, m))
+    starts = np.cumsum([0] + [len(x) for x in parts])
+    placed = collect.place_rows([(range(a, a + len(x)), x) for a, x in zip(starts, parts)],
+                                int(starts[-1]), m)
     np.testing.assert_allclose(placed, direct, atol=1e-5, rtol=0)
     assert np.all(placed[~np.asarray(out.response_mask)] == 0)
     np.testing.assert_array_equal(np.asarray(out.group_ids), np.arange(2 * k * ns) // ns)
@@ -359,8 +361,9 @@ def test_chunks_assemble_into_the_batch_they_would_make_together(setup):
     assert info["padding"] == pytest.approx(1 - (lengths.sum() + prompt_lengths.sum()) / ids.size)
 
 
-def _pipeline_run(setup, workdir, *, chunks, overlap, url=""):
-    """Two in-process SCOPE steps on the toy with config.pipeline set; (metrics rows, export bytes)."""
+def _pipeline_run(setup, workdir, *, chunks, overlap, url="", engine="static"):
+    """Two in-process SCOPE steps on the toy with config.pipeline and rollout.engine set;
+    (metrics rows, export bytes)."""
     from configs import toy as toy_config
     from scope_jax import train
 
@@ -371,7 +374,9 @@ def _pipeline_run(setup, workdir, *, chunks, overlap, url=""):
         "data.train_files": str(setup / "data" / "train.jsonl"), "num_steps": 2, "prompts_per_step": 4,
         "num_samples": 2, "sampling.max_new_tokens": 8, "verifier.num_workers": 1,
         "optim.warmup_steps": 0, "async_checkpointing": False, "pipeline.chunks": chunks,
-        "pipeline.overlap": overlap})
+        "pipeline.overlap": overlap, "rollout.engine": engine,
+        # 8 rows through 2 slots: rows end (and stream out) in several blocks
+        "rollout.slots": 2, "rollout.block": 4})
     train.train(cfg)
     with open(workdir / "export" / "model.safetensors", "rb") as f:
         return _metrics(workdir), f.read()
@@ -383,10 +388,11 @@ def _stage_free(row):
 
 @pytest.mark.slow
 def test_pipelined_collection_equals_serial(setup, server, tmp_path):
-    """chunks=2: overlap=True gives exactly the serial run's metrics and parameters with the
-    co-located teacher. With the teacher on its server both orders agree to float rounding
-    (the server gathers concurrent requests into batches by arrival, so its shapes vary) and
-    agree with the co-located run, whose teacher scores the assembled batch in one pass."""
+    """Static engine, chunks=2: overlap=True gives exactly the serial run's metrics and
+    parameters with the co-located teacher. With the teacher on its server both orders agree
+    to float rounding (the server gathers concurrent requests into batches by arrival, so its
+    shapes vary) and agree with the co-located run, whose teacher scores the assembled batch in
+    one pass."""
     serial, serial_params = _pipeline_run(setup, tmp_path / "serial", chunks=2, overlap=False)
     piped, piped_params = _pipeline_run(setup, tmp_path / "piped", chunks=2, overlap=True)
     assert [_stage_free(r) for r in piped] == [_stage_free(r) for r in serial]
@@ -401,6 +407,33 @@ def test_pipelined_collection_equals_serial(setup, server, tmp_path):
     _assert_same_run(serial, remote_piped)
     for r in remote_piped:
         assert 0 <= r["critical/score_teacher_s"] and r["time/score_teacher_s"] > 0
+
+
+@pytest.mark.slow
+def test_continuous_engine_streams_rows_to_the_server_teacher(setup, server, tmp_path, monkeypatch):
+    """rollout.engine=continuous: rows go to the verifier and the served teacher as they end,
+    several parts per step while generation goes on; the run equals the co-located one (whose
+    teacher scores the assembled batch in one pass) and the same streaming run in series, to
+    float rounding."""
+    from scope_jax import teacher as teacher_lib
+
+    parts = []
+    score_local = teacher_lib.RemoteTeacher.score_local
+
+    def counted(self, ids, mask, m, **kw):
+        parts.append(ids.shape[0])
+        return score_local(self, ids, mask, m, **kw)
+
+    monkeypatch.setattr(teacher_lib.RemoteTeacher, "score_local", counted)
+    coloc, _ = _pipeline_run(setup, tmp_path / "coloc", chunks=1, overlap=True, engine="continuous")
+    streamed, _ = _pipeline_run(setup, tmp_path / "streamed", chunks=1, overlap=True, url=server,
+                                engine="continuous")
+    assert len(parts) > 2 and sum(parts) == 2 * 4 * 2  # 2 steps x 4 prompts x 2 samples
+    in_series, _ = _pipeline_run(setup, tmp_path / "series", chunks=1, overlap=False, url=server,
+                                 engine="continuous")
+    assert any(r["wrong/teacher_ppl"] > 0 for r in streamed)
+    _assert_same_run(coloc, streamed)
+    _assert_same_run(in_series, streamed)
 
 
 # ------------------------------------------------------------ a served teacher's identity

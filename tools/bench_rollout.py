@@ -47,6 +47,11 @@ the same instance (of the whole batch for the static sampler), the worst instanc
 Not modelled: a finished or empty slot's one-token read per step (the engine gives dead slots
 kv_len 1), KV writes, and the host's time between blocks.
 
+(f) The toy's own rollouts (--toy): configs/toy.py's collection batches (prompts_per_step
+training prompts x num_samples, EOS on, its temperature, top-k / top-p and budget) on the toy
+student, continuous vs static through rollout.engine_from_config: what decides the toy
+config's rollout.engine.
+
 (b), (c) Tokens per second on this process's device, every engine on one random Qwen3
 checkpoint (tools/bench_sampling.write_checkpoint; preset "cpu": its "tiny" shape, "device":
 its "100m") written by transformers: `continuous` and `static` through
@@ -216,7 +221,7 @@ def layout(cfg) -> Layout:
     return Layout(axes={"data": 1, "fsdp": 1, "tensor": chips}, chips=chips,
                   instances=pod // chips, slots=int(r.slots), page_size=page, block=int(r.block),
                   num_pages=int(r.kv_tokens_per_chip) // page,
-                  kv_tokens_per_chip=int(r.kv_tokens_per_chip), order=str(r.get("order", "fifo")),
+                  kv_tokens_per_chip=int(r.kv_tokens_per_chip), order=str(r.get("order", "longest")),
                   prefill_tokens=int(r.prefill_tokens) if r.get("prefill_tokens") else None)
 
 
@@ -475,7 +480,8 @@ def _agreement(static_out, rows: list[list[int]]) -> float:
     return same / max(1, int(lens.sum()))
 
 
-def skewed_bench(p: dict, *, repeats: int, tunix_python: str, options: dict) -> dict:
+def skewed_bench(p: dict, *, repeats: int, tunix_python: str, options: dict,
+                 peers: bool = True) -> dict:
     """(b): tokens/s at a skewed mix of per-row budgets (EOS off, greedy): continuous, static,
     transformers' continuous batching and tunix's sampler (when its venv is there), on the same
     random checkpoint; interleaved rounds after one warm-up call each."""
@@ -498,10 +504,13 @@ def skewed_bench(p: dict, *, repeats: int, tunix_python: str, options: dict) -> 
         eng = _jax_engines(model, p["cap"], options, temperature=0.0)
         fns = {"continuous": lambda: _run_jax(eng["continuous"], prompts, budgets),
                "static": lambda: _run_jax(eng["static"], prompts, budgets)}
-        hf = HFContinuous(tmp, p["cap"], len(prompts), max(len(q) for q in prompts))
-        fns["transformers_generate_batch"] = lambda: hf.generate(prompts, budgets)
-        tunix, skipped = None, {}
-        if not os.path.exists(tunix_python):
+        hf, tunix, skipped = None, None, {}
+        if peers:
+            hf = HFContinuous(tmp, p["cap"], len(prompts), max(len(q) for q in prompts))
+            fns["transformers_generate_batch"] = lambda: hf.generate(prompts, budgets)
+        if not peers:
+            skipped["transformers_generate_batch"] = skipped["tunix"] = "--no-peers"
+        elif not os.path.exists(tunix_python):
             skipped["tunix"] = f"no tunix venv at {tunix_python} (--tunix-python)"
         elif jax.default_backend() != "cpu":
             skipped["tunix"] = (f"its venv holds a CPU jax; this run is on "
@@ -514,13 +523,16 @@ def skewed_bench(p: dict, *, repeats: int, tunix_python: str, options: dict) -> 
             first, med, times = time_interleaved(list(fns.values()), repeats)
             static_out = _run_jax(eng["static"], prompts, budgets)
             cont_out = _run_jax(eng["continuous"], prompts, budgets)
-            agree = {"continuous": _same_greedy(cont_out, static_out),
-                     "transformers_generate_batch": _agreement(static_out, hf.generate(prompts, budgets))}
+            agree = {"continuous": _same_greedy(cont_out, static_out)}
+            if hf is not None:
+                agree["transformers_generate_batch"] = _agreement(static_out,
+                                                                  hf.generate(prompts, budgets))
             if tunix is not None:
                 agree["tunix"] = _agreement(static_out, tunix.generate(prompts, max(budgets),
                                                                        tokens=True)["tokens"])
         finally:
-            hf.close()
+            if hf is not None:
+                hf.close()
             if tunix is not None:
                 tunix.close()
     names = list(fns)
@@ -529,7 +541,7 @@ def skewed_bench(p: dict, *, repeats: int, tunix_python: str, options: dict) -> 
         n: {"tokens_per_s": tokens / med[k], "median_s": med[k], "first_call_s": first[k],
             "over_static": _ratios(times[ref], times[k])} for k, n in enumerate(names)}
     out["skipped"] = skipped
-    out["transformers_device"] = hf.device
+    out["transformers_device"] = None if hf is None else hf.device
     out["greedy_continuous_equals_static"] = agree.pop("continuous")
     out["greedy_agreement_with_static"] = agree
     return out
@@ -568,6 +580,63 @@ def equal_bench(p: dict, *, repeats: int, options: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The tool
 # ---------------------------------------------------------------------------------------------
+
+def toy_bench(*, repeats: int, options: dict, toy_dir: str = "runs/toy", steps: int = 3) -> dict:
+    """(f) The toy's own rollouts: configs/toy.py's collection (prompts_per_step training
+    prompts x num_samples, its rollout temperature, top-k / top-p, budget and stop ids: EOS on)
+    on the toy student (built under toy_dir if missing), through rollout.engine_from_config
+    with rollout.engine static and continuous (its config options, --engine-option over
+    them), `steps` different prompt batches per round; tokens/s = tokens generated / seconds."""
+    import jax
+    from transformers import AutoTokenizer
+
+    from configs import toy as toy_config
+    from scope_jax import rollout, toy
+    from scope_jax.models import load_hf
+    from tools.bench_sampling import time_interleaved
+
+    paths = toy.build_toy(toy_dir)
+    cfg = toy_config.get_config("scope")
+    model = load_hf(paths["student"])
+    tokenizer = AutoTokenizer.from_pretrained(paths["student"])
+    settings = rollout.settings_from_config(cfg, model_config=model.config, tokenizer=tokenizer)
+    with open(paths["train"]) as f:
+        problems = [json.loads(line)["problem"] for line in f]
+    n = int(cfg.prompts_per_step)
+    ids = tokenizer([toy.prompt_text(p, tokenizer) for p in problems[:steps * n]],
+                    add_special_tokens=False)["input_ids"]
+    batches = [ids[i * n:(i + 1) * n] for i in range(steps)]
+    cfg.rollout.engine = "continuous"
+    cont = {**rollout.engine_options(cfg), **options}
+    engines = {"continuous": rollout.make_engine("continuous", model, settings, **cont),
+               "static": rollout.make_engine("static", model, settings)}
+    tokens = {k: 0 for k in engines}
+
+    def run(kind):
+        def fn():
+            total = 0
+            for i, prompts in enumerate(batches):
+                out = engines[kind].generate(prompts, num_samples=int(cfg.num_samples),
+                                             key=jax.random.key(i))
+                total += int(np.asarray(out.lengths).sum())
+            tokens[kind] = total
+            return out
+        return fn
+
+    first, med, times = time_interleaved([run("continuous"), run("static")], repeats)
+    outs = {k: run(k)() for k in engines}
+    same = bool(np.array_equal(np.asarray(outs["continuous"].tokens),
+                               np.asarray(outs["static"].tokens)))
+    return {"config": "configs/toy.py", "prompts_per_step": n, "num_samples": int(cfg.num_samples),
+            "steps": steps, "repeats": repeats, "max_new_tokens": settings.max_new_tokens,
+            "temperature": settings.temperature, "tokens": tokens["static"],
+            "mean_length": tokens["static"] / (steps * n * int(cfg.num_samples)),
+            "continuous_options": cont,
+            "engines": {k: {"tokens_per_s": tokens[k] / med[i], "median_s": med[i],
+                            "first_call_s": first[i]} for i, k in enumerate(("continuous", "static"))},
+            "continuous_over_static": _ratios(times[1], times[0]),
+            "sampled_tokens_equal": same}
+
 
 def _literal(item: str, flag: str) -> tuple[str, object]:
     """("key", value) from "key=value"; value a Python literal, else the string itself."""
@@ -610,6 +679,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--replay", action="store_true", help="(a) the scheduler replay")
     ap.add_argument("--skewed", action="store_true", help="(b) tokens/s at a skewed mix")
     ap.add_argument("--equal", action="store_true", help="(c) tokens/s at equal lengths")
+    ap.add_argument("--toy", action="store_true",
+                    help="(f) the toy's own rollouts (configs/toy.py, the toy student; builds "
+                         "runs/toy if missing)")
     ap.add_argument("--quick", action="store_true", help="smoke-test sizes (< 1 minute on a CPU)")
     ap.add_argument("--device-run", action="store_true",
                     help="(b), (c) at sizes meant for a GPU (the ~100M model; its time on an "
@@ -625,6 +697,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch.set_num_threads for transformers (1: on a shared CPU 2+ "
                          "threads collapse)")
+    ap.add_argument("--no-peers", action="store_true",
+                    help="(b) without transformers and tunix (the project's engines only)")
     ap.add_argument("--json", default="", help="also write the report to this file")
     a = ap.parse_args(argv)
     if a.quick and a.device_run:
@@ -694,13 +768,26 @@ def _print_tps(name: str, r: dict) -> None:
                   f"| {o['median']:.2f}x [{o['min']:.2f}-{o['max']:.2f}] | {e['same_tokens']} |")
 
 
+def _print_toy(r: dict) -> None:
+    print(f"\n== (f) the toy's rollouts: {r['config']}, {r['steps']} batches of "
+          f"{r['prompts_per_step']} prompts x {r['num_samples']} samples, temperature "
+          f"{r['temperature']}, budget {r['max_new_tokens']}, EOS on (mean length "
+          f"{r['mean_length']:.1f}), {r['repeats']} rounds; continuous {r['continuous_options']}")
+    print("| engine | tokens/s | first call s |\n|---|---|---|")
+    for n, e in r["engines"].items():
+        print(f"| {n} | {e['tokens_per_s']:.0f} | {e['first_call_s']:.1f} |")
+    o = r["continuous_over_static"]
+    print(f"continuous / static: {o['median']:.2f}x [{o['min']:.2f}-{o['max']:.2f}]; sampled "
+          f"tokens equal: {r['sampled_tokens_equal']}")
+
+
 def main(argv=None) -> dict:
     """Runs the modes asked for (none: all; with --device-run: (b) and (c)); returns the report
     (the replay's keys at the top level, then "skewed", "equal")."""
     a = parse_args(argv)
     if not a.device_run:  # the CPU sizes measure the CPU even where an accelerator is present
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    modes = [m for m in ("replay", "skewed", "equal") if getattr(a, m)]
+    modes = [m for m in ("replay", "skewed", "equal", "toy") if getattr(a, m)]
     modes = modes or (["skewed", "equal"] if a.device_run else ["replay", "skewed", "equal"])
     preset = "quick" if a.quick else "device" if a.device_run else "cpu"
     p = dict(PRESETS[preset])
@@ -724,11 +811,14 @@ def main(argv=None) -> dict:
         _print_replay(r)
     if "skewed" in modes:
         report["skewed"] = skewed_bench(p, repeats=repeats, tunix_python=a.tunix_python,
-                                        options=options)
+                                        options=options, peers=not a.no_peers)
         _print_tps("skewed", report["skewed"])
     if "equal" in modes:
         report["equal"] = equal_bench(p, repeats=repeats, options=options)
         _print_tps("equal", report["equal"])
+    if "toy" in modes:
+        report["toy"] = toy_bench(repeats=repeats, options=options)
+        _print_toy(report["toy"])
     report["wall_s"] = time.perf_counter() - t0
     if a.json:
         with open(a.json, "w") as f:

@@ -5,8 +5,8 @@
 
 from scope_jax.models.hf import DTYPES, CheckpointError, abstract_model, dtype_named, hf_config, load_hf, save_hf
 from scope_jax.models.model import (CACHE_LOGICAL_AXES, DECODE_CACHE_LOGICAL_AXES, Cache, DecodeCache,
-                                    ModelConfig, PagedBatch, Transformer)
+                                    ModelConfig, PageContext, PagedBatch, Transformer)
 
 __all__ = ["CACHE_LOGICAL_AXES", "DECODE_CACHE_LOGICAL_AXES", "DTYPES", "Cache", "CheckpointError", "DecodeCache",
-           "ModelConfig", "PagedBatch", "Transformer", "abstract_model", "dtype_named", "hf_config",
+           "ModelConfig", "PageContext", "PagedBatch", "Transformer", "abstract_model", "dtype_named", "hf_config",
            "load_hf", "save_hf"]

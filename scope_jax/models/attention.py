@@ -105,12 +105,16 @@ def _attend_block(q, k, v, q_slot, kv_valid, scale):
 
 
 def attend_decode(q: jax.Array, k_t: jax.Array, v_t: jax.Array, q_slot: jax.Array,
-                  kv_valid: jax.Array, scale: float) -> jax.Array:
+                  kv_valid: jax.Array, scale: float, context=None) -> jax.Array:
     """attend() for T new queries against a DecodeCache layer's own layout.
 
     Args:
       q: [B, T, N, D]; k_t, v_t: [K, B, D, S] (keys and values transposed).
       q_slot, kv_valid, scale: as in attend.
+      context: None, or chunks of keys every query of a row also attends to, before the S
+        slots: (k, v [K, C, D, L] (C chunks of L tokens), row int32 [C] the batch row each
+        chunk belongs to (>= B: padding, read by no row), length int32 [C] the chunk's valid
+        tokens from its start). See attend_pages.
     Returns:
       [B, T, N * D] in v_t's dtype, the same attention as attend.
 
@@ -128,9 +132,51 @@ def attend_decode(q: jax.Array, k_t: jax.Array, v_t: jax.Array, q_slot: jax.Arra
     mask = (jnp.arange(k_t.shape[3], dtype=jnp.int32)[None, :] <= q_slot[:, None])[None]
     mask = jnp.tile(mask & kv_valid[:, None, :], (1, g, 1))  # [B, G*T, S], rows (g, t)
     scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_t.dtype)
-    out = jnp.matmul(v_t, probs.swapaxes(-1, -2))  # [K, B, D, G*T]
+    if context is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_t.dtype)
+        out = jnp.matmul(v_t, probs.swapaxes(-1, -2))  # [K, B, D, G*T]
+    else:
+        out = attend_pages(rows, scores, v_t, *context, scale)
     return out.reshape(kh, b, d, g, t).transpose(1, 4, 0, 3, 2).reshape(b, t, n * d)
+
+
+def attend_pages(rows: jax.Array, scores: jax.Array, v_t: jax.Array, chunk_k: jax.Array,
+                 chunk_v: jax.Array, chunk_row: jax.Array, chunk_len: jax.Array,
+                 scale: float) -> jax.Array:
+    """attend_decode's softmax over its slots and a ragged context of chunks, split by chunk.
+
+    rows [K, B, Q, D] the queries (Q = G * T, attend_decode's fold); scores float32 [K, B, Q,
+    S] their masked scores over the S slots of v_t [K, B, D, S]; chunk_k, chunk_v [K, C, D, L]
+    (C chunks of L context tokens, transposed as a DecodeCache layer); chunk_row int32 [C];
+    chunk_len int32 [C] (see attend_decode's context). Returns [K, B, D, Q] in v_t's dtype.
+
+    Each chunk's partial softmax (its max, sum and weighted values) is computed against its
+    own row's queries, then a row's partials and its slots' are combined with the usual
+    rescaling (flash-decoding's split): the work follows the chunks given, C x L keys, not
+    B x the longest row's, and every reduction is a matmul or a masked max (no scatter).
+    """
+    b = rows.shape[1]
+    length = chunk_k.shape[-1]
+    low = jnp.finfo(jnp.float32).min
+    mine = chunk_row[None, :] == jnp.arange(b)[:, None]  # [B, C]
+    own = jnp.minimum(chunk_row, b - 1)
+    s = jnp.matmul(rows[:, own], chunk_k.astype(rows.dtype),
+                   preferred_element_type=jnp.float32) * scale  # [K, C, Q, L]
+    valid = jnp.arange(length)[None, :] < chunk_len[:, None]  # [C, L]
+    s = jnp.where(valid[None, :, None, :], s, low)
+    m_chunk = s.max(-1)  # [K, C, Q]
+    m = jnp.maximum(scores.max(-1), jnp.where(mine[None, :, :, None], m_chunk[:, None], low).max(2))
+    # each chunk rescaled to its row's max; chunks of no row (or without tokens) weigh nothing
+    keep = mine.any(0) & (chunk_len > 0)
+    w = jnp.where(keep[None, :, None], jnp.exp(m_chunk - m[:, own]), 0.0)  # [K, C, Q]
+    p = jnp.exp(s - m_chunk[..., None])  # [K, C, Q, L]
+    p_slots = jnp.exp(scores - m[..., None])  # [K, B, Q, S]
+    onehot = mine.astype(jnp.float32)
+    total = p_slots.sum(-1) + jnp.einsum("bc,kcq->kbq", onehot, w * p.sum(-1))
+    o_chunk = jnp.matmul(chunk_v.astype(jnp.float32), p.swapaxes(-1, -2))  # [K, C, D, Q]
+    out = (jnp.einsum("bc,kcdq->kbdq", onehot, w[:, :, None, :] * o_chunk)
+           + jnp.matmul(v_t.astype(jnp.float32), p_slots.swapaxes(-1, -2)))
+    return (out / total[:, :, None, :]).astype(v_t.dtype)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_slot: jax.Array, kv_valid: jax.Array,

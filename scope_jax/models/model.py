@@ -466,39 +466,44 @@ class Attention(nnx.Module):
         return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
     def paged(self, x, cos, sin, kv_pages, batch: "PagedBatch"):
-        """Ragged attention over a paged KV cache (the continuous engine's prefill and decode).
+        """Attention over a paged KV cache (the continuous engine's prefill and decode).
 
-        x [1, T, H] (T tokens of several sequences, laid out as batch.cu_q_lens says);
-        cos/sin [1, T, D]; kv_pages [P, page_size, 2K, D] this layer's page pool. The new
-        keys/values go to batch.slots first, then each token attends causally to its own
-        sequence's pages. Returns (out [1, T, H], updated kv_pages).
+        x [B, T, H], cos/sin [B, T, D]: one ragged row (B = 1: T tokens of several sequences,
+        laid out as batch.cu_q_lens says), or, with batch.segment_ids, B rows of whole
+        sequences; kv_pages [P, page_size, 2K, D] this layer's page pool. The new keys/values
+        go to batch.slots first; then each token attends causally within its own sequence:
+        over this call's keys (segment_ids given) or over its sequence's pages. Returns
+        (out [B, T, H], updated kv_pages).
         """
+        b, t, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
         # The pool and the new keys / values keep one layout (KV heads split like
         # act_kv_heads when they divide, else replicated): left free, the partitioner may
         # re-lay the whole pool out every step to meet the scatter.
-        k, v = (self._pool_layout(a[0], 1) for a in (k, v))
-        kv_pages = self._pool_layout(write_kv(self._pool_layout(kv_pages, 2), k, v, batch.slots), 2)
-        k, v = k[None], v[None]
+        flat_k, flat_v = (self._pool_layout(a.reshape(b * t, self.kh, self.d), 1) for a in (k, v))
+        kv_pages = self._pool_layout(write_kv(self._pool_layout(kv_pages, 2), flat_k, flat_v,
+                                              batch.slots.reshape(-1)), 2)
         if batch.segment_ids is not None:  # whole sequences: the packed self-attention path
+            seg = batch.segment_ids.reshape(b, t)
             out = attention(q, k.astype(kv_pages.dtype).astype(q.dtype),
                             v.astype(kv_pages.dtype).astype(q.dtype),
-                            jnp.arange(x.shape[1], dtype=jnp.int32), batch.segment_ids[None],
-                            self.d ** -0.5, chunk=self.chunk, rules=self.rules)
+                            jnp.arange(t, dtype=jnp.int32), seg, self.d ** -0.5,
+                            chunk=self.chunk, rules=self.rules)
             return self.o_proj(out), kv_pages
         out = paged_attention(q[0].astype(kv_pages.dtype), kv_pages, batch.kv_lens,
                               batch.page_indices, batch.cu_q_lens, batch.num_seqs,
                               sm_scale=self.d ** -0.5, implementation=batch.implementation)
-        out = out.astype(x.dtype).reshape(1, x.shape[1], self.n * self.d)
+        out = out.astype(x.dtype).reshape(1, t, self.n * self.d)
         return self.o_proj(out), kv_pages
 
     def __call__(self, x, cos, sin, mask, kv=None):
         """x [B, T, H]; cos/sin [B, T, D]; mask = (q_slot int32 [T], kv_valid bool [B, S] or
         int32 segment ids [B, S], see attention.segments_allowed).
 
-        kv: None (attend to this call's own keys, S == T) or (k_all, v_all, layer, index):
-          with layer an int, k_all/v_all are a Cache's [L, B, S, K, D] arrays; with layer None,
-          they are this layer's DecodeCache arrays k, v [K, B, D, S]. The new
+        kv: None (attend to this call's own keys, S == T) or (k_all, v_all, layer, index) with
+          k_all/v_all a Cache's [L, B, S, K, D] arrays and layer an int, or (k, v, None, index,
+          context) with this layer's DecodeCache arrays k, v [K, B, D, S] and its PageContext
+          pages (attend_decode's context; None: none). The new
           keys/values are written at slots [index, index + T) and attention runs over all S
           slots.
         Returns (out [B, T, H], updated (k_all, v_all) or None).
@@ -507,15 +512,15 @@ class Attention(nnx.Module):
         q, k, v = self._qkv(x, cos, sin)
         new_kv = None
         if kv is not None and kv[2] is None:  # DecodeCache layer
-            k_t, v_l, _, index = kv
+            k_t, v_l, _, index, context = kv
             k_t = jax.lax.dynamic_update_slice(
                 k_t, k.transpose(2, 0, 3, 1).astype(k_t.dtype), (0, 0, 0, index))
             v_l = jax.lax.dynamic_update_slice(
                 v_l, v.transpose(2, 0, 3, 1).astype(v_l.dtype), (0, 0, 0, index))
             new_kv = (k_t, v_l)
-            if self.chunk is None or t <= self.chunk:
+            if self.chunk is None or t <= self.chunk or context is not None:
                 out = attend_decode(q, k_t.astype(q.dtype), v_l.astype(q.dtype), mask[0],
-                                    mask[1], self.d ** -0.5)
+                                    mask[1], self.d ** -0.5, context)
             else:  # a long prefill: attend's query chunks bound the scores' memory
                 out = attend(q, k_t.transpose(1, 3, 0, 2).astype(q.dtype),
                              v_l.transpose(1, 3, 0, 2).astype(q.dtype), mask[0], mask[1],
@@ -592,6 +597,9 @@ class DecodeCache:
 
     k, v: tuples of L arrays [K, B, D, S] (kv heads, batch, head dim, slots; logical axes
       DECODE_CACHE_LOGICAL_AXES).
+    context: None, or PageContext: chunks of keys and values each row attends to besides its
+      slots (read only; the continuous engine's decode blocks: a row's context so far in its
+      pages, the block's new tokens in the slots).
     One array per layer, because reading a layer out of a stacked [L, ...] array costs XLA a
     copy of that layer every step. The batch stays on axis 1, as in Cache, so one sharding
     rule serves both.
@@ -599,34 +607,65 @@ class DecodeCache:
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
+    context: "PageContext | None" = None
+
+
+@flax.struct.dataclass
+class PageContext:
+    """Read-only keys and values attended to by a DecodeCache's rows besides its slots, in
+    chunks of a row's context (attention does not depend on the order of keys: RoPE is
+    applied already).
+
+    k, v: tuples of L arrays [K, C, D, T] (C chunks of T tokens, transposed as a DecodeCache
+    layer); row int32 [C]: the batch row each chunk belongs to (>= B: padding, read by none);
+    length int32 [C]: valid tokens from the chunk's start (attention.attend_pages).
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    row: jax.Array
+    length: jax.Array
 
 
 @flax.struct.dataclass
 class PagedBatch:
-    """Where the tokens of one ragged forward over a paged KV cache go and what they attend to
-    (the arguments of scope_jax.models.attention.paged_attention / write_kv); S sequences at
-    most, T tokens, sequence i's tokens at [cu_q_lens[i], cu_q_lens[i+1]).
+    """Where the tokens of one forward over a paged KV cache go and what they attend to (the
+    arguments of scope_jax.models.attention.paged_attention / write_kv).
 
-    slots:        int32 [T]     flat cache slot (page * page_size + offset) each token's K/V
-                                is written to; negative: padding, not written
+    Two layouts:
+      * ragged (input_ids [T], segment_ids None): S sequences at most, T tokens, sequence i's
+        tokens at [cu_q_lens[i], cu_q_lens[i+1]), attending over their sequences' pages
+        (decode steps, chunks that continue a sequence);
+      * whole sequences (input_ids [T] or [B, T], segment_ids the same shape): every sequence
+        from its first token, attention within each one over this call's own keys (the
+        packed self-attention path, the backend's kernel), the pages only written. [B, T]
+        holds one sequence per row (the engine's prefill: no T x T scores across rows).
+
+    slots:        int32, input_ids' shape: flat cache slot (page * page_size + offset) each
+                  token's K/V is written to; negative: padding, not written
     kv_lens:      int32 [S]     tokens of each sequence in the cache once these are written
     page_indices: int32 [S, n]  each sequence's pages in order (entries past its length unused)
     cu_q_lens:    int32 [S + 1] cumulative query counts
     num_seqs:     int32 [1]     sequences in use (the first num_seqs of S)
-    segment_ids:  int32 [T] or None. Given when every sequence is prefilled whole (from its
-                  first token; 0 on padding): attention then runs within each sequence over
-                  this call's own keys, the packed self-attention path (query-chunked, the
-                  backend's kernel), instead of reading the pages back
+                  (these four: read by the ragged layout only; None with segment_ids)
+    segment_ids:  int32, input_ids' shape, or None: each token's sequence (0 on padding)
     implementation: paged_attention's (None: its default for the backend); static
     """
 
     slots: jax.Array
-    kv_lens: jax.Array
-    page_indices: jax.Array
-    cu_q_lens: jax.Array
-    num_seqs: jax.Array
+    kv_lens: jax.Array | None = None
+    page_indices: jax.Array | None = None
+    cu_q_lens: jax.Array | None = None
+    num_seqs: jax.Array | None = None
     segment_ids: jax.Array | None = None
     implementation: str | None = flax.struct.field(pytree_node=False, default=None)
+
+
+def _layer_context(context: PageContext | None, layer: int):
+    """attend_decode's context argument for `layer` (None without a PageContext)."""
+    if context is None:
+        return None
+    return context.k[layer], context.v[layer], context.row, context.length
 
 
 def default_positions(attention_mask: jax.Array | None, batch: int, length: int) -> jax.Array:
@@ -704,7 +743,8 @@ class Transformer(nnx.Module):
         per_layer = isinstance(kv_all, DecodeCache)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            kv = (kv_all.k[i], kv_all.v[i], None, index) if per_layer else (kv_all[0], kv_all[1], i, index)
+            kv = ((kv_all.k[i], kv_all.v[i], None, index, _layer_context(kv_all.context, i))
+                  if per_layer else (kv_all[0], kv_all[1], i, index))
             x, kv = layer(x, cos, sin, mask, kv)
             if per_layer:
                 new_k.append(kv[0])
@@ -713,7 +753,7 @@ class Transformer(nnx.Module):
                 kv_all = kv
             x = constrain(x, ("batch", "length", "act_embed"), self.rules)
         if per_layer:
-            kv_all = DecodeCache(k=tuple(new_k), v=tuple(new_v))
+            kv_all = DecodeCache(k=tuple(new_k), v=tuple(new_v), context=kv_all.context)
         return self.norm(x), kv_all
 
     def _embed(self, input_ids, positions):
@@ -834,24 +874,28 @@ class Transformer(nnx.Module):
 
     def forward_paged(self, input_ids, positions, kv_pages: tuple[jax.Array, ...],
                       batch: PagedBatch) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        """Ragged forward over a paged KV cache: prefill chunks and decode tokens of several
+        """Forward over a paged KV cache: prefill chunks and decode tokens of several
         sequences in one call (see PagedBatch for the layout).
 
         Args:
-          input_ids, positions: int32 [T] (positions: each token's RoPE position, its index in
-            its own sequence).
+          input_ids, positions: int32 [T] (one ragged row), or [B, T] (B whole sequences, one
+            per row, padded at the end; needs batch.segment_ids [B, T]); positions: each
+            token's RoPE position, its index in its own sequence.
           kv_pages: one [P, page_size, 2K, D] pool per layer (init_pages).
         Returns:
-          (final-norm hidden states [T, H] in the compute dtype, the updated pools). Take the
-          logits of the rows you need with logits_from_hidden.
+          (final-norm hidden states [T, H] or [B, T, H] in the compute dtype, the updated
+          pools). Take the logits of the rows you need with logits_from_hidden.
         """
-        x, cos, sin = self._embed(jnp.asarray(input_ids, jnp.int32)[None],
-                                  jnp.asarray(positions, jnp.int32)[None])
+        ids = jnp.asarray(input_ids, jnp.int32)
+        pos = jnp.asarray(positions, jnp.int32)
+        ragged = ids.ndim == 1
+        x, cos, sin = self._embed(ids[None] if ragged else ids, pos[None] if ragged else pos)
         new = []
         for layer, pages in zip(self.layers, kv_pages):
             x, pages = layer.paged(x, cos, sin, pages, batch)
             new.append(pages)
-        return self.norm(x)[0], tuple(new)
+        x = self.norm(x)
+        return (x[0] if ragged else x), tuple(new)
 
     def forward_cached(self, input_ids, positions, cache: Cache | DecodeCache, cache_index,
                        kv_mask):
