@@ -23,7 +23,7 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	touch $@
 
 test: $(VENV)/.installed sandbox
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 demo: $(VENV)/.installed
 	$(PY) -m tools.demo

@@ -1,6 +1,7 @@
 """Test-wide setup: 8 fake CPU devices so sharding is exercised on any machine.
 
-XLA_FLAGS must be set before jax is first imported, which is why this lives in conftest.
+XLA_FLAGS and PJRT_NPROC must be set before jax creates its CPU client, which is why this
+lives in conftest (subprocesses started with os.environ inherit both).
 """
 import os
 
@@ -8,3 +9,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+# XLA:CPU runs a device's independent thunks on the client's intra-op pool, which PJRT sizes to
+# the cores (2 on CI), and a collective blocks its pool thread until every participant arrives.
+# With 8 fake devices the last participant can wait, queued behind blocked ones, until XLA aborts
+# the process ("Termination timeout ... of 40 seconds exceeded ... only 7 of them arrived").
+# Measured on tests/test_packing.py's micro-batched step (2026-12-05, 2-core VM, two CPU hogs
+# beside it): 3 of 21 runs aborted with the default pool, 3 of 6 with PJRT_NPROC=1, 0 of 10 with
+# 16; 32 threads cost no measurable time (17.1-17.7 s against 17.3-17.5 s, no hogs).
+os.environ.setdefault("PJRT_NPROC", "32")
