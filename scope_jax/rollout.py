@@ -383,35 +383,37 @@ def _gather_decode_program(params, pages, seen, ctx_pages, ctx_row, ctx_len, wri
 GATHER_CHUNK = 64
 
 
-def _gather_args(sched, live: np.ndarray, kv: np.ndarray, block: int, ps: int) -> tuple:
+def _gather_args(table: np.ndarray, owned: np.ndarray, live: np.ndarray, kv: np.ndarray,
+                 block: int, ps: int) -> tuple:
     """_gather_decode_program's page arguments (numpy) for the live slots: ctx_pages int32
     [C, n] (chunks of n = GATHER_CHUNK // ps pages, at least 1; C a _bucket of the chunks
     the live rows' contexts need), ctx_row, ctx_len int32 [C]; write_slots int32 [S, block]
-    (-1 past a slot's pages)."""
+    (-1 past a slot's pages).
+
+    table int32 [S, W]: each slot's pages in order (0 past its own), owned int32 [S]: how many
+    it owns; live bool [S]; kv int32 [S]: each slot's context length. Vectorised over slots:
+    this runs between every two decode blocks."""
     s = live.shape[0]
     n = max(1, GATHER_CHUNK // ps)
     chunk = n * ps
-    pages, row, length = [], [], []
-    write = np.full((s, block), -1, np.int32)
-    for sl in np.flatnonzero(live):
-        own = np.asarray(sched.pages(sl), np.int32)
-        c = -(-int(kv[sl]) // chunk)
-        need = np.zeros((c * n,), np.int32)
-        used = min(len(own), c * n)
-        need[:used] = own[:used]
-        pages.append(need.reshape(c, n))
-        row.append(np.full((c,), sl, np.int32))
-        length.append(np.minimum(chunk, kv[sl] - chunk * np.arange(c)).astype(np.int32))
-        pos = kv[sl] + np.arange(block)
-        ok = pos < len(own) * ps
-        write[sl, ok] = own[pos[ok] // ps] * ps + pos[ok] % ps
-    c = _bucket(max(1, sum(len(p) for p in pages)))
+    per_row = np.where(live, -(-kv // chunk), 0)  # [S] chunks each slot's context needs
+    k = int(per_row.sum())
+    row = np.repeat(np.arange(s, dtype=np.int32), per_row)  # [k] the slot of each chunk
+    index = np.arange(k) - np.repeat(np.cumsum(per_row) - per_row, per_row)  # chunk in its row
+    width = max(table.shape[1], int(per_row.max(initial=0)) * n)
+    padded = np.zeros((s, width), np.int32)
+    padded[:, :table.shape[1]] = table
+    c = _bucket(max(1, k))
     ctx_pages = np.zeros((c, n), np.int32)
     ctx_row = np.full((c,), s, np.int32)
     ctx_len = np.zeros((c,), np.int32)
-    if pages:
-        k = sum(len(p) for p in pages)
-        ctx_pages[:k], ctx_row[:k], ctx_len[:k] = (np.concatenate(x) for x in (pages, row, length))
+    ctx_pages[:k] = padded[row[:, None], index[:, None] * n + np.arange(n)[None, :]]
+    ctx_row[:k] = row
+    ctx_len[:k] = np.minimum(chunk, kv[row] - chunk * index)
+    pos = kv[:, None] + np.arange(block)[None, :]  # [S, block] each new token's position
+    ok = live[:, None] & (pos < owned[:, None] * ps)
+    page = padded[np.arange(s)[:, None], np.minimum(pos // ps, width - 1)]
+    write = np.where(ok, page * ps + pos % ps, -1).astype(np.int32)
     return ctx_pages, ctx_row, ctx_len, write
 
 
@@ -616,6 +618,7 @@ class ContinuousEngine:
         gather = self.implementation == "gather"
         static = dict(graphdef=self.graphdef, settings=_program_settings(s), key_impl=run.key_impl)
         table = np.zeros((slots, per_slot), np.int32)
+        owned = np.zeros((slots,), np.int32)  # pages each slot holds
         slot_row = np.full((slots,), -1)
         live = np.zeros((slots,), bool)
         count = run.count
@@ -645,13 +648,14 @@ class ContinuousEngine:
                 prev = run.tokens[r, np.maximum(gen0 - 1, 0)]
                 kv = run.prompt_lens[r] + count[r] - 1
                 rest = (prev, gen0, run.budgets[r].astype(np.int32), kv, live, run.key_data[r])
+                owned[:] = 0
+                for slot in sched.live:
+                    pg = sched.pages(slot)
+                    table[slot, :len(pg)], table[slot, len(pg):], owned[slot] = pg, 0, len(pg)
                 if gather:
-                    where = _gather_args(sched, live, kv, self.block, ps)
+                    where = _gather_args(table, owned, live, kv, self.block, ps)
                 else:
-                    for slot in sched.live:
-                        pg = sched.pages(slot)
-                        table[slot, :len(pg)], table[slot, len(pg):] = pg, 0
-                    width = _bucket(max(len(sched.pages(sl)) for sl in np.flatnonzero(live)))
+                    width = _bucket(int(owned[live].max()))
                     where = (table[:, :width],)
                 args = (self.params[g], pages, seen, *put(*where, *rest), eos_ids)
                 with jax.set_mesh(group):
