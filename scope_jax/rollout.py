@@ -314,8 +314,8 @@ def _gather_decode_program(params, pages, seen, ctx_pages, ctx_row, ctx_len, wri
     """_decode_program's block with the pages read once (implementation "gather").
 
     ctx_pages int32 [C, n], ctx_row, ctx_len int32 [C]: the live slots' context (every token
-    before kv_len) in chunks of n pages, the slot each chunk belongs to (>= S: padding) and
-    its valid tokens; write_slots
+    before kv_len) in chunks of n pages, the slot each chunk belongs to (>= S: padding; None:
+    chunk s is slot s's whole context) and its valid tokens (_gather_args); write_slots
     int32 [S, block]: the flat pool slot of slot s's j-th new token (kv_len[s] + j). The other
     arguments and the results are _decode_program's.
 
@@ -323,7 +323,8 @@ def _gather_decode_program(params, pages, seen, ctx_pages, ctx_row, ctx_len, wri
     sampler's decode step (Transformer.forward_cached) over a DecodeCache whose `block` slots
     take the block's new tokens, every slot writing step j's at one common column j (one
     dynamic_update_slice, as sampling._decode), and attends over its own context chunks too
-    (attention.attend_pages: the work follows the live context, not slots x the longest row).
+    (attention.attend_pages / attend_rows: the work follows the live context, not slots x
+    the longest row).
     The new keys and values are scattered into the pages once, at the block's end. On CPU this
     is several times cheaper per step than reading the pages at every step (XLA's gather); it
     holds a copy of the live context for the block, so the engine uses it where memory is the
@@ -386,9 +387,15 @@ GATHER_CHUNK = 64
 def _gather_args(table: np.ndarray, owned: np.ndarray, live: np.ndarray, kv: np.ndarray,
                  block: int, ps: int) -> tuple:
     """_gather_decode_program's page arguments (numpy) for the live slots: ctx_pages int32
-    [C, n] (chunks of n = GATHER_CHUNK // ps pages, at least 1; C a _bucket of the chunks
-    the live rows' contexts need), ctx_row, ctx_len int32 [C]; write_slots int32 [S, block]
-    (-1 past a slot's pages).
+    [C, n], ctx_row int32 [C] or None, ctx_len int32 [C]; write_slots int32 [S, block] (the
+    flat pool slot of each new token, -1 past a slot's pages).
+
+    Two layouts of the context, whichever reads fewer keys (per-row on a tie, as at equal
+    lengths: fewer ops per step, attention.attend_rows):
+      * chunks: each live row's context in chunks of n = GATHER_CHUNK // ps pages (at least
+        1), C a _bucket of the chunks the rows need, ctx_row the slot of each (S: padding);
+      * per row: C = S, slot s's context in row s, n pages for the longest one (GATHER_CHUNK
+        times a _bucket), ctx_row None.
 
     table int32 [S, W]: each slot's pages in order (0 past its own), owned int32 [S]: how many
     it owns; live bool [S]; kv int32 [S]: each slot's context length. Vectorised over slots:
@@ -398,22 +405,25 @@ def _gather_args(table: np.ndarray, owned: np.ndarray, live: np.ndarray, kv: np.
     chunk = n * ps
     per_row = np.where(live, -(-kv // chunk), 0)  # [S] chunks each slot's context needs
     k = int(per_row.sum())
-    row = np.repeat(np.arange(s, dtype=np.int32), per_row)  # [k] the slot of each chunk
-    index = np.arange(k) - np.repeat(np.cumsum(per_row) - per_row, per_row)  # chunk in its row
-    width = max(table.shape[1], int(per_row.max(initial=0)) * n)
+    c = _bucket(max(1, k))
+    widest = _bucket(max(1, int(per_row.max(initial=0))))
+    width = max(table.shape[1], widest * n)
     padded = np.zeros((s, width), np.int32)
     padded[:, :table.shape[1]] = table
-    c = _bucket(max(1, k))
+    pos = kv[:, None] + np.arange(block)[None, :]  # [S, block] each new token's position
+    ok = live[:, None] & (pos < owned[:, None] * ps)
+    page = padded[np.arange(s)[:, None], np.minimum(pos // ps, width - 1)]
+    write = np.where(ok, page * ps + pos % ps, -1).astype(np.int32)
+    if s * widest <= c:
+        return padded[:, :widest * n], None, np.where(live, kv, 0).astype(np.int32), write
+    row = np.repeat(np.arange(s, dtype=np.int32), per_row)  # [k] the slot of each chunk
+    index = np.arange(k) - np.repeat(np.cumsum(per_row) - per_row, per_row)  # chunk in its row
     ctx_pages = np.zeros((c, n), np.int32)
     ctx_row = np.full((c,), s, np.int32)
     ctx_len = np.zeros((c,), np.int32)
     ctx_pages[:k] = padded[row[:, None], index[:, None] * n + np.arange(n)[None, :]]
     ctx_row[:k] = row
     ctx_len[:k] = np.minimum(chunk, kv[row] - chunk * index)
-    pos = kv[:, None] + np.arange(block)[None, :]  # [S, block] each new token's position
-    ok = live[:, None] & (pos < owned[:, None] * ps)
-    page = padded[np.arange(s)[:, None], np.minimum(pos // ps, width - 1)]
-    write = np.where(ok, page * ps + pos % ps, -1).astype(np.int32)
     return ctx_pages, ctx_row, ctx_len, write
 
 
@@ -608,7 +618,8 @@ class ContinuousEngine:
         replicated = NamedSharding(group, P())
 
         def put(*xs):  # one transfer call for a program's host arrays
-            return jax.device_put(tuple(np.asarray(x) for x in xs), replicated)
+            return jax.device_put(tuple(None if x is None else np.asarray(x) for x in xs),
+                                  replicated)
 
         pages = self._pool(g, num_pages)
         seen = (None if s.repetition_penalty == 1.0 else

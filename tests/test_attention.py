@@ -577,16 +577,20 @@ def test_pallas_gpu_lowers_for_cuda(heads, d, page_size, num_seqs, pages_per_seq
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunk", [4, 16])
+@pytest.mark.parametrize("chunk", [4, 16, "per_row"])
 def test_attend_decode_with_a_chunked_context_is_attention_over_both(chunk):
     """Rows attend over their own context chunks (ragged: several chunks, a partial last one,
     none) and their slots; a float64 numpy softmax over each row's keys in any order is the
-    reference. Padding chunks and the masked slots' garbage must not leak in."""
+    reference. Padding chunks and the masked slots' garbage must not leak in. "per_row": one
+    chunk per row, as wide as the longest context (attend_rows)."""
     from scope_jax.models.attention import attend_decode
 
     r = np.random.RandomState(0)
     b, n, kh, d, s = 4, 4, 2, 8, 6
-    ctx_lens = [0, 3, chunk * 2 + 1, chunk]  # row 0: no context
+    per_row = chunk == "per_row"
+    ctx_lens = [0, 3, 9, 4]  # row 0: no context
+    chunk = max(ctx_lens) + 3 if per_row else chunk
+    ctx_lens = ctx_lens if per_row else [0, 3, chunk * 2 + 1, chunk]
     q_slot = 2  # slots 0..2 valid
     slots_valid = np.ones((b, s), bool)
     slots_valid[1, 1] = False  # one masked slot
@@ -596,9 +600,9 @@ def test_attend_decode_with_a_chunked_context_is_attention_over_both(chunk):
     ctx = [(r.randn(ln, kh, d).astype(np.float32), r.randn(ln, kh, d).astype(np.float32))
            for ln in ctx_lens]
     ck, cv, row, length = [], [], [], []
-    for i in (3, 1, 2):  # rows out of order
+    for i in (range(b) if per_row else (3, 1, 2)):  # rows out of order
         k, v = ctx[i]
-        for start in range(0, len(k), chunk):
+        for start in range(0, max(len(k), per_row), chunk):  # per row: row 0's empty one too
             pad = lambda x: np.concatenate(  # garbage after the valid tokens
                 [x[start:start + chunk], r.randn(chunk - len(x[start:start + chunk]), kh, d)
                  .astype(np.float32) * 50])
@@ -606,13 +610,14 @@ def test_attend_decode_with_a_chunked_context_is_attention_over_both(chunk):
             cv.append(pad(v))
             row.append(i)
             length.append(len(k[start:start + chunk]))
-    for _ in range(3):  # padding chunks: garbage, no row
+    for _ in range(0 if per_row else 3):  # padding chunks: garbage, no row
         ck.append(r.randn(chunk, kh, d).astype(np.float32) * 50)
         cv.append(r.randn(chunk, kh, d).astype(np.float32) * 50)
         row.append(b + 7)
         length.append(chunk)
     layout = lambda xs: jnp.asarray(np.stack(xs).transpose(2, 0, 3, 1))  # [K, C, D, L]
-    context = (layout(ck), layout(cv), jnp.asarray(row, jnp.int32), jnp.asarray(length, jnp.int32))
+    context = (layout(ck), layout(cv), None if per_row else jnp.asarray(row, jnp.int32),
+               jnp.asarray(length, jnp.int32))
     out = jax.jit(attend_decode, static_argnums=5)(
         jnp.asarray(q), jnp.asarray(k_t), jnp.asarray(v_t), jnp.asarray([q_slot], jnp.int32),
         jnp.asarray(slots_valid), 0.3, context)

@@ -243,6 +243,37 @@ def test_gather_and_paged_decode_give_the_same_rows(qwen3):
         rollout.make_engine("continuous", qwen3, settings, implementation="dense")
 
 
+def test_gather_args_lay_out_each_live_context_once():
+    """_gather_args: at equal lengths one chunk per slot (per-row layout, ctx_row None), at a
+    skewed mix chunks of GATHER_CHUNK tokens; either way each live slot's context pages, in
+    order, with its length, nothing for a dead slot, and its block's new tokens' pool slots."""
+    ps, block, n = 4, 3, rollout.GATHER_CHUNK // 4
+    rng = np.random.default_rng(0)
+
+    def check(kv, live):
+        s = len(kv)
+        owned = np.where(live, -(-(kv + block) // ps), 0).astype(np.int32)
+        table = np.zeros((s, int(owned.max()) + 2), np.int32)
+        for sl in range(s):
+            table[sl, :owned[sl]] = rng.permutation(1000)[:owned[sl]] + 1
+        pages, row, length, write = rollout._gather_args(table, owned, live, kv, block, ps)
+        for sl in range(s):
+            mine = np.flatnonzero(((np.arange(s) if row is None else row) == sl) & (length > 0))
+            got = np.concatenate([pages[c].repeat(ps)[:length[c]] for c in mine] or [[]])
+            want = table[sl].repeat(ps)[:kv[sl]] if live[sl] else []
+            np.testing.assert_array_equal(got, want)  # the pages of each context token
+            pos = kv[sl] + np.arange(block)
+            np.testing.assert_array_equal(
+                write[sl], table[sl, pos // ps] * ps + pos % ps if live[sl] else -1)
+        return pages.shape, row
+
+    live = np.array([True, True, True, False])
+    shape, row = check(np.array([150, 151, 149, 7]), live)  # about equal: one chunk per slot
+    assert row is None and shape == (4, n * 3)  # 3 chunks of 64 tokens each
+    shape, row = check(np.array([200, 5, 9, 7]), live)  # skewed: 4 + 1 + 1 chunks of 64
+    assert row is not None and shape == (6, n)
+
+
 def test_prefill_calls_bound_the_padded_shape():
     """Longest first; rows x longest context (powers of two, 16 at least) within the budget,
     a context over it alone; every row in exactly one call."""

@@ -114,7 +114,8 @@ def attend_decode(q: jax.Array, k_t: jax.Array, v_t: jax.Array, q_slot: jax.Arra
       context: None, or chunks of keys every query of a row also attends to, before the S
         slots: (k, v [K, C, D, L] (C chunks of L tokens), row int32 [C] the batch row each
         chunk belongs to (>= B: padding, read by no row), length int32 [C] the chunk's valid
-        tokens from its start). See attend_pages.
+        tokens from its start). See attend_pages. row None: one chunk per row (C == B, chunk
+        b is row b's context; attend_rows).
     Returns:
       [B, T, N * D] in v_t's dtype, the same attention as attend.
 
@@ -135,9 +136,32 @@ def attend_decode(q: jax.Array, k_t: jax.Array, v_t: jax.Array, q_slot: jax.Arra
     if context is None:
         probs = jax.nn.softmax(scores, axis=-1).astype(v_t.dtype)
         out = jnp.matmul(v_t, probs.swapaxes(-1, -2))  # [K, B, D, G*T]
+    elif context[2] is None:  # one context chunk per row
+        out = attend_rows(rows, scores, v_t, context[0], context[1], context[3], scale)
     else:
         out = attend_pages(rows, scores, v_t, *context, scale)
     return out.reshape(kh, b, d, g, t).transpose(1, 4, 0, 3, 2).reshape(b, t, n * d)
+
+
+def attend_rows(rows: jax.Array, scores: jax.Array, v_t: jax.Array, ctx_k: jax.Array,
+                ctx_v: jax.Array, ctx_len: jax.Array, scale: float) -> jax.Array:
+    """attend_pages with exactly one chunk per row (chunk b is row b's whole context), as one
+    float32 softmax over [context, slots]: no per-chunk partials to rescale and combine, so
+    a handful of ops where attend_pages has about twenty (on CPU, at a small model's decode
+    step, that overhead is the step's cost).
+
+    rows [K, B, Q, D]; scores float32 [K, B, Q, S] (masked); v_t [K, B, D, S]; ctx_k, ctx_v
+    [K, B, D, W]; ctx_len int32 [B]: row b's valid context tokens, from the start (0: none).
+    Returns [K, B, D, Q] in v_t's dtype.
+    """
+    w = ctx_k.shape[-1]
+    s = jnp.matmul(rows, ctx_k.astype(rows.dtype), preferred_element_type=jnp.float32) * scale
+    valid = jnp.arange(w, dtype=jnp.int32)[None, :] < ctx_len[:, None]  # [B, W]
+    s = jnp.where(valid[None, :, None, :], s, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(jnp.concatenate([s, scores], axis=-1), axis=-1)
+    out = (jnp.matmul(ctx_v.astype(jnp.float32), probs[..., :w].swapaxes(-1, -2))
+           + jnp.matmul(v_t.astype(jnp.float32), probs[..., w:].swapaxes(-1, -2)))
+    return out.astype(v_t.dtype)
 
 
 def attend_pages(rows: jax.Array, scores: jax.Array, v_t: jax.Array, chunk_k: jax.Array,

@@ -618,12 +618,13 @@ class PageContext:
 
     k, v: tuples of L arrays [K, C, D, T] (C chunks of T tokens, transposed as a DecodeCache
     layer); row int32 [C]: the batch row each chunk belongs to (>= B: padding, read by none);
-    length int32 [C]: valid tokens from the chunk's start (attention.attend_pages).
+    length int32 [C]: valid tokens from the chunk's start (attention.attend_pages). row None:
+    one chunk per row, C == B (attention.attend_rows).
     """
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
-    row: jax.Array
+    row: jax.Array | None
     length: jax.Array
 
 
