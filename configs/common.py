@@ -141,9 +141,9 @@ def base() -> ml_collections.ConfigDict:
     # refilled as rows end, a paged KV cache that holds live context only; finished rows stream
     # to the verifier and a teacher server) or "static" (scope_jax.sampling: the batch decodes
     # until its longest row ends). Continuous is the default because tools/bench_rollout.py
-    # measures it faster on the toy (--toy: 1.2x on CPU) and at scale (--replay: 3.3x less
-    # modelled decode time per RL step, and the static batch's KV cache does not fit a 16 GiB
-    # chip at setup 1); docs/benchmarks_rollout.md.
+    # measures it faster on the toy (--toy: 1.1x on CPU, configs/toy.py's 64 slots) and at
+    # scale (--replay: 3.3x less modelled decode time per RL step, and the static batch's KV
+    # cache does not fit a 16 GiB chip at setup 1); docs/benchmarks_rollout.md.
     c.rollout = ml_collections.ConfigDict()
     c.rollout.engine = "continuous"
     # The rollout weight layout: each host's chips generate on their own (nothing crosses
