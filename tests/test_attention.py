@@ -600,7 +600,7 @@ def test_attend_decode_with_a_chunked_context_is_attention_over_both(chunk):
     ctx = [(r.randn(ln, kh, d).astype(np.float32), r.randn(ln, kh, d).astype(np.float32))
            for ln in ctx_lens]
     ck, cv, row, length = [], [], [], []
-    for i in (range(b) if per_row else (3, 1, 2)):  # rows out of order
+    for i in (range(b) if per_row else (3, 1, 2)):  # chunks: rows out of order
         k, v = ctx[i]
         for start in range(0, max(len(k), per_row), chunk):  # per row: row 0's empty one too
             pad = lambda x: np.concatenate(  # garbage after the valid tokens

@@ -143,6 +143,14 @@ def attend_decode(q: jax.Array, k_t: jax.Array, v_t: jax.Array, q_slot: jax.Arra
     return out.reshape(kh, b, d, g, t).transpose(1, 4, 0, 3, 2).reshape(b, t, n * d)
 
 
+def _chunk_scores(q: jax.Array, k: jax.Array, length: jax.Array, scale: float) -> jax.Array:
+    """Scaled float32 scores of queries q [K, C, Q, D] against chunks of keys k [K, C, D, L],
+    the keys past each chunk's length int32 [C] masked to the float32 minimum: [K, C, Q, L]."""
+    s = jnp.matmul(q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    valid = jnp.arange(k.shape[-1], dtype=jnp.int32)[None, :] < length[:, None]  # [C, L]
+    return jnp.where(valid[None, :, None, :], s, jnp.finfo(jnp.float32).min)
+
+
 def attend_rows(rows: jax.Array, scores: jax.Array, v_t: jax.Array, ctx_k: jax.Array,
                 ctx_v: jax.Array, ctx_len: jax.Array, scale: float) -> jax.Array:
     """attend_pages with exactly one chunk per row (chunk b is row b's whole context), as one
@@ -155,9 +163,7 @@ def attend_rows(rows: jax.Array, scores: jax.Array, v_t: jax.Array, ctx_k: jax.A
     Returns [K, B, D, Q] in v_t's dtype.
     """
     w = ctx_k.shape[-1]
-    s = jnp.matmul(rows, ctx_k.astype(rows.dtype), preferred_element_type=jnp.float32) * scale
-    valid = jnp.arange(w, dtype=jnp.int32)[None, :] < ctx_len[:, None]  # [B, W]
-    s = jnp.where(valid[None, :, None, :], s, jnp.finfo(jnp.float32).min)
+    s = _chunk_scores(rows, ctx_k, ctx_len, scale)  # [K, B, Q, W]
     probs = jax.nn.softmax(jnp.concatenate([s, scores], axis=-1), axis=-1)
     out = (jnp.matmul(ctx_v.astype(jnp.float32), probs[..., :w].swapaxes(-1, -2))
            + jnp.matmul(v_t.astype(jnp.float32), probs[..., w:].swapaxes(-1, -2)))
@@ -180,14 +186,10 @@ def attend_pages(rows: jax.Array, scores: jax.Array, v_t: jax.Array, chunk_k: ja
     B x the longest row's, and every reduction is a matmul or a masked max (no scatter).
     """
     b = rows.shape[1]
-    length = chunk_k.shape[-1]
     low = jnp.finfo(jnp.float32).min
     mine = chunk_row[None, :] == jnp.arange(b)[:, None]  # [B, C]
     own = jnp.minimum(chunk_row, b - 1)
-    s = jnp.matmul(rows[:, own], chunk_k.astype(rows.dtype),
-                   preferred_element_type=jnp.float32) * scale  # [K, C, Q, L]
-    valid = jnp.arange(length)[None, :] < chunk_len[:, None]  # [C, L]
-    s = jnp.where(valid[None, :, None, :], s, low)
+    s = _chunk_scores(rows[:, own], chunk_k, chunk_len, scale)  # [K, C, Q, L]
     m_chunk = s.max(-1)  # [K, C, Q]
     m = jnp.maximum(scores.max(-1), jnp.where(mine[None, :, :, None], m_chunk[:, None], low).max(2))
     # each chunk rescaled to its row's max; chunks of no row (or without tokens) weigh nothing
