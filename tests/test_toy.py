@@ -516,6 +516,12 @@ def test_long_toy_solution_lengths_in_tokens():
     # Measured 2026-12-04: 127-236 tokens, mean ~180 (16-24 clauses of 8-10 tokens).
     assert 120 <= min(lengths) and np.mean(lengths) >= 150 and max(lengths) <= 400, (
         min(lengths), np.mean(lengths), max(lengths))
+    # The family's own difficulty (iteration 3: values up to 19, fewer two-digit numbers).
+    train, test = toy.split_examples(2000, 200, seed=0, difficulty=toy.FAMILIES["long"].difficulty)
+    tokenizer = toy.train_tokenizer(toy.tokenizer_corpus(train))
+    lengths = [len(tokenizer(e["solution"], add_special_tokens=False)["input_ids"]) for e in test]
+    assert 110 <= min(lengths) and np.mean(lengths) >= 150 and max(lengths) <= 400, (
+        min(lengths), np.mean(lengths), max(lengths))
 
 
 def test_premise_ess_and_spread_against_the_papers_worked_example():
