@@ -1,5 +1,5 @@
 """The long toy (issue 22): configs/toy.py on scope_jax.toy.FAMILIES["long"], a running-state
-program with resets whose worked solutions run to ~120-220 tokens, with errors at any step and
+program with resets whose worked solutions run to ~120-235 tokens, with errors at any step and
 recovery by construction (design record: docs/study_longtoy.md).
 
     python -m tools.make_toy --family long --out runs/toy_long          # or let tools/train build it

@@ -63,15 +63,17 @@ COSTS = {"build": 125.0, "eval": 2.0, "overhead": 20.0,
          "step": {"kd": 0.4, "grpo": 0.45, "opd": 0.05, "opd_n": 0.4, "scope": 0.45}}
 
 
-# The long toys' costs: ESTIMATES, not yet measured by a study (measured_costs replaces them
-# with the study's own figures once it has some). 2026-12-04, 2-core dev machine at a load
-# average of 8-15 (docs/study_longtoy.md, "Costs"): build = the seed-0 teacher SFT (400 steps,
-# 1367 s) plus student SFT (500 steps, 1112 s), run in parallel there, plus an evaluation pass;
-# step = the premise's sampling of 128 x 8 student rollouts (up to 320 tokens) took 161 s, so a
-# 16 x 8 RL step samples for ~20 s, plus scoring and the update (~5 s, a guess); opd samples
-# 16 rollouts; eval = 200 x 16 samples, ~3x the premise's 1024 rollouts.
-LONG_COSTS = {"build": 2500.0, "eval": 500.0, "overhead": 60.0,
-              "step": {"kd": 25.0, "grpo": 25.0, "opd": 5.0, "opd_n": 25.0, "scope": 25.0}}
+# The long toys' costs (measured_costs replaces them with the study's own figures once it has
+# some). 2026-12-06, 2-core dev machine, seed-0 iteration-3 builds (docs/study_longtoy.md,
+# "Iteration 3 measured"): build = `make_toy --family long` alone on the machine (1006 s;
+# long_styles trains the same teacher again); step = median time_s of steps 1-5 of 6-step runs
+# of tools/train on the long_styles build (16 prompts x 8 rollouts, 320 tokens; opd 1
+# rollout): scope and opd on the idle machine (opd_n and the weighting ablations cost what
+# SCOPE costs), kd and grpo beside a premise run (load average 3-4, where scope took 12 s, so
+# they are upper bounds); overhead = step 0 (compilation); eval = 200 problems x 16 samples,
+# scaled from the build's evaluation (1,200 sequences of two models in 40 s).
+LONG_COSTS = {"build": 1010.0, "eval": 110.0, "overhead": 40.0,
+              "step": {"kd": 9.2, "grpo": 12.0, "opd": 0.65, "opd_n": 7.0, "scope": 7.0}}
 
 
 def toy_costs(costs: dict, toy_name: str, out: str | None = None) -> dict:
