@@ -18,3 +18,32 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 # beside it): 3 of 21 runs aborted with the default pool, 3 of 6 with PJRT_NPROC=1, 0 of 10 with
 # 16; 32 threads cost no measurable time (17.1-17.7 s against 17.3-17.5 s, no hogs).
 os.environ.setdefault("PJRT_NPROC", "32")
+
+
+import sys  # noqa: E402  (after the environment above, which must precede any jax import)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def python_lines():
+    """count(fn, *args): the Python lines the call executes (sys.settrace line events, every
+    frame it enters). A deterministic measure of work for complexity tests: wall time on a
+    shared 2-core CI machine is not one (a 20 ms call once took over 1 s there under load).
+    It sees Python-level loops (a rescan per line, a nested loop), not work inside C calls."""
+    def count(fn, *args):
+        lines = 0
+
+        def tracer(frame, event, arg):
+            nonlocal lines
+            lines += event == "line"
+            return tracer
+
+        previous = sys.gettrace()
+        sys.settrace(tracer)
+        try:
+            fn(*args)
+        finally:
+            sys.settrace(previous)
+        return lines
+    return count

@@ -54,13 +54,14 @@ def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
 
 
-def test_extract_boxed_ten_thousand_nested_braces_is_linear():
-    inner = "{" * 10_000 + "5" + "}" * 10_000
-    text = r"\boxed{" + inner + "}"
-    t0 = time.perf_counter()
-    assert extract_boxed(text) == inner
+def test_extract_boxed_ten_thousand_nested_braces_is_linear(python_lines):
+    def nested(n):
+        return r"\boxed{" + "{" * n + "5" + "}" * n + "}"
+    assert extract_boxed(nested(10_000)) == "{" * 10_000 + "5" + "}" * 10_000
     assert extract_boxed(r"\boxed{" * 10_000) is None  # ten thousand unclosed boxes
-    assert time.perf_counter() - t0 < 1.0
+    for make in (nested, lambda n: r"\boxed{" * n):  # 4x the braces, 4x the work (not 16x)
+        small, large = python_lines(extract_boxed, make(2_500)), python_lines(extract_boxed, make(10_000))
+        assert 0 < large <= 4.2 * small, (small, large)
 
 
 def test_gsm8k_and_final_number():
@@ -160,12 +161,12 @@ def test_reasons():
 
 def test_in_process_time_limit(monkeypatch):
     def slow_check(answer, golds, mode):
-        time.sleep(5)  # Python-level work: the SIGALRM timer interrupts it
+        time.sleep(60)  # Python-level work: the SIGALRM timer interrupts it
     monkeypatch.setattr(vm, "_check", slow_check)
     t0 = time.perf_counter()
     r = verify(r"\boxed{1}", "1", timeout_s=0.3)
     assert (r.reward, r.reason, r.extracted) == (0.0, "timeout", "1")
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < 30.0  # interrupted: the check alone takes 60 s
 
 
 def test_in_process_verify_refuses_non_main_thread():
