@@ -58,3 +58,39 @@ def test_budget_counts_what_is_left(tmp_path):
     assert study.method_cost(costs, "tau_2") == 1.0
     with pytest.raises(SystemExit, match="unknown"):
         study.parse_list("scope,nope", study.METHODS, "methods")
+
+
+def test_per_prompt_analysis_bins_by_the_seeds_median_ess(tmp_path):
+    out = str(tmp_path)
+    plan = study.Plan(toys=("long_styles",), seeds=(0, 1), methods=("opd_n", "scope"), steps=1,
+                      problems=6, k=4)
+    rng = np.random.default_rng(0)
+    records, ess = {}, {}
+    for s in plan.seeds:
+        for m in plan.methods:
+            records["long_styles", s, m] = {"n": [4] * 6, "c": rng.integers(0, 5, 6).tolist()}
+        # problems 0-4 have wrong-path weights, problem 5 has < 2 wrong rollouts
+        ess[s] = [0.9, 0.3, 0.5, 0.95, 0.4, None]
+        os.makedirs(os.path.join(out, "weights"), exist_ok=True)
+        with open(os.path.join(out, "weights", f"long_styles_s{s}.json"), "w") as f:
+            json.dump({"weights": {"per_prompt": {"problem": list(range(6)), "correct": [0] * 6,
+                                                  "wrong_ess_over_n": ess[s],
+                                                  "correct_ess_over_n": [None] * 6}}}, f)
+    res = study.per_prompt_analysis(plan, out, records, num_resamples=200)["long_styles"]
+    # median of (0.9, 0.3, 0.5, 0.95, 0.4) is 0.5: far = problems 1, 4; near = 0, 2, 3; none = 5
+    far, near = [1, 4], [0, 2, 3]
+    d = {s: (np.array(records["long_styles", s, "scope"]["c"])
+             - np.array(records["long_styles", s, "opd_n"]["c"])) / 4 for s in plan.seeds}
+    assert (res["far"]["problems"], res["near"]["problems"], res["none"]["problems"]) == (4, 6, 2)
+    assert res["far"]["mean_ess_over_n"] == pytest.approx(0.35)
+    assert res["far"]["diff"]["avg_at_k_diff"] == pytest.approx(np.mean([d[s][far].mean() for s in d]))
+    assert res["near"]["diff"]["avg_at_k_diff"] == pytest.approx(np.mean([d[s][near].mean() for s in d]))
+    gap = np.mean([d[s][far].mean() - d[s][near].mean() for s in d])
+    assert res["far_minus_near"] == pytest.approx(gap)
+    lo, hi = res["far_minus_near_ci"]
+    assert lo <= gap <= hi
+    assert "far - near" in study.format_per_prompt({"long_styles": res}, 4)
+    # weights that cover other problems than the records are refused
+    records["long_styles", 0, "scope"] = records["long_styles", 0, "opd_n"] = {"n": [4] * 5, "c": [0] * 5}
+    with pytest.raises(ValueError, match="weights cover"):
+        study.per_prompt_analysis(plan, out, records, num_resamples=10)

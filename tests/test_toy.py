@@ -394,6 +394,27 @@ def test_premise_tool_on_a_tiny_build(built, tmp_path):
         w = res["weights"][key]
         assert w["groups"] == 0 or 1.0 <= w["ess"] <= w["n"] + 1e-6
     assert res["weights"]["tau"] == 1.0 and "ESS / n" in premise.format_result(res)
+    # Weights only (no continuations): the per-prompt ESS / n the study's analysis bins by.
+    only = premise.measure(os.path.dirname(built["manifest"]), problems=4, samples=3,
+                           continuations=0, max_new_tokens=12, split="test")
+    pp = only["weights"]["per_prompt"]
+    assert pp["problem"] == [0, 1, 2, 3] and "recovery_by_quartile" not in only
+    for c, wrong, right in zip(pp["correct"], pp["wrong_ess_over_n"], pp["correct_ess_over_n"]):
+        assert (wrong is None) == (3 - c < 2) and (right is None) == (c < 2)
+        assert all(x is None or 1 / 3 - 1e-6 <= x <= 1 + 1e-6 for x in (wrong, right))
+    ratios = [x for x in pp["wrong_ess_over_n"] if x is not None]
+    if ratios:  # the summary's mean ESS / n is the mean of the per-prompt ratios
+        assert only["weights"]["wrong_path_teacher"]["ess_over_n"] == pytest.approx(np.mean(ratios))
+
+
+def test_prompt_ess_ratio_per_prompt():
+    from tools import premise
+
+    groups = np.repeat(np.arange(3), 4)
+    w = np.array([1, 1, 1, 1, 2, 0, 0, 2, 1, 3, 5, 7], np.float64)
+    select = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], bool)  # prompt 2: one row on the path
+    got = premise.prompt_ess_ratio(w, groups, select, 3)
+    assert got[0] == 1.0 and got[1] == pytest.approx((4 ** 2 / 8) / 4) and np.isnan(got[2])
 
 
 def test_premise_quartiles_cuts_and_recovery_table():

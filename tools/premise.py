@@ -126,6 +126,19 @@ def group_ess(weights: np.ndarray, groups: np.ndarray, select: np.ndarray
     return np.asarray(ess, np.float64), np.asarray(n, np.int64)
 
 
+def prompt_ess_ratio(weights: np.ndarray, groups: np.ndarray, select: np.ndarray,
+                     num_groups: int) -> np.ndarray:
+    """ESS / n of one path's weights for each prompt 0..num_groups-1 (group_ess), NaN where the
+    prompt has fewer than 2 rollouts on the path. Arguments as group_ess'. Returns float [G]."""
+    out = np.full(num_groups, np.nan)
+    for g in range(num_groups):
+        rows = groups == g
+        ess, n = group_ess(weights[rows], groups[rows], select[rows])
+        if len(ess):
+            out[g] = ess[0] / n[0]
+    return out
+
+
 def weight_summary(log_ppl: np.ndarray, weights: np.ndarray, groups: np.ndarray,
                    select: np.ndarray, *, seed: int = 0) -> dict:
     """One path's premise numbers over the groups with >= 2 rollouts on the path: the mean
@@ -145,6 +158,10 @@ def weight_summary(log_ppl: np.ndarray, weights: np.ndarray, groups: np.ndarray,
             "ess": float(ess.mean()), "ess_ci": list(bootstrap_ci(ess, seed=seed + 1)),
             "n": float(n.mean()),
             "ess_over_n": float(ratio.mean()), "ess_over_n_ci": list(bootstrap_ci(ratio, seed=seed + 2))}
+
+
+def _nan_to_none(values: np.ndarray) -> list:
+    return [None if np.isnan(v) else float(v) for v in values]
 
 
 def _generate_chunked(engine, prompts, *, chunk: int, key, num_samples: int):
@@ -236,7 +253,19 @@ def measure(toy_dir: str, *, problems: int = 200, samples: int = 8, continuation
                "wrong_path_teacher": weight_summary(np.log(ppl_all), w_tea, groups, ~correct,
                                                     seed=seed),
                "response_tokens": {"mean": float(rmask.sum(1).mean()),
-                                   "min": int(rmask.sum(1).min()), "max": int(rmask.sum(1).max())}}
+                                   "min": int(rmask.sum(1).min()), "max": int(rmask.sum(1).max())},
+               # per prompt, in the split's order (problem: its index in the split's examples)
+               "per_prompt": {"problem": [int(j) for j in kept], "correct": per_prompt.tolist(),
+                              "wrong_ess_over_n": _nan_to_none(prompt_ess_ratio(
+                                  w_tea, groups, ~correct, len(kept))),
+                              "correct_ess_over_n": _nan_to_none(prompt_ess_ratio(
+                                  w_stu, groups, correct, len(kept)))}}
+    if not continuations:  # weights only (tools/study.py's per-prompt analysis)
+        return {"toy_dir": paths["dir"], "settings": {
+                    "problems": len(kept), "split": split, "samples": samples, "continuations": 0,
+                    "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed},
+                "student_accuracy": float(correct.mean()), "weights": weights,
+                "seconds": round(time.perf_counter() - t0, 1), "machine": toy.machine_info()}
     wrong = np.flatnonzero(~correct)
     ppl = ppl_all[wrong]
     has_product = np.array(["*" in examples[kept[i // samples]].problem for i in wrong])
@@ -362,7 +391,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="writes OUT/premise.json")
     p.add_argument("--problems", type=int, default=200)
     p.add_argument("--samples", type=int, default=8, help="student rollouts per problem (RL: 8)")
-    p.add_argument("--continuations", type=int, default=4, help="teacher samples per cut")
+    p.add_argument("--continuations", type=int, default=4,
+                   help="teacher samples per cut (0: skip step 3, measure the weights only)")
     p.add_argument("--temperature", type=float, default=0.6, help="rollout temperature (RL: 0.6)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="response budget (default: the build's max_new_tokens, manifest.json)")
@@ -370,8 +400,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if min(args.problems, args.samples, args.continuations) < 1:
-        p.error("--problems, --samples and --continuations must be >= 1")
+    if min(args.problems, args.samples) < 1 or args.continuations < 0:
+        p.error("--problems and --samples must be >= 1, --continuations >= 0")
     logging.basicConfig(level=logging.WARNING)
     res = measure(args.toy_dir, problems=args.problems, samples=args.samples,
                   continuations=args.continuations, temperature=args.temperature,
@@ -380,7 +410,7 @@ def main(argv=None) -> int:
     from scope_jax.evaluation import write_json
 
     path = write_json(os.path.join(args.out, "premise.json"), res)
-    print(format_result(res))
+    print(format_result(res) if args.continuations else format_weights(res["weights"]))
     print(f"\n{path} ({res['seconds']} s)")
     return 0
 

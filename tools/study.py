@@ -22,7 +22,10 @@ Then it writes OUT/results.json and OUT/table.md: per toy, each method's seed-po
 Pass@k with hierarchical bootstrap intervals (seeds, then problems;
 scope_jax.evaluation.pooled_summary) and its paired differences against the student and
 against OPD (N=8 and N=1) (pooled_difference), and OUT/curves_<toy>.png (rollout accuracy per
-training step from each run's metrics.jsonl, mean over seeds).
+training step from each run's metrics.jsonl, mean over seeds). With scope and opd_n in the plan it
+adds the per-prompt analysis (issue 22): SCOPE - OPD N=8 on the test problems whose SCOPE
+weights start far from uniform against those near it (per_prompt_analysis; the weights, from
+tools/premise.py at the run's settings, cached in OUT/weights/).
 
 Before anything runs it prints the plan's CPU budget: the runs still to do times the measured
 cost of a toy build, a training step of each method and an evaluation (COSTS, measured on the
@@ -397,6 +400,108 @@ def format_table(analysis: dict, plan: Plan, estimator: str) -> str:
     return "\n".join(lines)
 
 
+def prompt_weights(plan: Plan, out: str, toy_name: str, seed: int) -> dict:
+    """SCOPE's weights on each evaluated test problem of (toy, seed) at the start of training:
+    tools/premise.measure with no continuations, the untrained student's rollouts at the scope
+    run's settings (rollouts per prompt, temperature, tau, response budget) on the first
+    plan.problems test problems, cached in OUT/weights/<toy>_s<seed>.json. Returns the
+    premise's weights["per_prompt"] ({"problem" [P], "correct" [P], "wrong_ess_over_n" [P],
+    "correct_ess_over_n" [P]}, None where a path has < 2 rollouts)."""
+    from scope_jax import evaluation, toy
+    from tools import premise
+
+    path = os.path.join(out, "weights", f"{toy_name}_s{seed}.json")
+    if not os.path.isfile(path):
+        directory = toy_dir(out, toy_name, seed)
+        cfg = make_config(plan, out, toy_name, seed, "scope", toy.toy_paths(directory))
+        evaluation.write_json(path, premise.measure(
+            directory, problems=plan.problems, samples=cfg.num_samples, continuations=0,
+            temperature=cfg.sampling.temperature, max_new_tokens=cfg.sampling.max_new_tokens,
+            split="test", seed=seed, tau=cfg.scope.tau))
+    with open(path) as f:
+        return json.load(f)["weights"]["per_prompt"]
+
+
+def per_prompt_analysis(plan: Plan, out: str, records: dict, *, num_resamples: int = 2000) -> dict:
+    """Does SCOPE beat OPD N=8 more on prompts where its weights are far from uniform? Per toy,
+    over the seeds with both records: each test problem's wrong-path ESS / n at the start of
+    training (prompt_weights) splits a seed's problems into "far" (below that seed's median),
+    "near" (at or above it) and "none" (< 2 wrong rollouts: no wrong-path weights). Per bin,
+    pooled_difference of scope against opd_n on its problems; and "far - near", the gap of the
+    two bins' Avg@k differences, with a hierarchical interval over seeds and problems (each
+    seed's problems weighted by the inverse of their bin's size, so a seed's mean is its gap;
+    bin sizes held fixed). Returns {toy: {"seeds", "far", "near", "none": {"problems",
+    "mean_ess_over_n", "diff"}, "far_minus_near", "far_minus_near_ci"}}."""
+    import numpy as np
+
+    from scope_jax import evaluation as ev
+
+    result = {}
+    for t in plan.toys:
+        seeds = [s for s in plan.seeds if (t, s, "scope") in records and (t, s, "opd_n") in records]
+        if not seeds:
+            continue
+        bins = {"far": [], "near": [], "none": []}
+        ess_by_bin = {b: [] for b in bins}
+        gaps = []
+        for s in seeds:
+            base, other = records[t, s, "opd_n"], records[t, s, "scope"]
+            w = prompt_weights(plan, out, t, s)
+            if w["problem"] != list(range(len(base["n"]))):
+                raise ValueError(f"{t}/s{s}: the weights cover test problems {w['problem'][:5]}..., "
+                                 f"the records the first {len(base['n'])}; delete OUT/weights and rerun")
+            ess = np.array([np.nan if x is None else x for x in w["wrong_ess_over_n"]])
+            has = ~np.isnan(ess)
+            far = has & (ess < np.median(ess[has])) if has.any() else has
+            masks = {"far": far, "near": has & ~far, "none": ~has}
+            d = np.asarray(other["c"]) / np.asarray(other["n"]) - np.asarray(base["c"]) / np.asarray(base["n"])
+            for b, m in masks.items():
+                idx = np.flatnonzero(m)
+                bins[b].append(((np.asarray(base["n"])[idx], np.asarray(base["c"])[idx]),
+                                (np.asarray(other["n"])[idx], np.asarray(other["c"])[idx])))
+                ess_by_bin[b] += ess[idx].tolist()
+            if far.any() and masks["near"].any():
+                both = far | masks["near"]
+                scale = np.where(far, both.sum() / far.sum(), -both.sum() / masks["near"].sum())
+                gaps.append((d * scale)[both])
+        entry = {"seeds": seeds}
+        for b, pairs in bins.items():
+            pairs = [p for p in pairs if len(p[0][0])]
+            entry[b] = {"problems": int(sum(len(p[0][0]) for p in pairs)),
+                        "mean_ess_over_n": (float(np.nanmean(ess_by_bin[b])) if b != "none" and pairs
+                                            else None),
+                        "diff": ev.pooled_difference(pairs, plan.k, num_resamples=num_resamples)
+                        if pairs else None}
+        entry["far_minus_near"] = float(np.mean([g.mean() for g in gaps])) if gaps else None
+        entry["far_minus_near_ci"] = (list(ev.hierarchical_bootstrap_ci(gaps, num_resamples=num_resamples))
+                                      if gaps else None)
+        result[t] = entry
+    return result
+
+
+def format_per_prompt(result: dict, k: int) -> str:
+    """Markdown: per toy, SCOPE - OPD N=8 Avg@k by the prompts' wrong-path ESS / n bin."""
+    sgn = lambda x: f"{100 * x:+.1f}"
+    lines = []
+    for t, e in result.items():
+        lines += [f"### {t}: scope - opd_n by the prompt's wrong-path ESS / n at step 0 (seeds "
+                  f"{', '.join(map(str, e['seeds']))}; Avg@{k} points, 95% hierarchical bootstrap)", "",
+                  "| prompts | problems | mean ESS / n | scope - opd_n (seeds > 0) |", "|---|---|---|---|"]
+        labels = {"far": "far from uniform (ESS / n below the seed's median)",
+                  "near": "near uniform (at or above the median)", "none": "< 2 wrong rollouts"}
+        for b, label in labels.items():
+            r, d = e[b], e[b]["diff"]
+            cell = "-" if d is None else (f"{sgn(d['avg_at_k_diff'])} [{sgn(d['avg_at_k_diff_ci'][0])}, "
+                                          f"{sgn(d['avg_at_k_diff_ci'][1])}] ({d['seeds_better']}/{d['num_seeds']})")
+            ess = "-" if r["mean_ess_over_n"] is None else f"{r['mean_ess_over_n']:.2f}"
+            lines.append(f"| {label} | {r['problems']} | {ess} | {cell} |")
+        if e["far_minus_near"] is not None:
+            lo, hi = e["far_minus_near_ci"]
+            lines.append(f"| far - near | | | {sgn(e['far_minus_near'])} [{sgn(lo)}, {sgn(hi)}] |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot_curves(plan: Plan, out: str) -> list[str]:
     """OUT/curves_<toy>.png: rollout accuracy (the verifier's fraction of correct rollouts) per
     training step, mean over seeds, smoothed over 10 steps, one line per trained method."""
@@ -516,12 +621,15 @@ def main(argv=None) -> int:
     records = load_records(plan, out)
     analysis = analyse(plan, records, estimator=args.pass_at_k_estimator)
     table = format_table(analysis, plan, args.pass_at_k_estimator)
+    per_prompt = per_prompt_analysis(plan, out, records)  # needs scope and opd_n records
+    if per_prompt:
+        table += "\n" + format_per_prompt(per_prompt, plan.k)
     curves = plot_curves(plan, out)
     complete = len(records) == len(runs(plan))
     evaluation.write_json(os.path.join(out, "results.json"), {
         "plan": dataclasses.asdict(plan), "complete": complete, "runs_done": len(records),
         "machine": machine, "pass_at_k_estimator": args.pass_at_k_estimator,
-        "analysis": analysis, "curves": curves})
+        "analysis": analysis, "per_prompt": per_prompt, "curves": curves})
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
     print(table)
