@@ -94,3 +94,25 @@ def test_per_prompt_analysis_bins_by_the_seeds_median_ess(tmp_path):
     records["long_styles", 0, "scope"] = records["long_styles", 0, "opd_n"] = {"n": [4] * 5, "c": [0] * 5}
     with pytest.raises(ValueError, match="weights cover"):
         study.per_prompt_analysis(plan, out, records, num_resamples=10)
+
+
+def test_training_summary_reads_first_and_last_steps(tmp_path):
+    out = str(tmp_path)
+    plan = study.Plan(toys=("toy",), seeds=(0, 1), methods=("student", "scope"), steps=30,
+                      problems=1, k=1)
+    for s in plan.seeds:
+        d = study.run_dir(out, "toy", s, "scope")
+        os.makedirs(d)
+        with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+            for step in range(30):
+                # correct/ess 0 at step 0 (no correct rollout): not an ESS, left out
+                f.write(json.dumps({"step": step, "accuracy": step / 100 + s, "correct/ess": float(step > 0),
+                                    "wrong/ess": 8.0, "wrong/teacher_ppl": 2.0,
+                                    "response_length": 10.0}) + "\n")
+    res = study.training_summary(plan, out)["toy"]
+    assert list(res) == ["scope"] and res["scope"]["seeds"] == 2
+    acc = res["scope"]["accuracy"]
+    assert acc["first"] == pytest.approx(0.5)  # seeds' step 0: 0 and 1
+    assert acc["last"] == pytest.approx(np.mean([np.median(np.arange(20, 30) / 100 + s) for s in (0, 1)]))
+    assert res["scope"]["correct/ess"] == {"first": None, "last": 1.0}
+    assert "0.5 -> " in study.format_training({"toy": res})

@@ -502,6 +502,60 @@ def format_per_prompt(result: dict, k: int) -> str:
     return "\n".join(lines)
 
 
+# What the weights did during training: per-step means the trainer logs (metrics.jsonl).
+TRAINING_KEYS = ("accuracy", "wrong/ess", "wrong/teacher_ppl", "correct/ess", "response_length")
+
+
+def training_summary(plan: Plan, out: str, *, last: int = 10) -> dict:
+    """Per toy and trained method, each TRAINING_KEYS value at step 0 and the median of its
+    last `last` logged steps, averaged over the seeds whose run logged them (a path's ESS is
+    0 at a step where no prompt had >= 1 rollout on it, and such steps are left out).
+    Returns {toy: {method: {"seeds": int, key: {"first": float, "last": float}}}}."""
+    import numpy as np
+
+    result = {}
+    for t in plan.toys:
+        for m in plan.methods:
+            firsts, lasts = {k: [] for k in TRAINING_KEYS}, {k: [] for k in TRAINING_KEYS}
+            seeds = 0
+            for s in plan.seeds:
+                path = os.path.join(run_dir(out, t, s, m), "metrics.jsonl")
+                if m in UNTRAINED or not os.path.isfile(path):
+                    continue
+                with open(path) as f:
+                    rows = [json.loads(line) for line in f if line.strip()]
+                if not rows:
+                    continue
+                seeds += 1
+                for k in TRAINING_KEYS:
+                    valid = lambda r: k in r and not (k.endswith("/ess") and r[k] == 0)
+                    if valid(rows[0]):
+                        firsts[k].append(rows[0][k])
+                    v = [r[k] for r in rows if valid(r)]
+                    if v:
+                        lasts[k].append(float(np.median(v[-last:])))
+            if seeds:
+                mean = lambda xs: float(np.mean(xs)) if xs else None
+                result.setdefault(t, {})[m] = {"seeds": seeds, **{
+                    k: {"first": mean(firsts[k]), "last": mean(lasts[k])} for k in TRAINING_KEYS}}
+    return result
+
+
+def format_training(summary: dict, last: int = 10) -> str:
+    """Markdown: per toy, each trained method's TRAINING_KEYS at step 0 -> its last steps."""
+    f = lambda x: "-" if x is None else (f"{x:.3g}" if abs(x) < 1e4 else f"{x:.2e}")
+    lines = []
+    for t, methods in summary.items():
+        lines += [f"### {t}: during training (step 0 -> median of the last {last} steps; mean over seeds)",
+                  "", "| method | seeds | " + " | ".join(TRAINING_KEYS) + " |",
+                  "|---|---|" + "---|" * len(TRAINING_KEYS)]
+        for m, e in methods.items():
+            lines.append(f"| {m} | {e['seeds']} | " + " | ".join(
+                f"{f(e[k]['first'])} -> {f(e[k]['last'])}" for k in TRAINING_KEYS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot_curves(plan: Plan, out: str) -> list[str]:
     """OUT/curves_<toy>.png: rollout accuracy (the verifier's fraction of correct rollouts) per
     training step, mean over seeds, smoothed over 10 steps, one line per trained method."""
@@ -624,12 +678,14 @@ def main(argv=None) -> int:
     per_prompt = per_prompt_analysis(plan, out, records)  # needs scope and opd_n records
     if per_prompt:
         table += "\n" + format_per_prompt(per_prompt, plan.k)
+    training = training_summary(plan, out)
+    table += "\n" + format_training(training)
     curves = plot_curves(plan, out)
     complete = len(records) == len(runs(plan))
     evaluation.write_json(os.path.join(out, "results.json"), {
         "plan": dataclasses.asdict(plan), "complete": complete, "runs_done": len(records),
         "machine": machine, "pass_at_k_estimator": args.pass_at_k_estimator,
-        "analysis": analysis, "per_prompt": per_prompt, "curves": curves})
+        "analysis": analysis, "per_prompt": per_prompt, "training": training, "curves": curves})
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
     print(table)
