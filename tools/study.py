@@ -513,6 +513,8 @@ def training_summary(plan: Plan, out: str, *, last: int = 10) -> dict:
     Returns {toy: {method: {"seeds": int, key: {"first": float, "last": float}}}}."""
     import numpy as np
 
+    from tools.plot_runs import read_metrics
+
     result = {}
     for t in plan.toys:
         for m in plan.methods:
@@ -522,8 +524,7 @@ def training_summary(plan: Plan, out: str, *, last: int = 10) -> dict:
                 path = os.path.join(run_dir(out, t, s, m), "metrics.jsonl")
                 if m in UNTRAINED or not os.path.isfile(path):
                     continue
-                with open(path) as f:
-                    rows = [json.loads(line) for line in f if line.strip()]
+                rows = read_metrics(path)
                 if not rows:
                     continue
                 seeds += 1
