@@ -399,6 +399,7 @@ def test_premise_tool_on_a_tiny_build(built, tmp_path):
                            continuations=0, max_new_tokens=12, split="test")
     pp = only["weights"]["per_prompt"]
     assert pp["problem"] == [0, 1, 2, 3] and "recovery_by_quartile" not in only
+    assert only["settings"]["continuations"] == 0 and only["settings"]["fractions"] == []
     for c, wrong, right in zip(pp["correct"], pp["wrong_ess_over_n"], pp["correct_ess_over_n"]):
         assert (wrong is None) == (3 - c < 2) and (right is None) == (c < 2)
         assert all(x is None or 1 / 3 - 1e-6 <= x <= 1 + 1e-6 for x in (wrong, right))

@@ -260,10 +260,12 @@ def measure(toy_dir: str, *, problems: int = 200, samples: int = 8, continuation
                                   w_tea, groups, ~correct, len(kept))),
                               "correct_ess_over_n": _nan_to_none(prompt_ess_ratio(
                                   w_stu, groups, correct, len(kept)))}}
+    run_settings = {"problems": len(kept), "split": split, "samples": samples,
+                    "continuations": continuations, "temperature": temperature,
+                    "top_k": None, "top_p": None, "max_new_tokens": max_new_tokens,
+                    "seed": seed, "fractions": list(FRACTIONS) if continuations else []}
     if not continuations:  # weights only (tools/study.py's per-prompt analysis)
-        return {"toy_dir": paths["dir"], "settings": {
-                    "problems": len(kept), "split": split, "samples": samples, "continuations": 0,
-                    "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed},
+        return {"toy_dir": paths["dir"], "settings": run_settings,
                 "student_accuracy": float(correct.mean()), "weights": weights,
                 "seconds": round(time.perf_counter() - t0, 1), "machine": toy.machine_info()}
     wrong = np.flatnonzero(~correct)
@@ -300,10 +302,7 @@ def measure(toy_dir: str, *, problems: int = 200, samples: int = 8, continuation
     return {
         "toy_dir": paths["dir"], "toy_settings": manifest["settings"],
         "toy_accuracy": manifest["accuracy"],
-        "settings": {"problems": len(kept), "split": split, "samples": samples,
-                     "continuations": continuations, "temperature": temperature,
-                     "top_k": None, "top_p": None, "max_new_tokens": max_new_tokens,
-                     "seed": seed, "fractions": list(FRACTIONS)},
+        "settings": run_settings,
         "student_accuracy": float(correct.mean()),
         "mixed_prompts": float(np.mean((per_prompt > 0) & (per_prompt < samples))),
         "all_correct_prompts": float(np.mean(per_prompt == samples)),

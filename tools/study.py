@@ -42,6 +42,8 @@ import logging
 import os
 import time
 
+from tools.plot_runs import read_metrics
+
 TOYS = ("toy", "blindspot", "unsure", "long", "long_styles")
 # The long toys (issue 22; docs/study_longtoy.md): their own configs (configs/toy_long.py),
 # response budget and costs; not in the default --toys.
@@ -219,8 +221,7 @@ def measured_costs(out: str, toy_name: str | None = None) -> dict:
         if not _in_scope(path, out, toy_name, "runs"):
             continue
         method = os.path.basename(os.path.dirname(path))
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = read_metrics(path)
         steps.setdefault(method, []).extend(r["time_s"] for r in rows[1:])  # step 0 compiles
     for method, ts in steps.items():
         if ts:
@@ -254,12 +255,7 @@ def budget(plan: Plan, out: str, costs: dict) -> dict:
             c = per_toy[t]
             train_s += max(0, plan.steps - _steps_done(out, t, s, m)) * method_cost(c, m) + c["overhead"]
             continue
-        done_steps = 0
-        metrics = os.path.join(run_dir(out, t, s, m), "metrics.jsonl")
-        if os.path.isfile(metrics):
-            with open(metrics) as f:
-                done_steps = sum(1 for line in f if line.strip())
-        train_s += max(0, plan.steps - done_steps) * method_cost(costs, m) + costs["overhead"]
+        train_s += max(0, plan.steps - _steps_done(out, t, s, m)) * method_cost(costs, m) + costs["overhead"]
     seconds = {"builds": sum(per_toy[t]["build"] for t, _ in builds) * scale, "training": train_s,
                "evaluation": sum(per_toy[t]["eval"] for t, _, _ in todo)
                * plan.problems * plan.k / (200 * 16)}
@@ -269,13 +265,16 @@ def budget(plan: Plan, out: str, costs: dict) -> dict:
             "costs_by_toy": {t: c for t, c in per_toy.items() if t in LONG_TOYS}}
 
 
+def run_metrics(out: str, toy_name: str, seed: int, method: str) -> list[dict]:
+    """The rows of a run's metrics.jsonl ([] if it has none yet), read with the project's one
+    reader (tools/plot_runs.read_metrics: a bad line raises naming file and line)."""
+    path = os.path.join(run_dir(out, toy_name, seed, method), "metrics.jsonl")
+    return read_metrics(path) if os.path.isfile(path) else []
+
+
 def _steps_done(out: str, toy_name: str, seed: int, method: str) -> int:
     """Training steps already in a run's metrics.jsonl (0 if none)."""
-    metrics = os.path.join(run_dir(out, toy_name, seed, method), "metrics.jsonl")
-    if not os.path.isfile(metrics):
-        return 0
-    with open(metrics) as f:
-        return sum(1 for line in f if line.strip())
+    return len(run_metrics(out, toy_name, seed, method))
 
 
 def format_budget(b: dict) -> str:
@@ -513,18 +512,13 @@ def training_summary(plan: Plan, out: str, *, last: int = 10) -> dict:
     Returns {toy: {method: {"seeds": int, key: {"first": float, "last": float}}}}."""
     import numpy as np
 
-    from tools.plot_runs import read_metrics
-
     result = {}
     for t in plan.toys:
         for m in plan.methods:
             firsts, lasts = {k: [] for k in TRAINING_KEYS}, {k: [] for k in TRAINING_KEYS}
             seeds = 0
             for s in plan.seeds:
-                path = os.path.join(run_dir(out, t, s, m), "metrics.jsonl")
-                if m in UNTRAINED or not os.path.isfile(path):
-                    continue
-                rows = read_metrics(path)
+                rows = [] if m in UNTRAINED else run_metrics(out, t, s, m)
                 if not rows:
                     continue
                 seeds += 1
@@ -571,12 +565,7 @@ def plot_curves(plan: Plan, out: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
         drawn = 0
         for m in plan.methods:
-            series = []
-            for s in plan.seeds:
-                path = os.path.join(run_dir(out, t, s, m), "metrics.jsonl")
-                if os.path.isfile(path):
-                    with open(path) as f:
-                        series.append([json.loads(line)["accuracy"] for line in f if line.strip()])
+            series = [[r["accuracy"] for r in run_metrics(out, t, s, m)] for s in plan.seeds]
             series = [x for x in series if x]
             if not series:
                 continue
