@@ -503,9 +503,10 @@ def format_per_prompt(result: dict, k: int) -> str:
 
 # What the weights did during training: per-step means the trainer logs (metrics.jsonl).
 TRAINING_KEYS = ("accuracy", "wrong/ess", "wrong/teacher_ppl", "correct/ess", "response_length")
+TRAINING_LAST = 10  # the steps a run's "last" value is the median of (table and summary share it)
 
 
-def training_summary(plan: Plan, out: str, *, last: int = 10) -> dict:
+def training_summary(plan: Plan, out: str, *, last: int = TRAINING_LAST) -> dict:
     """Per toy and trained method, each TRAINING_KEYS value at step 0 and the median of its
     last `last` logged steps, averaged over the seeds whose run logged them (a path's ESS is
     0 at a step where no prompt had >= 1 rollout on it, and such steps are left out).
@@ -536,7 +537,7 @@ def training_summary(plan: Plan, out: str, *, last: int = 10) -> dict:
     return result
 
 
-def format_training(summary: dict, last: int = 10) -> str:
+def format_training(summary: dict, last: int = TRAINING_LAST) -> str:
     """Markdown: per toy, each trained method's TRAINING_KEYS at step 0 -> its last steps."""
     f = lambda x: "-" if x is None else (f"{x:.3g}" if abs(x) < 1e4 else f"{x:.2e}")
     lines = []
