@@ -37,6 +37,8 @@ def test_quick_study_runs_resumes_and_pools(tmp_path, capsys):
     # One seed: the pooled difference is the paired per-problem difference of the two records.
     want = np.mean(np.array(recs["scope"]["c"]) / 4 - np.array(recs["student"]["c"]) / 4)
     assert entry["vs"]["student"]["avg_at_k_diff"] == pytest.approx(want)
+    # SCOPE is a baseline too (the ablations' column): the same pairs, the other sign.
+    assert res["analysis"]["unsure"]["student"]["vs"]["scope"]["avg_at_k_diff"] == pytest.approx(-want)
     assert "| scope | 1 |" in open(os.path.join(out, "table.md")).read()
     # The toy build is the seed's unsure build (the teacher's noisy products).
     with open(os.path.join(study.toy_dir(out, "unsure", 0), "manifest.json")) as f:

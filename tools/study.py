@@ -20,8 +20,8 @@ For each toy family (scope_jax.toy.FAMILIES: toy, blindspot, unsure) and seed s:
    killed mid-training resumes from its last checkpoint (scope_jax.train).
 Then it writes OUT/results.json and OUT/table.md: per toy, each method's seed-pooled Avg@k and
 Pass@k with hierarchical bootstrap intervals (seeds, then problems;
-scope_jax.evaluation.pooled_summary) and its paired differences against the student and
-against OPD (N=8 and N=1) (pooled_difference), and OUT/curves_<toy>.png (rollout accuracy per
+scope_jax.evaluation.pooled_summary) and its paired differences against the student,
+against OPD (N=8 and N=1) and against SCOPE (pooled_difference), and OUT/curves_<toy>.png (rollout accuracy per
 training step from each run's metrics.jsonl, mean over seeds). With scope and opd_n in the plan it
 adds the per-prompt analysis (issue 22): SCOPE - OPD N=8 on the test problems whose SCOPE
 weights start far from uniform against those near it (per_prompt_analysis; the weights, from
@@ -53,8 +53,9 @@ ABLATIONS = ("no_weighting", "no_student_weighting", "no_teacher_weighting", "re
              "reversed_teacher", "tau_0.5", "tau_2")
 UNTRAINED = ("student", "teacher")
 # Baselines of the paired differences: the student, OPD with SCOPE's 8 rollouts (same samples
-# budget) and the paper's OPD baseline (1 rollout per prompt).
-BASELINES = ("student", "opd_n", "opd")
+# budget), the paper's OPD baseline (1 rollout per prompt) and SCOPE itself (an ablation's
+# effect, as the paper's ablation table reads it).
+BASELINES = ("student", "opd_n", "opd", "scope")
 
 # Measured on the 2-core dev machine, 2026-11-30, by the full study itself (84 + 20 runs, while
 # other jobs shared the machine; medians of its measured_costs), in seconds:
