@@ -606,7 +606,7 @@ def test_study_long_toy_option_configs_and_costs(tmp_path):
     # the short toys' costs.
     run = tmp_path / "s" / "runs" / "long" / "s0" / "scope"
     run.mkdir(parents=True)
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"time_s": t}) + "\n" for t in (50, 3, 5)))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "time_s": t}) + "\n" for i, t in enumerate((50, 3, 5))))
     assert study.measured_costs(str(tmp_path / "s"), "long")["step"]["scope"] == 4.0
     assert study.measured_costs(str(tmp_path / "s"))["step"]["scope"] == study.COSTS["step"]["scope"]
 
