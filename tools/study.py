@@ -252,11 +252,8 @@ def budget(plan: Plan, out: str, costs: dict) -> dict:
     for t, s, m in todo:
         if m in UNTRAINED or os.path.isfile(os.path.join(run_dir(out, t, s, m), "export", "config.json")):
             continue
-        if t in LONG_TOYS:  # their own costs (a step there is ~10x a short toy's)
-            c = per_toy[t]
-            train_s += max(0, plan.steps - _steps_done(out, t, s, m)) * method_cost(c, m) + c["overhead"]
-            continue
-        train_s += max(0, plan.steps - _steps_done(out, t, s, m)) * method_cost(costs, m) + costs["overhead"]
+        c = per_toy[t]  # toy_costs: a long toy's own costs (a step there is ~10x a short toy's)
+        train_s += max(0, plan.steps - _steps_done(out, t, s, m)) * method_cost(c, m) + c["overhead"]
     seconds = {"builds": sum(per_toy[t]["build"] for t, _ in builds) * scale, "training": train_s,
                "evaluation": sum(per_toy[t]["eval"] for t, _, _ in todo)
                * plan.problems * plan.k / (200 * 16)}
