@@ -47,6 +47,20 @@ def test_quick_study_runs_resumes_and_pools(tmp_path, capsys):
     assert study.main(["--out", out, "--quick", "--budget-only"]) == 0
     assert "0 of 2 runs to do" in capsys.readouterr().out
 
+    # The archive (records, no models) re-analyses to the same table, training nothing.
+    kept = str(tmp_path / "kept")
+    copied = study.archive(out, kept)
+    assert "eval/unsure/s0/scope.json" in copied and "runs/unsure/s0/scope/metrics.jsonl" in copied
+    assert not any("export" in p or "checkpoints" in p for p in copied)
+    os.remove(os.path.join(kept, "table.md"))
+    assert study.main(["--out", kept, "--quick"]) == 0
+    assert "0 of 2 runs to do" in capsys.readouterr().out
+    with open(os.path.join(kept, "results.json")) as f:
+        again = json.load(f)
+    assert again["analysis"] == res["analysis"] and again["training"] == res["training"]
+    assert open(os.path.join(kept, "table.md")).read() == open(os.path.join(out, "table.md")).read()
+    assert not os.path.isdir(os.path.join(kept, "runs", "unsure", "s0", "scope", "export"))
+
 
 def test_budget_counts_what_is_left(tmp_path):
     plan = study.Plan(toys=("toy", "unsure"), seeds=(0, 1, 2), methods=("student", "opd", "scope"),

@@ -27,6 +27,9 @@ adds the per-prompt analysis (issue 22): SCOPE - OPD N=8 on the test problems wh
 weights start far from uniform against those near it (per_prompt_analysis; the weights, from
 tools/premise.py at the run's settings, cached in OUT/weights/).
 
+--archive DEST copies the records (not the models) to DEST, where `--out DEST` re-analyses
+them, or adds seeds, without redoing a run (docs/study_long holds the long toy's).
+
 Before anything runs it prints the plan's CPU budget: the runs still to do times the measured
 cost of a toy build, a training step of each method and an evaluation (COSTS, measured on the
 2-core dev machine; replaced by the study's own measurements once it has some).
@@ -40,6 +43,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import time
 
 from tools.plot_runs import read_metrics
@@ -588,6 +592,28 @@ def plot_curves(plan: Plan, out: str) -> list[str]:
     return written
 
 
+# What archive keeps of a study: everything its analysis reads (completion records, SCOPE's
+# per-prompt weights, each run's metrics, the builds' manifests) and its outputs, none of the
+# models (a long-toy seed is ~60 MB of checkpoints, these files ~1 MB).
+ARCHIVED = ("plan.json", "results.json", "table.md", "eval/*/*/*.json", "weights/*.json",
+            "runs/*/*/*/metrics.jsonl", "toys/*/manifest.json")
+
+
+def archive(out: str, dest: str) -> list[str]:
+    """Copies a study's records (ARCHIVED) from out to dest, same layout, and returns the
+    copied paths relative to out. `--out dest` then re-analyses them with no training or
+    evaluation (every record exists), and a study with more seeds there runs only the new
+    ones (runs/ is not kept in git, so this is how a study's results outlive the machine)."""
+    copied = []
+    for pattern in ARCHIVED:
+        for path in sorted(glob.glob(os.path.join(out, pattern))):
+            rel = os.path.relpath(path, out)
+            os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+            shutil.copyfile(path, os.path.join(dest, rel))
+            copied.append(rel)
+    return copied
+
+
 def parse_list(text: str, allowed, what: str) -> tuple[str, ...]:
     items = tuple(x.strip() for x in text.split(",") if x.strip())
     bad = [x for x in items if x not in allowed]
@@ -615,6 +641,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget-only", action="store_true", help="print the plan and budget, run nothing")
     p.add_argument("--max-runs", type=int, default=None,
                    help="stop after this many runs (the rest stays for a later invocation)")
+    p.add_argument("--archive", default=None, metavar="DEST",
+                   help="at the end, copy the study's records (not its models) to DEST, e.g. "
+                   "docs/study_long; see archive()")
     p.add_argument("--quick", action="store_true",
                    help="tiny toy builds, 2 steps, 8 problems x 4 samples, seed 0; default toy "
                    "unsure, methods student and scope (a smoke test)")
@@ -680,6 +709,8 @@ def main(argv=None) -> int:
     print(table)
     print(f"{len(records)} of {len(runs(plan))} runs done{'' if complete else ' (incomplete: rerun to continue)'}; "
           f"{os.path.join(out, 'results.json')}, {os.path.join(out, 'table.md')}, curves: {curves}")
+    if args.archive:
+        print(f"archived {len(archive(out, args.archive))} files to {args.archive}")
     return 0
 
 
