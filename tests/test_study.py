@@ -49,6 +49,8 @@ def test_quick_study_runs_resumes_and_pools(tmp_path, capsys):
 
     # The archive (records, no models) re-analyses to the same table, training nothing.
     kept = str(tmp_path / "kept")
+    with pytest.raises(ValueError, match="own folder"):
+        study.archive(out, out + "/")
     copied = study.archive(out, kept)
     assert "eval/unsure/s0/scope.json" in copied and "runs/unsure/s0/scope/metrics.jsonl" in copied
     assert not any("export" in p or "checkpoints" in p for p in copied)

@@ -74,16 +74,14 @@ COSTS = {"build": 125.0, "eval": 2.0, "overhead": 20.0,
 
 
 # The long toys' costs (measured_costs replaces them with the study's own figures once it has
-# some). 2026-12-06, 2-core dev machine, seed-0 iteration-3 builds (docs/study_longtoy.md,
-# "Iteration 3 measured"): build = `make_toy --family long` alone on the machine (1006 s;
-# long_styles trains the same teacher again); step = median time_s of steps 1-5 of 6-step runs
-# of tools/train on the long_styles build (16 prompts x 8 rollouts, 320 tokens; opd 1
-# rollout): scope and opd on the idle machine (opd_n and the weighting ablations cost what
-# SCOPE costs), kd and grpo beside a premise run (load average 3-4, where scope took 12 s, so
-# they are upper bounds); overhead = step 0 (compilation); eval = 200 problems x 16 samples,
-# scaled from the build's evaluation (1,200 sequences of two models in 40 s).
-LONG_COSTS = {"build": 1010.0, "eval": 110.0, "overhead": 40.0,
-              "step": {"kd": 9.2, "grpo": 12.0, "opd": 0.65, "opd_n": 7.0, "scope": 7.0}}
+# some). 2-core dev machine, the study itself, alone on the machine (2026-12-06 23:26-00:26 UTC,
+# long_styles seed 2, docs/study_longtoy.md): build = the seed's toy build (1,128 s; seeds 0-1
+# took 1,100 and 1,132 s); step = median time_s of steps 1-49 (16 prompts x 8 rollouts, 320
+# tokens; opd 1 rollout; the weighting ablations cost what SCOPE costs); eval = one model, 200
+# problems x 16 samples (median of 8). grpo: a 6-step run beside a premise run (load average
+# 3-4), an upper bound; overhead: step 0 (compilation), from the same 6-step runs.
+LONG_COSTS = {"build": 1130.0, "eval": 37.0, "overhead": 40.0,
+              "step": {"kd": 4.9, "grpo": 12.0, "opd": 0.62, "opd_n": 6.4, "scope": 5.9}}
 
 
 def toy_costs(costs: dict, toy_name: str, out: str | None = None) -> dict:
@@ -604,6 +602,8 @@ def archive(out: str, dest: str) -> list[str]:
     copied paths relative to out. `--out dest` then re-analyses them with no training or
     evaluation (every record exists), and a study with more seeds there runs only the new
     ones (runs/ is not kept in git, so this is how a study's results outlive the machine)."""
+    if os.path.realpath(dest) == os.path.realpath(out):
+        raise ValueError(f"archive: {dest!r} is the study's own folder; name another")
     copied = []
     for pattern in ARCHIVED:
         for path in sorted(glob.glob(os.path.join(out, pattern))):
