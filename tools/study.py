@@ -592,7 +592,7 @@ def plot_curves(plan: Plan, out: str) -> list[str]:
 
 # What archive keeps of a study: everything its analysis reads (completion records, SCOPE's
 # per-prompt weights, each run's metrics, the builds' manifests) and its outputs, none of the
-# models (a long-toy seed is ~60 MB of checkpoints, these files ~1 MB).
+# models (a long_styles seed: 43 MB of checkpoints and builds, these files 430 KB).
 ARCHIVED = ("plan.json", "results.json", "table.md", "eval/*/*/*.json", "weights/*.json",
             "runs/*/*/*/metrics.jsonl", "toys/*/manifest.json")
 
