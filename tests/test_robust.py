@@ -307,8 +307,10 @@ def test_an_io_error_ends_with_one_line_naming_the_path_and_the_cause(setup, tmp
     # a full tmpfs; set by the shell, as preexec_fn may deadlock in a process running JAX threads).
     wd = tmp_path / "io"
     limited = ["bash", "-c", 'ulimit -f 100 && exec "$@"', "--"]
+    # Without the tests' compilation cache (conftest): the limit would cut its entries short too.
+    env = {**_env(), "JAX_ENABLE_COMPILATION_CACHE": "false"}
     r = subprocess.run(limited + _cli(setup, wd, "scope", "--config.checkpoint_every=1", steps=1), cwd=ROOT,
-                       env=_env(), capture_output=True, text=True, timeout=400)
+                       env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 1
     line = _last_line(r.stderr)
     assert line.startswith(f"error: {wd / 'checkpoints'}/") and line.endswith("File too large (errno 27)"), \

@@ -62,6 +62,10 @@ def test_quick_study_runs_resumes_and_pools(tmp_path, capsys):
     assert again["analysis"] == res["analysis"] and again["training"] == res["training"]
     assert open(os.path.join(kept, "table.md")).read() == open(os.path.join(out, "table.md")).read()
     assert not os.path.isdir(os.path.join(kept, "runs", "unsure", "s0", "scope", "export"))
+    # A run added there needs the models again: the plan counts the toy's rebuild.
+    os.remove(os.path.join(kept, "eval", "unsure", "s0", "scope.json"))
+    assert study.main(["--out", kept, "--quick", "--budget-only"]) == 0
+    assert "1 of 2 runs to do, 1 toy builds" in capsys.readouterr().out
 
 
 def test_budget_counts_what_is_left(tmp_path):
