@@ -448,8 +448,10 @@ def test_one_writer_per_workdir_and_ctrl_c_checkpoints_then_exits_130(setup, tmp
     import time
 
     wd = tmp_path / "run"
-    steps = 4
-    args = _cli(setup, wd, "scope", "--config.checkpoint_every=100", steps=steps)
+    # More steps than the test waits for: with the tests' compilation cache a toy run of a few
+    # steps can end while the second trainer is still starting, before it meets the lock.
+    steps = 1000
+    args = _cli(setup, wd, "scope", "--config.checkpoint_every=10000", steps=steps)
     a = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -473,10 +475,11 @@ def test_one_writer_per_workdir_and_ctrl_c_checkpoints_then_exits_130(setup, tmp
     assert _last_line(err) == (f"interrupted (Ctrl-C) after step {done - 1}: checkpoint {done} written in "
                                f"{wd / 'checkpoints'}; the same command resumes from it")
     assert sorted(os.listdir(wd / "checkpoints")) == [str(done)]
-    # The lock went with its process: the same command resumes (no step redone, none lost).
-    r = _run(args)
+    # The lock went with its process: the same command resumes (no step redone, none lost),
+    # here to one step past the interrupted one (num_steps may change on resume).
+    r = _run(_cli(setup, wd, "scope", "--config.checkpoint_every=10000", steps=done + 1))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert [row["step"] for row in _metrics(wd)] == list(range(steps))
+    assert [row["step"] for row in _metrics(wd)] == list(range(done + 1))
 
 
 def test_a_teacher_whose_scores_are_not_finite_is_named(setup, tmp_path):
