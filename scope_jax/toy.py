@@ -712,6 +712,14 @@ def toy_paths(out_dir: str | os.PathLike) -> dict[str, str]:
             "manifest": os.path.join(out, "manifest.json")}
 
 
+def missing_parts(paths: dict[str, str]) -> list[str]:
+    """The parts of a finished build (toy_paths' data, tokenizer, models and manifest) that are
+    not on disk. An archived study keeps the manifest and drops the models, so a manifest alone
+    does not make a build usable."""
+    return [paths[k] for k in ("manifest", "train", "test", "tokenizer", "teacher", "student")
+            if not os.path.exists(paths[k])]
+
+
 def _reusable(paths: dict[str, str], settings: ToySettings) -> bool:
     """True when a finished build with the same settings is in place (manifest.json is written
     last, so its presence means the build completed)."""
@@ -727,8 +735,7 @@ def _reusable(paths: dict[str, str], settings: ToySettings) -> bool:
         raise ValueError(f"{paths['manifest']}: the toy models there were built with other "
                          "settings than the ones asked for; rebuild with force=True "
                          "(tools/make_toy.py --force) or use another output directory")
-    missing = [paths[k] for k in ("train", "test", "teacher", "student", "tokenizer")
-               if not os.path.exists(paths[k])]
+    missing = missing_parts(paths)
     if missing:
         raise ValueError(f"{paths['manifest']}: the build is incomplete, missing {missing}; "
                          "rebuild with force=True (tools/make_toy.py --force)")

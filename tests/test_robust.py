@@ -451,13 +451,13 @@ def test_one_writer_per_workdir_and_ctrl_c_checkpoints_then_exits_130(setup, tmp
     # More steps than the test waits for: with the tests' compilation cache a toy run of a few
     # steps can end while the second trainer is still starting, before it meets the lock.
     steps = 1000
-    args = _cli(setup, wd, "scope", "--config.checkpoint_every=10000", steps=steps)
-    a = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = lambda n: _cli(setup, wd, "scope", "--config.checkpoint_every=10000", steps=n)
+    a = subprocess.Popen(args(steps), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not (os.path.exists(wd / "run.lock") and open(wd / "run.lock").read()):
             time.sleep(0.05)
-        b = _run(args)  # a second trainer on the same workdir refuses at once
+        b = _run(args(steps))  # a second trainer on the same workdir refuses at once
         _refused(b, "run.lock", f"pid {a.pid} on host {socket.gethostname()}", "another trainer")
         while time.time() < deadline and a.poll() is None and not (
                 os.path.exists(wd / "metrics.jsonl") and _metrics(wd)):
@@ -477,7 +477,7 @@ def test_one_writer_per_workdir_and_ctrl_c_checkpoints_then_exits_130(setup, tmp
     assert sorted(os.listdir(wd / "checkpoints")) == [str(done)]
     # The lock went with its process: the same command resumes (no step redone, none lost),
     # here to one step past the interrupted one (num_steps may change on resume).
-    r = _run(_cli(setup, wd, "scope", "--config.checkpoint_every=10000", steps=done + 1))
+    r = _run(args(done + 1))
     assert r.returncode == 0, r.stderr[-3000:]
     assert [row["step"] for row in _metrics(wd)] == list(range(done + 1))
 

@@ -245,12 +245,12 @@ def measured_costs(out: str, toy_name: str | None = None) -> dict:
 def budget(plan: Plan, out: str, costs: dict) -> dict:
     """Seconds still needed: builds of toys not built yet, training of runs without an export,
     and evaluation of runs without a completion record."""
+    from scope_jax import toy
+
     todo = [r for r in runs(plan) if not os.path.isfile(record_path(out, *r))]
-    # A build counts as done when its models are there: an archive (--archive) keeps the
-    # manifest, not the models, and a run added to an archived seed rebuilds the toy.
-    builds = {(t, s) for t, s, _ in todo
-              if not all(os.path.exists(os.path.join(toy_dir(out, t, s), p))
-                         for p in ("manifest.json", "teacher", "student"))}
+    # An archive (--archive) keeps a build's manifest, not its models: a run added to an
+    # archived seed rebuilds the toy.
+    builds = {(t, s) for t, s, _ in todo if toy.missing_parts(toy.toy_paths(toy_dir(out, t, s)))}
     per_toy = {t: toy_costs(costs, t, out if os.path.isdir(out) else None) for t in plan.toys}
     scale = 1.0 if plan.scale == "full" else 0.05
     train_s = 0.0
