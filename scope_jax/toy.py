@@ -393,26 +393,42 @@ def evaluate(model, tokenizer, examples: Sequence[dict[str, str]], *, temperatur
 # The machine a build or run happened on
 
 
+# The vector extensions XLA:CPU generates code for: machines that /proc/cpuinfo names alike
+# ("AMD EPYC") can differ here, and with them a build's float results. A long_styles seed-0
+# build, same code, settings and package pins, gave a 93.0% teacher before a machine change
+# (2026-12-06) and 99.5% after it (2026-12-07); the two machines' extensions were not recorded.
+CPU_ISA = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+           "avx512_bf16", "amx_bf16", "asimd", "sve", "sve2")
+
+
 def machine_info() -> dict:
     """What a toy build's (and a run's) numbers depend on besides the settings: the toy build is
     bitwise reproducible on one machine but not across machines (CPU kernels, float summation
     order), so every result records where it came from.
 
     Returns {"cpu_model" (first "model name" of /proc/cpuinfo, or platform.processor()),
-    "cpu_count", "platform", "python", "jax", "jaxlib", "backend", "xla_flags"} (str / int).
+    "cpu_isa" (the CPU_ISA extensions its "flags" / "Features" line lists, space-separated, or
+    "unknown"), "cpu_count", "platform", "python", "jax", "jaxlib", "backend", "xla_flags"}
+    (str / int).
     """
     import platform
 
     import jaxlib
 
-    cpu = ""
+    cpu, flags = "", None
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), "")
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not cpu:
+                    cpu = value.strip()
+                elif key in ("flags", "Features") and flags is None:
+                    flags = set(value.split())
     except OSError:
         pass
-    return {"cpu_model": cpu or platform.processor() or "unknown",
+    isa = " ".join(x for x in CPU_ISA if x in flags) if flags is not None else "unknown"
+    return {"cpu_model": cpu or platform.processor() or "unknown", "cpu_isa": isa,
             "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
@@ -420,8 +436,10 @@ def machine_info() -> dict:
 
 
 def format_machine(info: dict) -> str:
-    """One line for logs and tables: CPU, cores, jax/jaxlib, backend, XLA_FLAGS."""
-    return (f"{info['cpu_model']}, {info['cpu_count']} cores, {info['platform']}, "
+    """One line for logs and tables: CPU and its vector extensions, cores, jax/jaxlib, backend,
+    XLA_FLAGS. Records written before cpu_isa existed show "isa not recorded"."""
+    return (f"{info['cpu_model']} ({info.get('cpu_isa', 'isa not recorded')}), "
+            f"{info['cpu_count']} cores, {info['platform']}, "
             f"jax {info['jax']} / jaxlib {info['jaxlib']} on {info['backend']}, "
             f"XLA_FLAGS={info['xla_flags'] or '(unset)'}")
 

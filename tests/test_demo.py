@@ -41,5 +41,14 @@ def test_machine_info_records_what_the_numbers_depend_on(monkeypatch):
     assert info["jax"] == jax.__version__ and info["backend"] == jax.default_backend()
     assert info["xla_flags"] == "--xla_force_host_platform_device_count=2"
     assert info["cpu_count"] == __import__("os").cpu_count() and info["cpu_model"]
+    # the vector extensions, read here from /proc/cpuinfo's own flags line (x86 "flags", arm
+    # "Features"): builds differ between machines /proc/cpuinfo names alike but that differ here
+    flags = next((set(l.split(":", 1)[1].split()) for l in open("/proc/cpuinfo")
+                  if l.split(":")[0].strip() in ("flags", "Features")), None)
+    assert flags is not None, "this test reads /proc/cpuinfo (Linux)"
+    assert info["cpu_isa"].split() == [x for x in toy.CPU_ISA if x in flags]
     line = toy.format_machine(info)
     assert info["cpu_model"] in line and "xla_force_host_platform_device_count" in line
+    assert f"({info['cpu_isa']})" in line
+    old = {k: v for k, v in info.items() if k != "cpu_isa"}     # a record from before cpu_isa
+    assert "(isa not recorded)" in toy.format_machine(old)
