@@ -28,13 +28,31 @@ os.environ.setdefault("PJRT_NPROC", "32")
 # JAX_ENABLE_COMPILATION_CACHE=false, then with an empty cache directory). The cache key is the
 # compiled HLO, options, devices and jax version, so a changed program compiles afresh; cost and
 # memory analyses of a cached executable are the compiled one's. A size limit turns on JAX's file
-# lock, so no process reads another's half-written entry. Set JAX_COMPILATION_CACHE_DIR to
-# override; the directory is .pytest_cache/jax (ignored by git, kept between local runs).
+# lock, so no process reads another's half-written entry, but then every write scans the whole
+# directory for eviction (jax/_src/lru_cache.py: a stat and an atime read per entry, under the
+# lock): 0.22 s per write at the 3,878 entries a cold suite wrote, most of them op-by-op
+# primitives compiled in tens of milliseconds. So only programs that took 0.1 s or more to
+# compile are written: a cold suite then writes 658 entries, and its pytest time fell from 1,403 s
+# to 1,060 s (2026-12-07, 2-core dev machine, `pytest -n 2 --dist loadfile` from an empty cache
+# directory, both with the optimisations below off). Set JAX_COMPILATION_CACHE_DIR to override;
+# the directory is .pytest_cache/jax (ignored by git, kept between local runs).
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# Compiling is most of a cold test run (tests/test_sampling.py: 157 s of 196 s in XLA compilation
+# and the cache reads and writes around it, 612 programs), and the tests check what the programs
+# compute, not how fast they run. So XLA skips its most expensive optimisations (LLVM at -O0, no
+# expensive passes), which leaves the HLO as the default compile makes it: test_scale's
+# micro-batched step on 8 devices has the same optimised HLO text, memory analysis, FLOPs and
+# collectives either way (2026-12-07); only the machine code is less tuned. A cold suite's pytest
+# time: 1,767-1,882 s at the default level (two fresh-clone CI runs that day), 1,403 s with this.
+# The benchmarks under tools/ and `make demo` compile at the default level. Set
+# JAX_DISABLE_MOST_OPTIMIZATIONS=0 to run the tests at the default level.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
 import sys  # noqa: E402  (after the environment above, which must precede any jax import)
